@@ -1,0 +1,184 @@
+/*
+ * train_layers.c - see train_layers.h. GEMMs go to OpenBLAS (cblas_sgemm), which
+ * the program pins to one thread: parallelism comes from MPI ranks.
+ */
+#include "train_layers.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+void im2col3x3(float *col, const float *x, int C, int H, int W) {
+    int HW = H * W;
+    for (int c = 0; c < C; c++) {
+        const float *xc = x + (int64_t)c * HW;
+        for (int ky = 0; ky < 3; ky++) {
+            for (int kx = 0; kx < 3; kx++) {
+                float *row = col + ((int64_t)(c * 3 + ky) * 3 + kx) * HW;
+                int dx = kx - 1;
+                for (int y = 0; y < H; y++) {
+                    int iy = y + ky - 1;
+                    float *out = row + y * W;
+                    if (iy < 0 || iy >= H) {
+                        memset(out, 0, sizeof(float) * W);
+                        continue;
+                    }
+                    const float *in = xc + iy * W;
+                    // out[x] = in[x + dx], zero outside [0, W)
+                    if (dx < 0) {
+                        out[0] = 0.0f;
+                        memcpy(out + 1, in, sizeof(float) * (W - 1));
+                    } else if (dx > 0) {
+                        memcpy(out, in + 1, sizeof(float) * (W - 1));
+                        out[W - 1] = 0.0f;
+                    } else {
+                        memcpy(out, in, sizeof(float) * W);
+                    }
+                }
+            }
+        }
+    }
+}
+
+void col2im3x3(float *dx, const float *dcol, int C, int H, int W) {
+    int HW = H * W;
+    memset(dx, 0, sizeof(float) * (size_t)C * HW);
+    // fixed loop order: the sum per pixel is always taken over (ky, kx) in the same order
+    for (int c = 0; c < C; c++) {
+        float *dc = dx + (int64_t)c * HW;
+        for (int ky = 0; ky < 3; ky++) {
+            for (int kx = 0; kx < 3; kx++) {
+                const float *row = dcol + ((int64_t)(c * 3 + ky) * 3 + kx) * HW;
+                int ddx = kx - 1;
+                int x0 = ddx < 0 ? 1 : 0, x1 = ddx > 0 ? W - 1 : W;
+                for (int y = 0; y < H; y++) {
+                    int iy = y + ky - 1;
+                    if (iy < 0 || iy >= H) continue;
+                    float *o = dc + iy * W + ddx;
+                    const float *r = row + y * W;
+                    for (int x = x0; x < x1; x++) o[x] += r[x];
+                }
+            }
+        }
+    }
+}
+
+void conv3x3_forward(float *y, float *col, const float *x, const float *w, int C, int O, int H, int W) {
+    int K = C * 9, HW = H * W;
+    im2col3x3(col, x, C, H, W);
+    // y (O, HW) = w (O, K) @ col (K, HW)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, O, HW, K, 1.0f, w, K, col, HW, 0.0f, y, HW);
+}
+
+void conv3x3_backward(float *dw, float *dx, float *dcol, const float *dy, const float *col, const float *w,
+                      float beta, int C, int O, int H, int W) {
+    int K = C * 9, HW = H * W;
+    // dw (O, K) = beta*dw + dy (O, HW) @ col^T (HW, K)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, O, K, HW, 1.0f, dy, HW, col, HW, beta, dw, K);
+    if (dx) {
+        // dcol (K, HW) = w^T (K, O) @ dy (O, HW), then scattered back to the pixels
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, HW, O, 1.0f, w, K, dy, HW, 0.0f, dcol, HW);
+        col2im3x3(dx, dcol, C, H, W);
+    }
+}
+
+void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W) {
+    int Ho = H / 2, Wo = W / 2;
+    for (int c = 0; c < C; c++) {
+        for (int oy = 0; oy < Ho; oy++) {
+            const float *r0 = x + ((int64_t)c * H + 2 * oy) * W;
+            const float *r1 = r0 + W;
+            float *yo = y + ((int64_t)c * Ho + oy) * Wo;
+            uint8_t *ao = arg + ((int64_t)c * Ho + oy) * Wo;
+            for (int ox = 0; ox < Wo; ox++) {
+                float v[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
+                int best = 0;
+                for (int k = 1; k < 4; k++)
+                    if (v[k] > v[best]) best = k;
+                yo[ox] = v[best];
+                ao[ox] = (uint8_t)best;
+            }
+        }
+    }
+}
+
+void maxpool2_backward(float *dx, const float *dy, const uint8_t *arg, int C, int H, int W) {
+    int Ho = H / 2, Wo = W / 2;
+    memset(dx, 0, sizeof(float) * (size_t)C * H * W);
+    for (int c = 0; c < C; c++) {
+        for (int oy = 0; oy < Ho; oy++) {
+            const float *d = dy + ((int64_t)c * Ho + oy) * Wo;
+            const uint8_t *a = arg + ((int64_t)c * Ho + oy) * Wo;
+            float *r0 = dx + ((int64_t)c * H + 2 * oy) * W;
+            for (int ox = 0; ox < Wo; ox++) {
+                // the gradient flows only to the window's (first) maximum
+                int k = a[ox];
+                r0[(k >> 1) * W + 2 * ox + (k & 1)] = d[ox];
+            }
+        }
+    }
+}
+
+void relu_forward(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+void relu_backward(float *dx, const float *dy, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+void linear_forward(float *y, const float *x, const float *w, const float *b, int IN, int OUT) {
+    // y (OUT) = w (OUT, IN) @ x (IN) + b
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, OUT, IN, 1.0f, w, IN, x, 1, 0.0f, y, 1);
+    for (int o = 0; o < OUT; o++) y[o] += b[o];
+}
+
+void linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w, float beta,
+                     int IN, int OUT) {
+    if (dx) cblas_sgemv(CblasRowMajor, CblasTrans, OUT, IN, 1.0f, w, IN, dy, 1, 0.0f, dx, 1);
+    // dw[o][i] = beta*dw[o][i] + dy[o]*x[i]: a plain loop, so the float product is the
+    // same no matter which BLAS kernel would have been picked
+    for (int o = 0; o < OUT; o++) {
+        float *row = dw + (int64_t)o * IN;
+        float g = dy[o];
+        if (beta == 0.0f)
+            for (int i = 0; i < IN; i++) row[i] = g * x[i];
+        else
+            for (int i = 0; i < IN; i++) row[i] = beta * row[i] + g * x[i];
+        db[o] = beta == 0.0f ? g : beta * db[o] + g;
+    }
+}
+
+void linear_forward_batched(float *y, const float *x, const float *w, const float *b, int n, int IN, int OUT) {
+    if (n <= 0) return;
+    // y (n, OUT) = x (n, IN) @ w^T (IN, OUT) + b
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, OUT, IN, 1.0f, x, IN, w, IN, 0.0f, y, OUT);
+    for (int s = 0; s < n; s++)
+        for (int o = 0; o < OUT; o++) y[(int64_t)s * OUT + o] += b[o];
+}
+
+void linear_backward_batched(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w, int n,
+                             int IN, int OUT) {
+    if (n <= 0) return;
+    // dx (n, IN) = dy (n, OUT) @ w (OUT, IN)
+    if (dx) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, IN, OUT, 1.0f, dy, OUT, w, IN, 0.0f, dx, IN);
+    // dw (OUT, IN) += dy^T (OUT, n) @ x (n, IN)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, n, 1.0f, dy, OUT, x, IN, 1.0f, dw, IN);
+    for (int s = 0; s < n; s++)
+        for (int o = 0; o < OUT; o++) db[o] += dy[(int64_t)s * OUT + o];
+}
+
+double softmax_ce_forward(float *probs, const float *logits, int label, int V) {
+    // in double, shifted by the max so exp cannot overflow
+    double m = logits[0];
+    for (int v = 1; v < V; v++) m = logits[v] > m ? logits[v] : m;
+    double sum = 0.0;
+    for (int v = 0; v < V; v++) sum += exp((double)logits[v] - m);
+    for (int v = 0; v < V; v++) probs[v] = (float)(exp((double)logits[v] - m) / sum);
+    return log(sum) - ((double)logits[label] - m);
+}
+
+void softmax_ce_backward(float *dlogits, const float *probs, int label, double scale, int V) {
+    // d(-log p_label)/dlogit_v = p_v - [v == label]
+    for (int v = 0; v < V; v++) dlogits[v] = (float)(((double)probs[v] - (v == label ? 1.0 : 0.0)) * scale);
+}

@@ -1,0 +1,414 @@
+/*
+ * train_model.c - see train_model.h.
+ */
+#include "train_model.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "train_layers.h"
+#include "train_util.h"
+
+#define CHECK_SBN(call)                                                               \
+    do {                                                                              \
+        int rc_ = (call);                                                             \
+        if (rc_ != SYNCBN_OK) train_die("%s failed: %s", #call, syncbn_strerror(rc_)); \
+    } while (0)
+
+// Parameter layout (offsets into params/grads), in the order of the model.
+enum {
+    OFF_CONV1 = 0,
+    OFF_BN1W = OFF_CONV1 + C1 * 9,
+    OFF_BN1B = OFF_BN1W + C1,
+    OFF_CONV2 = OFF_BN1B + C1,
+    OFF_BN2W = OFF_CONV2 + C2 * C1 * 9,
+    OFF_BN2B = OFF_BN2W + C2,
+    OFF_FCW = OFF_BN2B + C2,
+    OFF_FCB = OFF_FCW + FC_OUT * FC_IN,
+    NPARAMS = OFF_FCB + FC_OUT
+};
+
+static float *falloc(int64_t n) { return train_malloc(sizeof(float) * (size_t)n); }
+
+static void init_uniform(float *w, int64_t n, double bound, train_rng *rng) {
+    for (int64_t i = 0; i < n; i++) w[i] = (float)((2.0 * train_rng_uniform(rng) - 1.0) * bound);
+}
+
+void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction, int64_t cap, MPI_Comm comm) {
+    memset(m, 0, sizeof *m);
+    m->bn_mode = bn_mode;
+    m->reduction = reduction;
+    m->comm = comm;
+    m->nparams = NPARAMS;
+    m->params = falloc(NPARAMS);
+    m->grads = falloc(NPARAMS);
+    m->momentum = falloc(NPARAMS);
+    m->conv1_w = m->params + OFF_CONV1;
+    m->bn1_w = m->params + OFF_BN1W;
+    m->bn1_b = m->params + OFF_BN1B;
+    m->conv2_w = m->params + OFF_CONV2;
+    m->bn2_w = m->params + OFF_BN2W;
+    m->bn2_b = m->params + OFF_BN2B;
+    m->fc_w = m->params + OFF_FCW;
+    m->fc_b = m->params + OFF_FCB;
+
+    // PyTorch's defaults: kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    // for weights, the same bound for the linear bias; BN weight 1, bias 0.
+    train_rng rng;
+    train_rng_seed(&rng, seed, 1);
+    init_uniform(m->conv1_w, C1 * 9, 1.0 / sqrt(9.0), &rng);
+    init_uniform(m->conv2_w, C2 * C1 * 9, 1.0 / sqrt(C1 * 9.0), &rng);
+    init_uniform(m->fc_w, FC_OUT * FC_IN, 1.0 / sqrt((double)FC_IN), &rng);
+    init_uniform(m->fc_b, FC_OUT, 1.0 / sqrt((double)FC_IN), &rng);
+    for (int c = 0; c < C1; c++) m->bn1_w[c] = 1.0f;
+    for (int c = 0; c < C2; c++) m->bn2_w[c] = 1.0f;
+
+    // local BN = a private BN per rank: the same library over MPI_COMM_SELF
+    MPI_Comm bncomm = bn_mode == TRAIN_BN_SYNC ? comm : MPI_COMM_SELF;
+    syncbn_config cfg = syncbn_config_default(C1);
+    cfg.reduction = reduction == TRAIN_REPRODUCIBLE ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
+    CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn1));
+    cfg.channels = C2;
+    CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn2));
+
+    m->cap = cap;
+    m->x = falloc(cap * HW1);
+    m->col1 = falloc(cap * 9 * HW1);
+    m->c1 = falloc(cap * C1 * HW1);
+    m->r1 = falloc(cap * C1 * HW1);
+    m->p1 = falloc(cap * C1 * HW2);
+    m->arg1 = train_malloc((size_t)(cap * C1 * HW2));
+    m->col2 = falloc(cap * C1 * 9 * HW2);
+    m->c2 = falloc(cap * C2 * HW2);
+    m->r2 = falloc(cap * C2 * HW2);
+    m->p2 = falloc(cap * FC_IN);
+    m->arg2 = train_malloc((size_t)(cap * FC_IN));
+    m->logits = falloc(cap * FC_OUT);
+    m->probs = falloc(cap * FC_OUT);
+    m->dlogits = falloc(cap * FC_OUT);
+    m->dp2 = falloc(cap * FC_IN);
+    m->dr2 = falloc(cap * C2 * HW2);
+    m->dp1 = falloc(cap * C1 * HW2);
+    m->dr1 = falloc(cap * C1 * HW1);
+    m->dcol2 = falloc(C1 * 9 * HW2);
+    m->dw_s = falloc(FC_OUT * FC_IN + FC_OUT);
+
+    m->fmt = SBX_LINEAR;
+    if (reduction == TRAIN_REPRODUCIBLE)
+        m->acc = train_malloc(sizeof(int64_t) * (size_t)((NPARAMS + 1) * sbx_words(m->fmt)));
+}
+
+void train_model_free(train_model *m) {
+    syncbn_destroy(m->bn1);
+    syncbn_destroy(m->bn2);
+    void *bufs[] = {m->params, m->grads, m->momentum, m->x, m->col1, m->c1, m->r1, m->p1, m->arg1, m->col2,
+                    m->c2, m->r2, m->p2, m->arg2, m->logits, m->probs, m->dlogits, m->dp2, m->dr2, m->dp1,
+                    m->dr1, m->dcol2, m->dw_s, m->acc};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    memset(m, 0, sizeof *m);
+}
+
+// The BN layers own their weight/bias arrays; ours are the master copy.
+static void push_bn_params(train_model *m) {
+    memcpy(syncbn_weight(m->bn1), m->bn1_w, sizeof(float) * C1);
+    memcpy(syncbn_bias(m->bn1), m->bn1_b, sizeof(float) * C1);
+    memcpy(syncbn_weight(m->bn2), m->bn2_w, sizeof(float) * C2);
+    memcpy(syncbn_bias(m->bn2), m->bn2_b, sizeof(float) * C2);
+}
+
+// Forward of n samples from m->x into m->logits. training: BN mode (collective if 1).
+static void forward(train_model *m, int64_t n, int training) {
+    for (int64_t s = 0; s < n; s++)
+        conv3x3_forward(m->c1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->x + s * HW1, m->conv1_w, 1, C1, 28, 28);
+    CHECK_SBN(syncbn_forward(m->bn1, m->c1, n, HW1, training, m->r1));
+    relu_forward(m->r1, m->r1, n * C1 * HW1);
+    for (int64_t s = 0; s < n; s++) {
+        maxpool2_forward(m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->r1 + s * C1 * HW1, C1, 28, 28);
+        conv3x3_forward(m->c2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2, m->p1 + s * C1 * HW2, m->conv2_w, C1, C2,
+                        14, 14);
+    }
+    CHECK_SBN(syncbn_forward(m->bn2, m->c2, n, HW2, training, m->r2));
+    relu_forward(m->r2, m->r2, n * C2 * HW2);
+    for (int64_t s = 0; s < n; s++)
+        maxpool2_forward(m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->r2 + s * C2 * HW2, C2, 14, 14);
+    if (m->reduction == TRAIN_FAST) {
+        linear_forward_batched(m->logits, m->p2, m->fc_w, m->fc_b, (int)n, FC_IN, FC_OUT);
+    } else {
+        for (int64_t s = 0; s < n; s++)
+            linear_forward(m->logits + s * FC_OUT, m->p2 + s * FC_IN, m->fc_w, m->fc_b, FC_IN, FC_OUT);
+    }
+}
+
+// Reproducible mode: acc[off + i] += v[i] exactly, for i < len.
+static void deposit(train_model *m, int64_t off, const float *v, int64_t len) {
+    int64_t words = sbx_words(m->fmt);
+    int64_t *a = m->acc + off * words;
+    for (int64_t i = 0; i < len; i++, a += words)
+        if (v[i] != 0.0f) sbx_add(a, m->fmt, (double)v[i]);
+}
+
+double train_model_step(train_model *m, const float *x, const uint8_t *labels, int64_t n, int64_t B) {
+    if (n > m->cap) train_die("local batch %lld exceeds capacity %lld", (long long)n, (long long)m->cap);
+    int repro = m->reduction == TRAIN_REPRODUCIBLE;
+    int64_t words = sbx_words(m->fmt);
+    memcpy(m->x, x, sizeof(float) * (size_t)(n * HW1));
+    push_bn_params(m);
+    forward(m, n, 1);
+
+    memset(m->grads, 0, sizeof(float) * NPARAMS);
+    if (repro) memset(m->acc, 0, sizeof(int64_t) * (size_t)((NPARAMS + 1) * words));
+
+    // loss and its gradient, per sample
+    double loss_local = 0.0;
+    for (int64_t s = 0; s < n; s++) {
+        double l = softmax_ce_forward(m->probs + s * FC_OUT, m->logits + s * FC_OUT, labels[s], FC_OUT);
+        if (repro)
+            sbx_add(m->acc + NPARAMS * words, m->fmt, l);
+        else
+            loss_local += l;
+        softmax_ce_backward(m->dlogits + s * FC_OUT, m->probs + s * FC_OUT, labels[s], 1.0 / (double)B, FC_OUT);
+    }
+
+    // linear
+    if (repro) {
+        for (int64_t s = 0; s < n; s++) {
+            float *dw = m->dw_s, *db = m->dw_s + FC_OUT * FC_IN;
+            linear_backward(m->dp2 + s * FC_IN, dw, db, m->dlogits + s * FC_OUT, m->p2 + s * FC_IN, m->fc_w, 0.0f,
+                            FC_IN, FC_OUT);
+            deposit(m, OFF_FCW, dw, FC_OUT * FC_IN);
+            deposit(m, OFF_FCB, db, FC_OUT);
+        }
+    } else {
+        linear_backward_batched(m->dp2, m->grads + OFF_FCW, m->grads + OFF_FCB, m->dlogits, m->p2, m->fc_w, (int)n,
+                                FC_IN, FC_OUT);
+    }
+
+    // pool2, relu2, bn2
+    for (int64_t s = 0; s < n; s++)
+        maxpool2_backward(m->dr2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->arg2 + s * FC_IN, C2, 14, 14);
+    relu_backward(m->dr2, m->dr2, m->r2, n * C2 * HW2);
+    CHECK_SBN(syncbn_backward(m->bn2, m->c2, m->dr2, n, HW2, m->dr2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
+
+    // conv2 (weights and input), pool1, relu1, bn1
+    for (int64_t s = 0; s < n; s++) {
+        const float *dc2 = m->dr2 + s * C2 * HW2;
+        float *dw = repro ? m->dw_s : m->grads + OFF_CONV2;
+        conv3x3_backward(dw, m->dp1 + s * C1 * HW2, m->dcol2, dc2, m->col2 + s * C1 * 9 * HW2, m->conv2_w,
+                         repro ? 0.0f : 1.0f, C1, C2, 14, 14);
+        if (repro) deposit(m, OFF_CONV2, dw, C2 * C1 * 9);
+        maxpool2_backward(m->dr1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, C1, 28, 28);
+    }
+    relu_backward(m->dr1, m->dr1, m->r1, n * C1 * HW1);
+    CHECK_SBN(syncbn_backward(m->bn1, m->c1, m->dr1, n, HW1, m->dr1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
+
+    // conv1 (weights only: the input needs no gradient)
+    for (int64_t s = 0; s < n; s++) {
+        float *dw = repro ? m->dw_s : m->grads + OFF_CONV1;
+        conv3x3_backward(dw, NULL, NULL, m->dr1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->conv1_w,
+                         repro ? 0.0f : 1.0f, 1, C1, 28, 28);
+        if (repro) deposit(m, OFF_CONV1, dw, C1 * 9);
+    }
+
+    // sync BN gradients are already global sums, identical on every rank: count them once
+    int rank;
+    MPI_Comm_rank(m->comm, &rank);
+    int bn_once = m->bn_mode == TRAIN_BN_SYNC;
+    const int bn_offs[4][2] = {{OFF_BN1W, C1}, {OFF_BN1B, C1}, {OFF_BN2W, C2}, {OFF_BN2B, C2}};
+    for (int k = 0; k < 4; k++) {
+        float *g = m->grads + bn_offs[k][0];
+        if (repro) {
+            if (!bn_once || rank == 0) deposit(m, bn_offs[k][0], g, bn_offs[k][1]);
+        } else if (bn_once && rank != 0) {
+            memset(g, 0, sizeof(float) * (size_t)bn_offs[k][1]);
+        }
+    }
+
+    double loss_sum;
+    if (repro) {
+        // ONE collective for all gradients and the loss, then one rounding each
+        int rc = sbx_allreduce(m->acc, NPARAMS + 1, m->fmt, m->comm);
+        if (rc != MPI_SUCCESS) train_die("sbx_allreduce failed (MPI error %d)", rc);
+        for (int64_t i = 0; i < NPARAMS; i++) m->grads[i] = (float)sbx_round(m->acc + i * words, m->fmt);
+        loss_sum = sbx_round(m->acc + NPARAMS * words, m->fmt);
+    } else {
+        MPI_Allreduce(MPI_IN_PLACE, m->grads, NPARAMS, MPI_FLOAT, MPI_SUM, m->comm);
+        MPI_Allreduce(&loss_local, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, m->comm);
+    }
+    return loss_sum / (double)B;
+}
+
+void train_model_sgd(train_model *m, float lr, float mu, float wd) {
+    for (int64_t i = 0; i < NPARAMS; i++) {
+        float g = m->grads[i] + wd * m->params[i];
+        m->momentum[i] = mu * m->momentum[i] + g;
+        m->params[i] -= lr * m->momentum[i];
+    }
+}
+
+int64_t train_model_correct(train_model *m, const float *x, const uint8_t *labels, int64_t n) {
+    push_bn_params(m);
+    int64_t correct = 0;
+    for (int64_t lo = 0; lo < n; lo += m->cap) {
+        int64_t k = n - lo < m->cap ? n - lo : m->cap;
+        memcpy(m->x, x + lo * HW1, sizeof(float) * (size_t)(k * HW1));
+        forward(m, k, 0);
+        for (int64_t s = 0; s < k; s++) {
+            const float *l = m->logits + s * FC_OUT;
+            int best = 0;
+            for (int v = 1; v < FC_OUT; v++)
+                if (l[v] > l[best]) best = v;
+            correct += best == labels[lo + s];
+        }
+    }
+    return correct;
+}
+
+// BN running statistics in a fixed order: bn1 mean, bn1 var, bn2 mean, bn2 var.
+#define NBUFFERS (2 * C1 + 2 * C2)
+static void get_buffers(train_model *m, float *buf) {
+    memcpy(buf, syncbn_running_mean(m->bn1), sizeof(float) * C1);
+    memcpy(buf + C1, syncbn_running_var(m->bn1), sizeof(float) * C1);
+    memcpy(buf + 2 * C1, syncbn_running_mean(m->bn2), sizeof(float) * C2);
+    memcpy(buf + 2 * C1 + C2, syncbn_running_var(m->bn2), sizeof(float) * C2);
+}
+static void set_buffers(train_model *m, const float *buf) {
+    memcpy(syncbn_running_mean(m->bn1), buf, sizeof(float) * C1);
+    memcpy(syncbn_running_var(m->bn1), buf + C1, sizeof(float) * C1);
+    memcpy(syncbn_running_mean(m->bn2), buf + 2 * C1, sizeof(float) * C2);
+    memcpy(syncbn_running_var(m->bn2), buf + 2 * C1 + C2, sizeof(float) * C2);
+}
+
+void train_model_hash(train_model *m, char hex[65]) {
+    float buf[NBUFFERS];
+    get_buffers(m, buf);
+    train_sha256 c;
+    uint8_t d[32];
+    train_sha256_init(&c);
+    train_sha256_update(&c, m->params, sizeof(float) * NPARAMS);
+    train_sha256_update(&c, buf, sizeof buf);
+    train_sha256_final(&c, d);
+    train_sha256_hex(d, hex);
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints. Layout (native endianness; same binary assumed, as for the hash):
+//   char magic[8] "SBNTRAIN"; uint32 version; uint32 nbuffers; int64 nparams;
+//   int64 next_step; uint64 seed; int64 batch;
+//   float params[nparams]; float velocity[nparams]; float buffers[nbuffers];
+//   uint32 crc32 of everything before it.
+
+#define CKPT_MAGIC "SBNTRAIN"
+#define CKPT_VERSION 1u
+
+typedef struct {
+    char magic[8];
+    uint32_t version, nbuffers;
+    int64_t nparams, next_step;
+    uint64_t seed;
+    int64_t batch;
+} ckpt_header;
+
+int train_model_save(const train_model *m, const char *path, int64_t next_step, uint64_t seed, int64_t batch,
+                     char *err, int errlen) {
+    ckpt_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, CKPT_MAGIC, 8);
+    h.version = CKPT_VERSION;
+    h.nbuffers = NBUFFERS;
+    h.nparams = NPARAMS;
+    h.next_step = next_step;
+    h.seed = seed;
+    h.batch = batch;
+    float buf[NBUFFERS];
+    get_buffers((train_model *)m, buf);
+    uLong crc = crc32(0L, Z_NULL, 0);
+    crc = crc32(crc, (const Bytef *)&h, sizeof h);
+    crc = crc32(crc, (const Bytef *)m->params, sizeof(float) * NPARAMS);
+    crc = crc32(crc, (const Bytef *)m->momentum, sizeof(float) * NPARAMS);
+    crc = crc32(crc, (const Bytef *)buf, sizeof buf);
+    uint32_t crc32v = (uint32_t)crc;
+
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    int ok = fwrite(&h, sizeof h, 1, f) == 1 && fwrite(m->params, sizeof(float), NPARAMS, f) == NPARAMS &&
+             fwrite(m->momentum, sizeof(float), NPARAMS, f) == NPARAMS &&
+             fwrite(buf, sizeof buf, 1, f) == 1 && fwrite(&crc32v, sizeof crc32v, 1, f) == 1;
+    // the data must be on disk before the rename makes it visible under the real name
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        snprintf(err, errlen, "cannot write %s: %s", path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    // make the rename itself durable
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
+    int dfd = open(slash && dir[0] == 0 ? "/" : dir, O_RDONLY);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    return 0;
+}
+
+int train_model_load(train_model *m, const char *path, int64_t *next_step, uint64_t seed, int64_t batch, char *err,
+                     int errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "cannot open checkpoint %s: %s", path, strerror(errno));
+        return -1;
+    }
+    size_t want = sizeof(ckpt_header) + 2 * sizeof(float) * NPARAMS + sizeof(float) * NBUFFERS + sizeof(uint32_t);
+    uint8_t *data = train_malloc(want + 1);
+    size_t got = fread(data, 1, want + 1, f);
+    fclose(f);
+    ckpt_header h;
+    if (got >= sizeof h) memcpy(&h, data, sizeof h);
+    if (got < sizeof h || memcmp(h.magic, CKPT_MAGIC, 8) != 0) {
+        snprintf(err, errlen, "%s is not a syncbn-train checkpoint", path);
+        free(data);
+        return -1;
+    }
+    if (h.version != CKPT_VERSION || h.nparams != NPARAMS || h.nbuffers != NBUFFERS || got != want) {
+        snprintf(err, errlen, "%s: wrong version, model shape or size (%zu bytes, expected %zu)", path, got, want);
+        free(data);
+        return -1;
+    }
+    uint32_t stored;
+    memcpy(&stored, data + want - sizeof stored, sizeof stored);
+    uint32_t crc = (uint32_t)crc32(crc32(0L, Z_NULL, 0), data, (uInt)(want - sizeof stored));
+    if (crc != stored) {
+        snprintf(err, errlen, "%s is corrupt (CRC-32 mismatch)", path);
+        free(data);
+        return -1;
+    }
+    if (h.seed != seed || h.batch != batch) {
+        snprintf(err, errlen, "%s was written by a run with --seed %llu --batch %lld; pass the same options", path,
+                 (unsigned long long)h.seed, (long long)h.batch);
+        free(data);
+        return -1;
+    }
+    const uint8_t *p = data + sizeof h;
+    memcpy(m->params, p, sizeof(float) * NPARAMS);
+    memcpy(m->momentum, p + sizeof(float) * NPARAMS, sizeof(float) * NPARAMS);
+    float buf[NBUFFERS];
+    memcpy(buf, p + 2 * sizeof(float) * NPARAMS, sizeof buf);
+    set_buffers(m, buf);
+    *next_step = h.next_step;
+    free(data);
+    return 0;
+}
