@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# bench_compare.sh - syncbn vs oneDNN vs PyTorch batch normalization, side by side.
+#
+# Builds syncbn-bench (in build-bench/, if needed), compiles the oneDNN driver
+# scripts/bench_dnnl.cpp with g++ against Debian's libdnnl-dev, and runs syncbn
+# (fast and reproducible, NCHW and NHWC), oneDNN (NCHW, NHWC) and PyTorch
+# (contiguous = NCHW, channels_last = NHWC) on the same shapes, float32, at the same
+# OMP_NUM_THREADS (1 and 2 by default). Every program reports the median over
+# --reps repetitions; the script repeats each program --runs times and prints the
+# median of those medians in ONE table, plus a check of the issue-5 targets.
+#
+# Peers are optional: without libdnnl-dev or python3-torch their rows say SKIP.
+# --install runs scripts/install_deps.sh peers first (needs apt and root/sudo).
+#
+# Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
+#                                 [--shape N,C,H,W]... [--build-dir DIR]
+# The machine is shared and noisy: read the ratios, not the absolute numbers.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build="$root/build-bench"
+threads_list="1 2"
+runs=3
+reps=15
+install=0
+shapes=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --install) install=1 ;;
+    --threads) threads_list="$2"; shift ;;
+    --runs) runs="$2"; shift ;;
+    --reps) reps="$2"; shift ;;
+    --shape) shapes+=("$2"); shift ;;
+    --build-dir) build="$2"; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ ${#shapes[@]} -gt 0 ] || shapes=(32,64,56,56 32,256,14,14 256,1024,1,1 8,32,224,224)
+shape_args=()
+for s in "${shapes[@]}"; do shape_args+=(--shape "$s"); done
+
+if [ "$install" = 1 ]; then
+  "$root/scripts/install_deps.sh" peers || echo "bench_compare.sh: install_deps.sh peers failed; peers may be skipped" >&2
+fi
+
+# --- build ---------------------------------------------------------------------
+if [ ! -f "$build/CMakeCache.txt" ]; then
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+fi
+cmake --build "$build" -j2 --target syncbn-bench >/dev/null
+bench="$build/examples/syncbn-bench"
+[ -x "$bench" ] || bench=$(find "$build" -name syncbn-bench -type f -perm -u+x | head -n1)
+[ -x "$bench" ] || { echo "bench_compare.sh: syncbn-bench was not built" >&2; exit 1; }
+
+dnnl_bin=""
+dnnl_why="libdnnl-dev not installed (scripts/bench_compare.sh --install)"
+if [ -f /usr/include/oneapi/dnnl/dnnl.hpp ] && command -v g++ >/dev/null; then
+  dnnl_bin="$build/bench_dnnl"
+  if [ ! -x "$dnnl_bin" ] || [ "$root/scripts/bench_dnnl.cpp" -nt "$dnnl_bin" ]; then
+    if ! g++ -O2 -std=c++17 -o "$dnnl_bin" "$root/scripts/bench_dnnl.cpp" -ldnnl; then
+      dnnl_bin=""; dnnl_why="bench_dnnl.cpp failed to compile"
+    fi
+  fi
+fi
+torch_py=/usr/bin/python3
+torch_ok=0
+torch_why="python3-torch not installed (scripts/bench_compare.sh --install)"
+if [ -x "$torch_py" ] && "$torch_py" -c 'import torch' 2>/dev/null; then torch_ok=1; fi
+
+mpirun_cmd=(mpirun -np 1 --bind-to none) # Open MPI would pin the one rank to one core
+[ "$(id -u)" -ne 0 ] || mpirun_cmd+=(--allow-run-as-root)
+
+# --- runs ----------------------------------------------------------------------
+results=$(mktemp)
+trap '[ -z "${KEEP_RESULTS:-}" ] || cp "$results" "$KEEP_RESULTS"; rm -f "$results"' EXIT
+start=$(date +%s)
+for t in $threads_list; do
+  for ((k = 1; k <= runs; k++)); do
+    echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
+    OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS "$bench" --machine \
+      --reps "$reps" "${shape_args[@]}" | sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+    if [ -n "$dnnl_bin" ]; then
+      OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${shape_args[@]}" |
+        sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+    fi
+    if [ "$torch_ok" = 1 ]; then
+      OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench_torch.py" --reps "$reps" "${shape_args[@]}" |
+        sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+    fi
+  done
+done
+elapsed=$(($(date +%s) - start))
+
+# --- table ---------------------------------------------------------------------
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
+echo
+echo "Batch normalization, float32, median over $runs runs of the median of $reps reps (${elapsed}s)."
+echo "Machine: $cpu, $(nproc) CPUs. ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
+[ -n "$dnnl_bin" ] || echo "oneDNN: SKIP ($dnnl_why)"
+[ "$torch_ok" = 1 ] || echo "PyTorch: SKIP ($torch_why)"
+awk -v threads="$threads_list" -v shapes="${shapes[*]}" -v have_dnnl="${dnnl_bin:+1}" \
+    -v have_torch="$torch_ok" '
+function median(key,   n, i, j, v, tmp) {
+  n = cnt[key]; if (n == 0) return -1
+  for (i = 1; i <= n; i++) v[i] = val[key, i]
+  for (i = 2; i <= n; i++) { tmp = v[i]; for (j = i - 1; j >= 1 && v[j] > tmp; j--) v[j + 1] = v[j]; v[j + 1] = tmp }
+  return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+function put(key, x) { cnt[key]++; val[key, cnt[key]] = x }
+/^RESULT/ {
+  delete f
+  for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+  k = f["threads"] SUBSEP f["shape"] SUBSEP f["impl"] SUBSEP f["layout"]
+  put(k SUBSEP "fwd", f["fwd_ms"] + 0); put(k SUBSEP "fb", f["fwdbwd_ms"] + 0)
+}
+function cell(t, s, impl, lay, what) { return median(t SUBSEP s SUBSEP impl SUBSEP lay SUBSEP what) }
+function row(t, s, impl, lay, label, avail,   fw, fb, ours) {
+  if (!avail) { printf "%3s  %-16s %-14s %-5s %10s %10s %8s\n", t, s, label, lay, "SKIP", "SKIP", "-"; return }
+  fw = cell(t, s, impl, lay, "fwd"); fb = cell(t, s, impl, lay, "fb")
+  ours = cell(t, s, "syncbn-fast", lay, "fb")
+  if (fb < 0) { printf "%3s  %-16s %-14s %-5s %10s %10s %8s\n", t, s, label, lay, "n/a", "n/a", "-"; return }
+  printf "%3s  %-16s %-14s %-5s %10.3f %10.3f %8s\n", t, s, label, lay, fw, fb,
+         (ours > 0 ? sprintf("%.2f", fb / ours) : "-") # parenthesized: a bare ">" would redirect
+}
+END {
+  nt = split(threads, T, " "); ns = split(shapes, S, " ")
+  printf "\n%3s  %-16s %-14s %-5s %10s %10s %8s\n", "thr", "shape", "impl", "lay", "fwd ms", "fwd+bwd ms", "ratio"
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      row(T[a], S[b], "syncbn-fast", lay, "syncbn fast", 1)
+      row(T[a], S[b], "syncbn-repro", lay, "syncbn repro", 1)
+      row(T[a], S[b], "onednn", lay, "oneDNN 2.6", have_dnnl)
+      row(T[a], S[b], "torch", lay, "PyTorch", have_torch)
+    }
+    print ""
+  }
+  print "Targets (issue 5), fwd+bwd medians:"
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    t = T[a]; s = S[b]; line = sprintf("  %s thr %-16s", t, s)
+    dn = cell(t, s, "onednn", "nhwc", "fb")
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      o = cell(t, s, "syncbn-fast", lay, "fb"); r = cell(t, s, "syncbn-repro", lay, "fb")
+      tc = cell(t, s, "torch", lay, "fb")
+      line = line sprintf(" %s: ", lay)
+      if (dn > 0) line = line sprintf("%s/oneDNN-nhwc %.2f%s ", "ours", o / dn, o <= dn ? " ok" : " MISS")
+      if (tc > 0) line = line sprintf("torch/ours %.1fx%s ", tc / o, tc / o >= 3 ? " ok" : " MISS")
+      if (r > 0) line = line sprintf("repro/fast %.2f%s ", r / o, r / o <= 1.2 ? " ok" : " MISS")
+    }
+    print line
+  }
+}' "$results"
