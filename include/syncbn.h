@@ -1,0 +1,173 @@
+/*
+ * syncbn.h - synchronized batch normalization for data-parallel training over MPI.
+ *
+ * Each MPI rank holds a slice of the global batch; every rank normalizes with the
+ * mean and variance of the WHOLE global batch, so results do not depend on how the
+ * batch is split. Conventions follow PyTorch's BatchNorm / SyncBatchNorm.
+ *
+ * What it does not do: it never calls MPI_Init or MPI_Finalize, never touches
+ * MPI_COMM_WORLD on its own, never prints, aborts or exits. Every error is a
+ * return code, and a failed call leaves the layer's parameters, running statistics
+ * and num_batches_tracked unchanged.
+ *
+ * Dimension letters used throughout:
+ *   n        samples held by THIS rank (n >= 0; a rank may hold none)
+ *   C        channels
+ *   S        spatial positions per sample and channel (H*W; 1 for [n][C] input)
+ *   N        global element count per channel: (sum of n over ranks) * S
+ *
+ * Tensor layouts (caller-owned float arrays, densely packed):
+ *   SYNCBN_NCHW  x[n][C][S]
+ *   SYNCBN_NHWC  x[n][S][C]
+ *
+ * Collectives: calls marked "Collective" must be made by every rank of the layer's
+ * communicator, in the same order. All layers created on one communicator share
+ * one private duplicate of it, so calls made out of step (rank 0 calling layer A
+ * while rank 1 calls layer B) meet each other and are reported as
+ * SYNCBN_EMISMATCH, provided both allreduces have the same message size (same C
+ * and reduction mode). If the sizes differ, MPI's matching rules make the outcome
+ * undefined (usually an MPI error, possibly a hang): that case cannot be detected
+ * without a second collective, which we do not pay for.
+ *
+ * Threads: kernels may use OpenMP. A layer must not be used by two threads at once;
+ * syncbn_create/syncbn_destroy must not run concurrently with each other.
+ */
+#ifndef SYNCBN_H
+#define SYNCBN_H
+
+#include <mpi.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(SYNCBN_BUILDING) && defined(__GNUC__)
+#define SYNCBN_EXTERN __attribute__((visibility("default")))
+#else
+#define SYNCBN_EXTERN
+#endif
+
+/* Every int-returning function returns SYNCBN_OK (0) or one of these negative codes.
+ * The table is the single source for both the enum and syncbn_strerror(). */
+#define SYNCBN_ERRNO_MAP(X)                                                             \
+    X(OK, 0, "success")                                                                 \
+    X(EINVAL, -1, "invalid argument")                                                   \
+    X(ENOMEM, -2, "out of memory")                                                      \
+    X(EMISMATCH, -3, "ranks disagree on configuration, shape or call order")            \
+    X(EEMPTY, -4, "global count per channel is below 2 in a training forward")          \
+    X(ENONFINITE, -5, "NaN or Inf in batch statistics or gradient sums")                \
+    X(EMPI, -6, "an MPI call failed")                                                   \
+    X(ESTATE, -7, "call out of order (e.g. backward without matching training forward)") \
+    X(EIO, -8, "checkpoint file could not be read or written")                         \
+    X(EFORMAT, -9, "checkpoint file is corrupt, truncated, or of another shape")
+
+enum {
+#define SYNCBN_ERRNO_ENUM(name, value, msg) SYNCBN_##name = value,
+    SYNCBN_ERRNO_MAP(SYNCBN_ERRNO_ENUM)
+#undef SYNCBN_ERRNO_ENUM
+};
+
+/* A static string for any code, "unknown error code" for codes not in the table.
+ * Not collective. */
+SYNCBN_EXTERN const char *syncbn_strerror(int code);
+
+typedef enum { SYNCBN_NCHW = 0, SYNCBN_NHWC = 1 } syncbn_layout;
+
+/* SYNCBN_FAST: per-channel sums in double, combined by MPI_SUM on doubles. Results
+ *   agree with single-process training to rounding error (about 1e-7 relative), but
+ *   the low bits depend on the number of ranks and on the split of the batch.
+ * SYNCBN_REPRODUCIBLE: per-sample partial sums in double in a fixed order, summed
+ *   EXACTLY in integer fixed point across samples and ranks (MPI_SUM on int64 is
+ *   exact and associative), then rounded once. y, dx, dweight, dbias and the
+ *   running statistics are then bitwise identical for any number of ranks, any
+ *   split of the global batch (concatenated in rank order) and any OMP_NUM_THREADS.
+ *   Limits: the same binary on the same CPU architecture is assumed (libm and
+ *   compiler code generation are not portable bit-for-bit); partial sums below
+ *   2^-320 in magnitude are rounded to that granularity (deterministically). */
+typedef enum { SYNCBN_FAST = 0, SYNCBN_REPRODUCIBLE = 1 } syncbn_reduction;
+
+typedef struct {
+    int64_t channels;           /* C >= 1 */
+    double eps;                 /* > 0 and finite; default 1e-5; added to the variance inside the sqrt */
+    double momentum;            /* in [0,1]; default 0.1; NAN selects the cumulative moving average */
+    int affine;                 /* default 1: learnable weight (init 1) and bias (init 0) */
+    int track_running_stats;    /* default 1: running_mean (init 0), running_var (init 1) */
+    syncbn_layout layout;       /* default SYNCBN_NCHW */
+    syncbn_reduction reduction; /* default SYNCBN_FAST */
+} syncbn_config;
+
+typedef struct syncbn_layer syncbn_layer; /* opaque */
+
+/* The defaults above for `channels` channels. Not collective. */
+SYNCBN_EXTERN syncbn_config syncbn_config_default(int64_t channels);
+
+/* Collective over comm. Validates cfg, checks that every rank passed the same
+ * configuration (else SYNCBN_EMISMATCH on every rank), and attaches the layer to the
+ * library's private duplicate of comm (created on first use, MPI_ERRORS_RETURN).
+ * On success *out owns the layer; free it with syncbn_destroy. On failure *out is
+ * set to NULL. Any intracommunicator works; sub-communicators give group-wise sync. */
+SYNCBN_EXTERN int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out);
+
+/* Collective (it may free the private communicator). NULL is a no-op. */
+SYNCBN_EXTERN void syncbn_destroy(syncbn_layer *layer);
+
+/* Accessors. Not collective. The layer owns the returned arrays of C floats; they stay
+ * valid until syncbn_destroy, and the caller may read or write them (e.g. an optimizer
+ * step on weight/bias). NULL when the layer has no such array or layer is NULL. */
+SYNCBN_EXTERN float *syncbn_weight(syncbn_layer *layer);       /* [C]; NULL when !affine */
+SYNCBN_EXTERN float *syncbn_bias(syncbn_layer *layer);         /* [C]; NULL when !affine */
+SYNCBN_EXTERN float *syncbn_running_mean(syncbn_layer *layer); /* [C]; NULL when !track_running_stats */
+SYNCBN_EXTERN float *syncbn_running_var(syncbn_layer *layer);  /* [C]; NULL when !track_running_stats */
+SYNCBN_EXTERN int64_t syncbn_num_batches_tracked(const syncbn_layer *layer); /* -1 if layer is NULL */
+/* The configuration the layer was created with; SYNCBN_EINVAL if either pointer is NULL. */
+SYNCBN_EXTERN int syncbn_get_config(const syncbn_layer *layer, syncbn_config *cfg);
+
+/* Forward.
+ *   x: [n][C][S] or [n][S][C] (this rank's n samples); y: same shape, may equal x.
+ *   spatial = S >= 1. x and y may be NULL when n == 0.
+ * training != 0: Collective. ONE MPI_Allreduce of O(C) words gives the global
+ *   mean and biased variance; y = (x - mean) / sqrt(var + eps) * weight + bias.
+ *   Running statistics (if tracked) move towards the global mean and the unbiased
+ *   global variance var*N/(N-1); num_batches_tracked grows by one.
+ *   Errors, identical on every rank: SYNCBN_EINVAL (bad argument on any rank, incl.
+ *   n*C*S overflowing int64), SYNCBN_EMISMATCH (ranks passed different S, or called
+ *   different layers/call sequences), SYNCBN_EEMPTY (N < 2), SYNCBN_ENONFINITE
+ *   (NaN/Inf in the batch statistics), SYNCBN_EMPI. On error y is unspecified and
+ *   the layer is unchanged.
+ * training == 0: Not collective, never communicates. Uses the running statistics,
+ *   or this rank's own batch statistics when track_running_stats == 0 (as PyTorch);
+ *   the latter needs n*S >= 1 (else SYNCBN_EEMPTY). Invalidates the saved training
+ *   statistics, so a later backward answers SYNCBN_ESTATE. */
+SYNCBN_EXTERN int syncbn_forward(syncbn_layer *layer, const float *x, int64_t n, int64_t spatial,
+                                 int training, float *y);
+
+/* Backward. Collective. Must follow a training forward on the same layer with the
+ * same x, n and spatial (else SYNCBN_ESTATE on every rank). ONE MPI_Allreduce of
+ * the per-channel [sum dy, sum dy*xhat].
+ *   dy: like x. dx: like x, may be NULL, may equal dy.
+ *   dweight, dbias: [C] or NULL; must be NULL when !affine (else SYNCBN_EINVAL).
+ *   dx      = weight*invstd*(dy - sum(dy)/N - xhat*sum(dy*xhat)/N)
+ *   dweight = sum(dy*xhat), dbias = sum(dy): summed over the GLOBAL batch and
+ *             identical on every rank; OVERWRITTEN, not accumulated. Do not average
+ *             them again across ranks.
+ * With loss = (sum over the global batch) / (global batch size), every gradient equals
+ * single-process training on the whole batch, for any split. Errors as for the
+ * training forward, plus SYNCBN_ESTATE. */
+SYNCBN_EXTERN int syncbn_backward(syncbn_layer *layer, const float *x, const float *dy, int64_t n,
+                                  int64_t spatial, float *dx, float *dweight, float *dbias);
+
+/* Checkpoints of configuration, parameters, running statistics and
+ * num_batches_tracked. Not collective: each rank may save or load its own copy.
+ * syncbn_save writes atomically (temporary file, fsync, rename) a versioned,
+ * CRC-32-checked file. syncbn_load rejects truncated, corrupt, wrong-version or
+ * wrong-shape files with SYNCBN_EFORMAT, unreadable ones with SYNCBN_EIO, and leaves
+ * the layer unchanged on any error. */
+SYNCBN_EXTERN int syncbn_save(const syncbn_layer *layer, const char *path);
+SYNCBN_EXTERN int syncbn_load(syncbn_layer *layer, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SYNCBN_H */

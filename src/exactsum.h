@@ -1,0 +1,87 @@
+/*
+ * exactsum.h - exact, order-independent summation of doubles in integer fixed point.
+ *
+ * Internal API (not exported from libsyncbn.so; the training example compiles
+ * exactsum.c into itself). In the spirit of Radford Neal's "small superaccumulator"
+ * (xsum, arXiv 1505.05571): 32-bit digits held in int64 words, so that up to 2^30
+ * deposits need no carry propagation, and so that many accumulators side by side
+ * form ONE contiguous int64 buffer that MPI_Allreduce(MPI_INT64_T, MPI_SUM) combines
+ * exactly and associatively across ranks.
+ *
+ * Because integer addition is exact and associative, the rounded result depends
+ * only on the multiset of deposited values: not on their order, on how they were
+ * grouped into accumulators, or on how many ranks or threads took part.
+ *
+ * What it deliberately does not do: cover the whole double range. A format picks a
+ * window [2^lsb_exp, 2^(lsb_exp + 32*ndigits)); each deposited value is first rounded
+ * to a multiple of 2^lsb_exp (to nearest, ties to even - a deterministic function of
+ * the value alone, so reproducibility is kept) and values whose rounded magnitude
+ * does not fit below 2^(lsb_exp + 32*ndigits - 32) (one digit of headroom for
+ * carries and for sums of many values) are counted as +Inf or -Inf.
+ *
+ * Layout of one accumulator (sbx_words(f) int64 words):
+ *   acc[0 .. ndigits-1]   digits, least significant first; digit i weighs
+ *                         2^(lsb_exp + 32*i). Between normalizations a digit word
+ *                         may hold any int64; after sbx_normalize, digits
+ *                         0..ndigits-2 are in [0, 2^32) and the top digit carries the sign.
+ *   acc[ndigits + 0]      count of NaN deposits
+ *   acc[ndigits + 1]      count of +Inf deposits (incl. out-of-window positives)
+ *   acc[ndigits + 2]      count of -Inf deposits (incl. out-of-window negatives)
+ *
+ * Threads: an accumulator must be touched by one thread at a time; distinct
+ * accumulators are independent.
+ */
+#ifndef SYNCBN_EXACTSUM_H
+#define SYNCBN_EXACTSUM_H
+
+#include <mpi.h>
+#include <stdint.h>
+
+#define SBX_SPECIALS 3
+
+typedef struct {
+    int32_t lsb_exp; /* weight of digit 0 is 2^lsb_exp; a multiple of 32 */
+    int32_t ndigits; /* number of 32-bit digits, 2 <= ndigits <= 64 */
+} sbx_format;
+
+/* int64 words in one accumulator of format f. */
+static inline int64_t sbx_words(sbx_format f) { return (int64_t)f.ndigits + SBX_SPECIALS; }
+
+/* Sets acc (sbx_words(f) words) to an exact zero. */
+void sbx_zero(int64_t *acc, sbx_format f);
+
+/* Adds v exactly (after rounding it to a multiple of 2^lsb_exp as described above).
+ * NaN, +-Inf and out-of-window values go to the special counters. At most 2^30
+ * deposits may be made between two calls of sbx_normalize. */
+void sbx_add(int64_t *acc, sbx_format f, double v);
+
+/* Adds n floats (a convenience for gradients; same as n calls of sbx_add). */
+void sbx_add_floats(int64_t *acc, sbx_format f, const float *v, int64_t n);
+
+/* Propagates carries so that digits 0..ndigits-2 lie in [0, 2^32); the exact value is
+ * unchanged. Needed before 2^30 further deposits, and before sbx_merge or MPI. */
+void sbx_normalize(int64_t *acc, sbx_format f);
+
+/* acc += other, exactly (both normalized; acc is normalized afterwards). */
+void sbx_merge(int64_t *acc, const int64_t *other, sbx_format f);
+
+/* Normalizes `count` consecutive accumulators and combines them over comm in place
+ * with ONE MPI_Allreduce(MPI_IN_PLACE, ..., MPI_INT64_T, MPI_SUM); afterwards they
+ * are normalized again. Returns the MPI error code (MPI_SUCCESS on success).
+ * Collective. Exact for up to 2^30 ranks. */
+int sbx_allreduce(int64_t *accs, int64_t count, sbx_format f, MPI_Comm comm);
+
+/* The exact sum rounded once to double, to nearest with ties to even.
+ * NaN if any NaN was deposited or both +Inf and -Inf were; +-Inf if only one sign
+ * of infinity was deposited or the exact sum exceeds the double range.
+ * acc need not be normalized (this function normalizes a private copy). */
+double sbx_round(const int64_t *acc, sbx_format f);
+
+/* Formats used by the library (documented here so the window choice is in one place):
+ * SBX_LINEAR: sums of float-derived values (float data, double partial sums of up to
+ *   2^40 floats): every float is a multiple of 2^-149 and below 2^128.
+ * SBX_QUADRATIC: sums of products of two such values (x*x, dy*(x-mean)). */
+#define SBX_LINEAR ((sbx_format){.lsb_exp = -160, .ndigits = 12})    /* up to 2^224 */
+#define SBX_QUADRATIC ((sbx_format){.lsb_exp = -320, .ndigits = 22}) /* up to 2^384 */
+
+#endif /* SYNCBN_EXACTSUM_H */

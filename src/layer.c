@@ -1,0 +1,467 @@
+/*
+ * layer.c - the synchronized BN layer: create/destroy, forward, backward.
+ *
+ * Every collective call is ONE MPI_Allreduce(MPI_SUM) of one packed buffer:
+ *
+ *   header (SBN_HDR words)                       | per-channel data
+ *   invalid | state | count | agree(id) agree(tag) agree(S) | FAST: s1[C] s2[C] (double)
+ *                                                | REPRODUCIBLE: acc1[C] acc2[C] (exact, int64)
+ *
+ * The header is summed in the same element type as the data (double or int64).
+ * "invalid"/"state" count the ranks that found a bad argument or an out-of-order
+ * call locally: such a rank still joins the allreduce (with zero data), so every rank
+ * learns of the error at once and returns the same code, instead of the others
+ * waiting forever. "agree" words (comm.h) detect ranks that passed a different S or
+ * that are executing a different layer or call (tag = 2*seq + kind). Forward and
+ * backward buffers have the same size, so even a forward meeting a backward is seen.
+ *
+ * Error priority, the same on every rank because it reads only reduced data:
+ *   call mismatch > EINVAL > ESTATE > S mismatch > EEMPTY > ENONFINITE.
+ * Nothing in the layer changes before all checks have passed.
+ */
+#include "layer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "exactsum.h"
+#include "moments.h"
+
+enum { H_INVALID = 0, H_STATE = 1, H_COUNT = 2, H_ID = 3, H_TAG = H_ID + SBN_AGREE_WORDS,
+       H_S = H_TAG + SBN_AGREE_WORDS, SBN_HDR = H_S + SBN_AGREE_WORDS };
+enum { KIND_FORWARD = 0, KIND_BACKWARD = 1 };
+
+/* Keeps every message below INT_MAX words (MPI counts are int). */
+#define SBN_MAX_CHANNELS ((int64_t)1 << 25)
+
+syncbn_config syncbn_config_default(int64_t channels)
+{
+    syncbn_config c = {
+        .channels = channels,
+        .eps = 1e-5,
+        .momentum = 0.1,
+        .affine = 1,
+        .track_running_stats = 1,
+        .layout = SYNCBN_NCHW,
+        .reduction = SYNCBN_FAST,
+    };
+    return c;
+}
+
+static int config_valid(const syncbn_config *c)
+{
+    return c->channels >= 1 && c->channels <= SBN_MAX_CHANNELS && c->eps > 0 && isfinite(c->eps) &&
+           (isnan(c->momentum) || (c->momentum >= 0 && c->momentum <= 1)) &&
+           (c->layout == SYNCBN_NCHW || c->layout == SYNCBN_NHWC) &&
+           (c->reduction == SYNCBN_FAST || c->reduction == SYNCBN_REPRODUCIBLE);
+}
+
+static uint64_t double_bits(double v)
+{
+    uint64_t u;
+    if (isnan(v))
+        v = NAN; /* every NaN momentum means the same thing */
+    memcpy(&u, &v, sizeof u);
+    return u;
+}
+
+static int is_repro(const syncbn_layer *l) { return l->cfg.reduction == SYNCBN_REPRODUCIBLE; }
+
+/* Per-channel data words of one message. */
+static int64_t data_words(const syncbn_config *c)
+{
+    if (c->reduction == SYNCBN_REPRODUCIBLE)
+        return c->channels * (sbx_words(SBX_LINEAR) + sbx_words(SBX_QUADRATIC));
+    return 2 * c->channels;
+}
+
+static void layer_free(syncbn_layer *l)
+{
+    if (!l)
+        return;
+    free(l->params);
+    free(l->stats);
+    free(l->msg);
+    free(l);
+}
+
+/* Allocates everything a layer will ever need; NULL on failure. */
+static syncbn_layer *layer_alloc(const syncbn_config *cfg)
+{
+    syncbn_layer *l = calloc(1, sizeof *l);
+    if (!l)
+        return NULL;
+    const int64_t C = cfg->channels;
+    l->cfg = *cfg;
+    l->cfg.affine = cfg->affine != 0;
+    l->cfg.track_running_stats = cfg->track_running_stats != 0;
+    l->params = malloc(4 * (size_t)C * sizeof(float));
+    l->stats = malloc(6 * (size_t)C * sizeof(double));
+    l->msg_words = SBN_HDR + data_words(cfg);
+    l->msg = malloc((size_t)l->msg_words * 8);
+    if (!l->params || !l->stats || !l->msg) {
+        layer_free(l);
+        return NULL;
+    }
+    float *p = l->params;
+    for (int64_t c = 0; c < C; c++)
+        p[c] = 1.0f, p[C + c] = 0.0f, p[2 * C + c] = 0.0f, p[3 * C + c] = 1.0f;
+    if (l->cfg.affine)
+        l->weight = p, l->bias = p + C;
+    if (l->cfg.track_running_stats)
+        l->running_mean = p + 2 * C, l->running_var = p + 3 * C;
+    l->mean = l->stats, l->invstd = l->stats + C;
+    l->t1 = l->stats + 2 * C, l->t2 = l->stats + 3 * C;
+    l->t3 = l->stats + 4 * C, l->t4 = l->stats + 5 * C;
+    return l;
+}
+
+int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
+{
+    int inited = 0;
+    if (out)
+        *out = NULL;
+    if (MPI_Initialized(&inited) != MPI_SUCCESS || !inited)
+        return SYNCBN_ESTATE;
+    if (comm == MPI_COMM_NULL)
+        return SYNCBN_EINVAL;
+
+    const int bad = !out || !cfg || !config_valid(cfg);
+    syncbn_layer *l = bad ? NULL : layer_alloc(cfg);
+    const int nomem = !bad && !l;
+
+    int err;
+    sbn_comm *sc = sbn_comm_acquire(comm, &err);
+    if (!sc) {
+        layer_free(l);
+        return err;
+    }
+    const int64_t id = sc->next_layer++;
+
+    /* One allreduce: everyone's verdict on its arguments, and agreement on the
+     * configuration and on the layer id (which proves both ranks are creating the
+     * same layer in the same order). */
+    enum { A_INVALID, A_NOMEM, A_C, A_EPS = A_C + SBN_AGREE_WORDS, A_MOM = A_EPS + SBN_AGREE_WORDS,
+           A_FLAGS = A_MOM + SBN_AGREE_WORDS, A_ID = A_FLAGS + SBN_AGREE_WORDS, A_LEN = A_ID + SBN_AGREE_WORDS };
+    int64_t w[A_LEN] = {0};
+    w[A_INVALID] = bad;
+    w[A_NOMEM] = nomem;
+    if (!bad) {
+        sbn_agree_put_i64(w + A_C, (uint64_t)cfg->channels);
+        sbn_agree_put_i64(w + A_EPS, double_bits(cfg->eps));
+        sbn_agree_put_i64(w + A_MOM, double_bits(cfg->momentum));
+        sbn_agree_put_i64(w + A_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
+                                                   (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3));
+    }
+    sbn_agree_put_i64(w + A_ID, (uint64_t)id);
+
+    int nranks = 1;
+    int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS &&
+                     MPI_Allreduce(MPI_IN_PLACE, w, A_LEN, MPI_INT64_T, MPI_SUM, sc->inner) == MPI_SUCCESS
+                 ? SYNCBN_OK
+                 : SYNCBN_EMPI;
+    if (rc == SYNCBN_OK) {
+        if (w[A_INVALID])
+            rc = SYNCBN_EINVAL;
+        else if (!sbn_agree_ok_i64(w + A_C, nranks) || !sbn_agree_ok_i64(w + A_EPS, nranks) ||
+                 !sbn_agree_ok_i64(w + A_MOM, nranks) || !sbn_agree_ok_i64(w + A_FLAGS, nranks) ||
+                 !sbn_agree_ok_i64(w + A_ID, nranks))
+            rc = SYNCBN_EMISMATCH;
+        else if (w[A_NOMEM])
+            rc = SYNCBN_ENOMEM;
+    }
+    if (rc != SYNCBN_OK) {
+        layer_free(l);
+        sbn_comm_release(sc);
+        return rc;
+    }
+    l->comm = sc;
+    l->nranks = nranks;
+    l->id = id;
+    *out = l;
+    return SYNCBN_OK;
+}
+
+void syncbn_destroy(syncbn_layer *layer)
+{
+    if (!layer)
+        return;
+    sbn_comm_release(layer->comm);
+    layer_free(layer);
+}
+
+float *syncbn_weight(syncbn_layer *l) { return l ? l->weight : NULL; }
+float *syncbn_bias(syncbn_layer *l) { return l ? l->bias : NULL; }
+float *syncbn_running_mean(syncbn_layer *l) { return l ? l->running_mean : NULL; }
+float *syncbn_running_var(syncbn_layer *l) { return l ? l->running_var : NULL; }
+int64_t syncbn_num_batches_tracked(const syncbn_layer *l) { return l ? l->num_batches_tracked : -1; }
+
+int syncbn_get_config(const syncbn_layer *l, syncbn_config *cfg)
+{
+    if (!l || !cfg)
+        return SYNCBN_EINVAL;
+    *cfg = l->cfg;
+    return SYNCBN_OK;
+}
+
+/* n >= 0, S >= 1 and n*C*S representable. */
+static int shape_valid(int64_t n, int64_t C, int64_t S)
+{
+    if (n < 0 || S < 1)
+        return 0;
+    return n == 0 || (C <= INT64_MAX / S && n <= INT64_MAX / (C * S));
+}
+
+/* ---- the one collective ---- */
+
+/* Message header/data as doubles (FAST) or int64 (REPRODUCIBLE). */
+static void hdr_put(syncbn_layer *l, int invalid, int state, int64_t count, int kind, int64_t S)
+{
+    const uint64_t tag = 2 * (uint64_t)l->seq + (uint64_t)kind;
+    if (is_repro(l)) {
+        int64_t *h = l->msg;
+        h[H_INVALID] = invalid, h[H_STATE] = state, h[H_COUNT] = count;
+        sbn_agree_put_i64(h + H_ID, (uint64_t)l->id);
+        sbn_agree_put_i64(h + H_TAG, tag);
+        sbn_agree_put_i64(h + H_S, (uint64_t)S);
+    } else {
+        double *h = l->msg;
+        h[H_INVALID] = invalid, h[H_STATE] = state, h[H_COUNT] = (double)count;
+        sbn_agree_put_f64(h + H_ID, (uint64_t)l->id);
+        sbn_agree_put_f64(h + H_TAG, tag);
+        sbn_agree_put_f64(h + H_S, (uint64_t)S);
+    }
+}
+
+/* Fills the data part with this rank's local sums (or zeros when it has none to give). */
+static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy, sbn_shape sh, int contribute)
+{
+    const int64_t C = l->cfg.channels;
+    if (is_repro(l)) {
+        int64_t *acc1 = (int64_t *)l->msg + SBN_HDR, *acc2 = acc1 + C * sbx_words(SBX_LINEAR);
+        for (int64_t c = 0; c < C; c++) {
+            sbx_zero(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+            sbx_zero(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+        }
+        if (contribute && sh.n > 0) {
+            if (kind == KIND_FORWARD)
+                sbn_forward_sums(x, sh, NULL, NULL, acc1, acc2);
+            else
+                sbn_backward_sums(x, dy, l->mean, sh, NULL, NULL, acc1, acc2);
+        }
+        /* Carries normalized so that summing over ranks cannot overflow a word. */
+        for (int64_t c = 0; c < C; c++) {
+            sbx_normalize(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+            sbx_normalize(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+        }
+        return;
+    }
+    double *s1 = (double *)l->msg + SBN_HDR, *s2 = s1 + C;
+    if (contribute && sh.n > 0) {
+        if (kind == KIND_FORWARD)
+            sbn_forward_sums(x, sh, s1, s2, NULL, NULL);
+        else
+            sbn_backward_sums(x, dy, l->mean, sh, s1, s2, NULL, NULL);
+    } else {
+        memset(s1, 0, 2 * (size_t)C * sizeof *s1);
+    }
+}
+
+/* Allreduces the message and decodes the header into an error code (the same on
+ * every rank). On success *count is the global count and t1/t2 hold the global
+ * per-channel sums, rounded once to double. */
+static int exchange(syncbn_layer *l, double *count)
+{
+    const int64_t C = l->cfg.channels;
+    const int repro = is_repro(l);
+    int rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, repro ? MPI_INT64_T : MPI_DOUBLE,
+                           MPI_SUM, l->comm->inner);
+    l->seq++;
+    if (rc != MPI_SUCCESS)
+        return SYNCBN_EMPI;
+
+    int call_ok, s_ok;
+    double invalid, state;
+    if (repro) {
+        const int64_t *h = l->msg;
+        call_ok = sbn_agree_ok_i64(h + H_ID, l->nranks) && sbn_agree_ok_i64(h + H_TAG, l->nranks);
+        s_ok = sbn_agree_ok_i64(h + H_S, l->nranks);
+        invalid = (double)h[H_INVALID], state = (double)h[H_STATE], *count = (double)h[H_COUNT];
+    } else {
+        const double *h = l->msg;
+        call_ok = sbn_agree_ok_f64(h + H_ID, l->nranks) && sbn_agree_ok_f64(h + H_TAG, l->nranks);
+        s_ok = sbn_agree_ok_f64(h + H_S, l->nranks);
+        invalid = h[H_INVALID], state = h[H_STATE], *count = h[H_COUNT];
+    }
+    if (!call_ok)
+        return SYNCBN_EMISMATCH;
+    if (invalid > 0)
+        return SYNCBN_EINVAL;
+    if (state > 0)
+        return SYNCBN_ESTATE;
+    if (!s_ok)
+        return SYNCBN_EMISMATCH;
+
+    if (repro) {
+        const int64_t *acc1 = (const int64_t *)l->msg + SBN_HDR, *acc2 = acc1 + C * sbx_words(SBX_LINEAR);
+        for (int64_t c = 0; c < C; c++) {
+            l->t1[c] = sbx_round(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+            l->t2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+        }
+    } else {
+        const double *s = (const double *)l->msg + SBN_HDR;
+        memcpy(l->t1, s, (size_t)C * sizeof *s);
+        memcpy(l->t2, s + C, (size_t)C * sizeof *s);
+    }
+    return SYNCBN_OK;
+}
+
+/* ---- forward ---- */
+
+/* From per-channel sums s1 = sum x, s2 = sum x^2 over `count` elements: mean and
+ * biased variance (clamped at 0). Returns SYNCBN_ENONFINITE if any is not finite. */
+static int batch_moments(const double *s1, const double *s2, double count, int64_t C, double *mean,
+                         double *var)
+{
+    int finite = 1;
+    for (int64_t c = 0; c < C; c++) {
+        double m = s1[c] / count;
+        double v = s2[c] / count - m * m;
+        mean[c] = m;
+        var[c] = v > 0 ? v : 0;
+        finite &= isfinite(m) && isfinite(v);
+    }
+    return finite ? SYNCBN_OK : SYNCBN_ENONFINITE;
+}
+
+/* y from mean and variance: y = (x - mean) * invstd * weight + bias. Stores invstd
+ * when asked to (training). Uses t3/t4 as scratch. */
+static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, const double *mean, const double *var,
+                  double *invstd)
+{
+    const int64_t C = l->cfg.channels;
+    double *scale = l->t3, *shift = l->t4;
+    for (int64_t c = 0; c < C; c++) {
+        const double is = 1.0 / sqrt(var[c] + l->cfg.eps);
+        if (invstd)
+            invstd[c] = is;
+        scale[c] = is * (l->weight ? (double)l->weight[c] : 1.0);
+        shift[c] = l->bias ? (double)l->bias[c] : 0.0;
+    }
+    if (sh.n > 0)
+        sbn_normalize(y, x, mean, scale, shift, sh);
+}
+
+static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
+{
+    const int64_t C = l->cfg.channels;
+    l->saved = 0;
+    double *mean = l->t1, *var = l->t2;
+    if (l->running_mean) {
+        for (int64_t c = 0; c < C; c++)
+            mean[c] = l->running_mean[c], var[c] = l->running_var[c];
+    } else {
+        /* Untracked statistics: this rank's own batch, as PyTorch does. */
+        const double count = (double)(sh.n * sh.S);
+        if (count < 1)
+            return SYNCBN_EEMPTY;
+        sbn_forward_sums(x, sh, l->t3, l->t4, NULL, NULL);
+        int rc = batch_moments(l->t3, l->t4, count, C, mean, var);
+        if (rc != SYNCBN_OK)
+            return rc;
+    }
+    apply(l, x, y, sh, mean, var, NULL);
+    return SYNCBN_OK;
+}
+
+static void update_running(syncbn_layer *l, const double *mean, const double *var, double count)
+{
+    const double f = isnan(l->cfg.momentum) ? 1.0 / (double)l->num_batches_tracked : l->cfg.momentum;
+    for (int64_t c = 0; c < l->cfg.channels; c++) {
+        const double unbiased = var[c] * count / (count - 1);
+        l->running_mean[c] = (float)((1 - f) * l->running_mean[c] + f * mean[c]);
+        l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * unbiased);
+    }
+}
+
+int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, int training, float *y)
+{
+    if (!l)
+        return SYNCBN_EINVAL;
+    const int64_t C = l->cfg.channels;
+    const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && y));
+    sbn_shape sh = {n, C, spatial, l->cfg.layout};
+
+    if (!training) {
+        if (!ok)
+            return SYNCBN_EINVAL;
+        return forward_eval(l, x, sh, y);
+    }
+
+    hdr_put(l, !ok, 0, ok ? n * spatial : 0, KIND_FORWARD, ok ? spatial : 0);
+    data_put(l, KIND_FORWARD, x, NULL, sh, ok);
+    double count;
+    int rc = exchange(l, &count);
+    if (rc != SYNCBN_OK)
+        return rc;
+    if (count < 2)
+        return SYNCBN_EEMPTY;
+
+    /* t1, t2: sums -> mean, var (in place). Commit nothing until all is known good. */
+    rc = batch_moments(l->t1, l->t2, count, C, l->t1, l->t2);
+    if (rc != SYNCBN_OK)
+        return rc;
+
+    l->num_batches_tracked++;
+    if (l->running_mean)
+        update_running(l, l->t1, l->t2, count);
+    memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean);
+    apply(l, x, y, sh, l->mean, l->t2, l->invstd);
+    l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count;
+    return SYNCBN_OK;
+}
+
+/* ---- backward ---- */
+
+int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n, int64_t spatial, float *dx,
+                    float *dweight, float *dbias)
+{
+    if (!l)
+        return SYNCBN_EINVAL;
+    const int64_t C = l->cfg.channels;
+    const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && dy)) &&
+                   (l->cfg.affine || (!dweight && !dbias));
+    const int state_ok = l->saved && l->saved_n == n && l->saved_S == spatial;
+    sbn_shape sh = {n, C, spatial, l->cfg.layout};
+
+    hdr_put(l, !ok, !state_ok, 0, KIND_BACKWARD, ok ? spatial : 0);
+    data_put(l, KIND_BACKWARD, x, dy, sh, ok && state_ok);
+    double unused;
+    int rc = exchange(l, &unused);
+    if (rc != SYNCBN_OK)
+        return rc;
+
+    /* t1 = sum dy, t2 = sum dy*(x - mean), both over the global batch. */
+    const double N = l->saved_N;
+    int finite = 1;
+    for (int64_t c = 0; c < C; c++)
+        finite &= isfinite(l->t1[c]) && isfinite(l->t2[c]);
+    if (!finite)
+        return SYNCBN_ENONFINITE;
+
+    double *k = l->t3, *a = l->t4, *b = l->t2;
+    for (int64_t c = 0; c < C; c++) {
+        const double is = l->invstd[c], sum_dy = l->t1[c], sum_dy_xhat = l->t2[c] * is;
+        if (dweight)
+            dweight[c] = (float)sum_dy_xhat; /* d(loss)/d(weight) = sum dy * xhat */
+        if (dbias)
+            dbias[c] = (float)sum_dy; /* d(loss)/d(bias) = sum dy */
+        k[c] = (l->weight ? (double)l->weight[c] : 1.0) * is; /* weight * invstd */
+        a[c] = sum_dy / N;                                    /* mean of dy */
+        b[c] = is * sum_dy_xhat / N;                          /* invstd * mean of dy*xhat */
+    }
+    if (dx && n > 0)
+        sbn_backward_dx(dx, x, dy, l->mean, k, a, b, sh);
+    return SYNCBN_OK;
+}

@@ -1,0 +1,43 @@
+/*
+ * layer.h - the layer object behind the opaque syncbn_layer handle (internal).
+ *
+ * Memory: three allocations made at create and never again: `params` (the float
+ * arrays the accessors hand out), `stats` (double per-channel arrays), and `msg`
+ * (the packed allreduce buffer). No call allocates after create.
+ */
+#ifndef SYNCBN_LAYER_H
+#define SYNCBN_LAYER_H
+
+#include <stdint.h>
+
+#include "comm.h"
+#include "syncbn.h"
+
+struct syncbn_layer {
+    syncbn_config cfg;
+    sbn_comm *comm; /* shared private communicator of the creating comm */
+    int nranks;
+    int64_t id;  /* agreed at create: same on every rank */
+    int64_t seq; /* collective calls joined so far (forward-train and backward) */
+
+    float *params;       /* one block: weight[C] bias[C] running_mean[C] running_var[C] */
+    float *weight;       /* [C] or NULL when !affine */
+    float *bias;         /* [C] or NULL when !affine */
+    float *running_mean; /* [C] or NULL when !track_running_stats */
+    float *running_var;  /* [C] or NULL when !track_running_stats */
+    int64_t num_batches_tracked;
+
+    /* Saved by the last successful training forward, consumed by backward. */
+    int saved;               /* 1 while mean/invstd belong to the last training forward */
+    int64_t saved_n, saved_S; /* its local n and S */
+    double saved_N;          /* its global element count per channel */
+    double *stats;           /* one block of 6*C doubles: */
+    double *mean;            /*   [C] global batch mean */
+    double *invstd;          /*   [C] 1/sqrt(var + eps) */
+    double *t1, *t2, *t3, *t4; /* [C] each: scratch for sums and coefficients */
+
+    void *msg;          /* packed allreduce buffer: header + per-channel data */
+    int64_t msg_words;  /* its length in 8-byte words (double or int64) */
+};
+
+#endif /* SYNCBN_LAYER_H */

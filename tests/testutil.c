@@ -1,0 +1,72 @@
+/* testutil.c - see testutil.h. */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+int tu_rank = 0, tu_nranks = 1;
+static int fails = 0;
+static char first_failure[512];
+
+uint64_t tu_hash(uint64_t z)
+{
+    /* splitmix64 finalizer */
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+double tu_uniform(uint64_t key) { return (double)(tu_hash(key) >> 11) * 0x1.0p-53; }
+
+double tu_normal(uint64_t key)
+{
+    double u1 = tu_uniform(2 * key) + 0x1.0p-54, u2 = tu_uniform(2 * key + 1);
+    return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+void tu_fail(const char *file, int line, const char *fmt, ...)
+{
+    if (fails++ == 0) {
+        int k = snprintf(first_failure, sizeof first_failure, "rank %d %s:%d: ", tu_rank, file, line);
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(first_failure + k, sizeof first_failure - (size_t)k, fmt, ap);
+        va_end(ap);
+        fprintf(stderr, "%s\n", first_failure);
+    }
+}
+
+int tu_close(double got, double ref, double rtol, double floor)
+{
+    double scale = fabs(ref) > floor ? fabs(ref) : floor;
+    return fabs(got - ref) <= rtol * scale; /* false for NaN */
+}
+
+void tu_verdict(void)
+{
+    int mine = fails, total = 0;
+    MPI_Allreduce(&mine, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    fails = 0;
+    ck_assert_msg(total == 0, "%d failed expectation(s) across ranks; first on this rank: %s", total,
+                  mine ? first_failure : "(none here)");
+}
+
+int tu_main(int argc, char **argv, Suite *(*make_suite)(void))
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &tu_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &tu_nranks);
+    SRunner *sr = srunner_create(make_suite());
+    srunner_set_fork_status(sr, CK_NOFORK); /* Open MPI processes must not fork */
+    srunner_run_all(sr, tu_rank == 0 ? CK_NORMAL : CK_SILENT);
+    int mine = srunner_ntests_failed(sr), worst = 0;
+    srunner_free(sr);
+    MPI_Allreduce(&mine, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (tu_rank == 0)
+        printf("%d ranks: %s\n", tu_nranks, worst ? "FAILED" : "all ranks passed");
+    MPI_Finalize();
+    return worst ? 1 : 0;
+}

@@ -1,0 +1,42 @@
+/*
+ * testutil.h - shared helpers of the MPI test programs.
+ *
+ * Collective-safe assertions: a Check assertion that fails longjmps out of the test,
+ * and a rank that leaves a test early would leave the others blocked in the next
+ * collective call. So MPI tests record failures with TU_EXPECT (which never jumps),
+ * keep calling every collective, and end each test with tu_verdict(), which combines
+ * the failure counts of all ranks and asserts once - the same verdict on every rank.
+ */
+#ifndef SYNCBN_TESTUTIL_H
+#define SYNCBN_TESTUTIL_H
+
+#include <check.h>
+#include <mpi.h>
+#include <stdint.h>
+
+extern int tu_rank, tu_nranks;
+
+/* Deterministic data that depends only on a key (e.g. the GLOBAL element index),
+ * so every split of a batch sees the same values. */
+uint64_t tu_hash(uint64_t key);
+double tu_uniform(uint64_t key); /* [0, 1) */
+double tu_normal(uint64_t key);  /* standard normal */
+
+void tu_fail(const char *file, int line, const char *fmt, ...);
+#define TU_EXPECT(cond, ...)                               \
+    do {                                                   \
+        if (!(cond))                                       \
+            tu_fail(__FILE__, __LINE__, __VA_ARGS__);      \
+    } while (0)
+
+/* |got - ref| <= rtol * max(|ref|, floor) */
+int tu_close(double got, double ref, double rtol, double floor);
+
+/* Collective: asserts that no rank recorded a failure since the last verdict. */
+void tu_verdict(void);
+
+/* Collective: runs the suite in CK_NOFORK mode; returns the exit status, identical
+ * on every rank (nonzero if any rank failed). Calls MPI_Init/MPI_Finalize itself. */
+int tu_main(int argc, char **argv, Suite *(*make_suite)(void));
+
+#endif /* SYNCBN_TESTUTIL_H */
