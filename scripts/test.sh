@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, builds, and runs the whole CTest suite
+# twice - the Release build, then an AddressSanitizer + UBSan build.
+#   scripts/test.sh            both builds
+#   scripts/test.sh --quick    Release build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install_deps.sh build data fuzz
+
+# Open MPI refuses to run as root unless told; harmless for other users.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# Oversubscribed ranks must yield the CPU instead of spinning.
+export OMPI_MCA_mpi_yield_when_idle=1
+
+run_suite() { # <build dir> <extra cmake args...>
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake --build "$dir" -j2
+  ctest --test-dir "$dir" --output-on-failure -j2 --timeout 900
+}
+
+echo "== Release build =="
+run_suite build
+
+if [ "${1:-}" != "--quick" ]; then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build =="
+  # Open MPI's own allocations at exit are not ours to fix: leak checking is done by
+  # scripts/valgrind.sh with Open MPI's suppression file instead.
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_suite build-asan -DSYNCBN_SANITIZE=ON
+fi
