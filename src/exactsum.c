@@ -1,0 +1,257 @@
+/*
+ * exactsum.c - exact, order-independent summation (see exactsum.h for the contract).
+ *
+ * Representation: a signed integer sum_i acc[i] * 2^(lsb_exp + 32*i), with acc[i]
+ * int64 "digits" that are nominally 32 bits wide. A deposit adds the (rounded,
+ * aligned) mantissa split into the 2-3 digits it overlaps; the 31 spare bits of
+ * each word absorb 2^30 deposits before carries must be propagated (xsum's "small
+ * superaccumulator", Neal 2015). Only sbx_normalize and sbx_round walk all digits.
+ *
+ * What it deliberately does not do: validate formats in the hot path, allocate,
+ * print, or use libm. Values are taken apart from their IEEE bit patterns, so
+ * denormals need no special casing beyond the missing hidden bit.
+ *
+ * Overflow: with at most 2^30 deposits of digits below 2^32 between
+ * normalizations, |acc[i]| < 2^62 + 2^32, so plain int64 arithmetic cannot overflow;
+ * the only place where a sign is shifted (carry extraction) is written so that it
+ * never right-shifts a negative number (implementation-defined in C).
+ */
+#include "exactsum.h"
+
+#include <string.h>
+
+#define SBX_MASK32 UINT64_C(0xFFFFFFFF)
+
+/* floor(x / 2^32) without right-shifting a negative value. */
+static inline int64_t carry_of(int64_t x)
+{
+    return x >= 0 ? (x >> 32) : ~((~x) >> 32);
+}
+
+/* Bits of the window that deposits may use: values must stay below 2^(lsb + W). */
+static inline int32_t window_bits(sbx_format f) { return 32 * (f.ndigits - 1); }
+
+static inline int bitlen64(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+void sbx_zero(int64_t *acc, sbx_format f)
+{
+    memset(acc, 0, (size_t)sbx_words(f) * sizeof *acc);
+}
+
+/* Adds sign * m * 2^(lsb + s) for s >= 0 whose top bit is below the window.
+ * neg is 0 or -1; (x ^ neg) - neg negates branch-free. */
+static inline void deposit3(int64_t *acc, uint64_t m, int32_t s, int64_t neg)
+{
+    int32_t k = s >> 5, o = s & 31;
+    uint64_t lo = (m << o) & SBX_MASK32;
+    uint64_t hi = (m >> 1) >> (31 - o); /* = m * 2^o / 2^32, no shift by 32 at o = 0 */
+    acc[k] += ((int64_t)lo ^ neg) - neg;
+    acc[k + 1] += ((int64_t)(hi & SBX_MASK32) ^ neg) - neg;
+    acc[k + 2] += ((int64_t)(hi >> 32) ^ neg) - neg;
+}
+
+/* Everything off the fast path: specials, values needing rounding to 2^lsb,
+ * values near the top of the window, denormals near the edges. */
+static void add_slow(int64_t *acc, sbx_format f, uint64_t bits)
+{
+    int64_t neg = -(int64_t)(bits >> 63);
+    uint32_t e = (uint32_t)(bits >> 52) & 0x7FF;
+    uint64_t m = bits & ((UINT64_C(1) << 52) - 1);
+    if (e == 0x7FF) {
+        acc[f.ndigits + (m ? 0 : (neg ? 2 : 1))] += 1;
+        return;
+    }
+    if (e) m |= UINT64_C(1) << 52;
+    if (!m) return;
+    int32_t s = (int32_t)(e ? e : 1) - 1075 - f.lsb_exp;
+    if (s < 0) {
+        /* Round m * 2^s to an integer, ties to even. m < 2^53, so for -s >= 54
+         * the value is below 1/2 and rounds to zero. */
+        if (s <= -54) return;
+        int32_t r = -s;
+        uint64_t q = m >> r, rem = m & ((UINT64_C(1) << r) - 1), half = UINT64_C(1) << (r - 1);
+        if (rem > half || (rem == half && (q & 1))) q += 1;
+        if (!q) return;
+        m = q;
+        s = 0;
+    }
+    if (s + bitlen64(m) > window_bits(f)) {
+        acc[f.ndigits + (neg ? 2 : 1)] += 1;
+        return;
+    }
+    deposit3(acc, m, s, neg);
+}
+
+void sbx_add(int64_t *acc, sbx_format f, double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    uint32_t e = (uint32_t)(bits >> 52) & 0x7FF;
+    /* Fast path: a normal number that needs no rounding and fits entirely. */
+    int32_t s = (int32_t)e - 1075 - f.lsb_exp;
+    if (e != 0 && e != 0x7FF && s >= 0 && s + 53 <= window_bits(f)) {
+        uint64_t m = (bits & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52);
+        deposit3(acc, m, s, -(int64_t)(bits >> 63));
+        return;
+    }
+    add_slow(acc, f, bits);
+}
+
+void sbx_add_floats(int64_t *acc, sbx_format f, const float *v, int64_t n)
+{
+    const int32_t lsb = f.lsb_exp, wb = window_bits(f);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &v[i], sizeof b);
+        uint32_t e = (b >> 23) & 0xFF;
+        uint32_t m = (b & 0x7FFFFF) | (e ? 0x800000u : 0);
+        int32_t s = (int32_t)(e ? e : 1) - 150 - lsb;
+        if (e != 0xFF && s >= 0 && s + 24 <= wb) {
+            /* 24 mantissa bits + at most 31 bits of offset span at most 2 digits. */
+            int64_t neg = -(int64_t)(b >> 31);
+            int32_t k = s >> 5;
+            uint64_t x = (uint64_t)m << (s & 31);
+            acc[k] += ((int64_t)(x & SBX_MASK32) ^ neg) - neg;
+            acc[k + 1] += ((int64_t)(x >> 32) ^ neg) - neg;
+        } else {
+            sbx_add(acc, f, (double)v[i]); /* exact widening */
+        }
+    }
+}
+
+void sbx_normalize(int64_t *acc, sbx_format f)
+{
+    int32_t top = f.ndigits - 1;
+    for (int32_t i = 0; i < top; i++) {
+        int64_t c = carry_of(acc[i]);
+        acc[i] = (int64_t)((uint64_t)acc[i] & SBX_MASK32);
+        acc[i + 1] += c;
+    }
+}
+
+void sbx_merge(int64_t *acc, const int64_t *other, sbx_format f)
+{
+    /* Normalized digits are below 2^32 and the specials are counts, so the word-wise
+     * sums cannot overflow; the top digit is the signed high part of the value. */
+    int64_t w = sbx_words(f);
+    for (int64_t i = 0; i < w; i++) acc[i] += other[i];
+    sbx_normalize(acc, f);
+}
+
+int sbx_allreduce(int64_t *accs, int64_t count, sbx_format f, MPI_Comm comm)
+{
+    int64_t w = sbx_words(f);
+    for (int64_t c = 0; c < count; c++) sbx_normalize(accs + c * w, f);
+    /* After the sum over P ranks the low digits are below P * 2^32 (fine for
+     * P < 2^31) and each top digit is a sum of P signed top digits, which is the
+     * signed high part of the exact total: the representation is positional, so
+     * the signed top digit needs no special treatment. */
+    int64_t total = count * w;
+    int rc = MPI_SUCCESS;
+    /* MPI counts are int; split very large buffers (not expected in practice). */
+    while (total > 0 && rc == MPI_SUCCESS) {
+        int n = total > (1 << 30) ? (1 << 30) : (int)total;
+        rc = MPI_Allreduce(MPI_IN_PLACE, accs + (count * w - total), n, MPI_INT64_T, MPI_SUM, comm);
+        total -= n;
+    }
+    if (rc != MPI_SUCCESS) return rc;
+    for (int64_t c = 0; c < count; c++) sbx_normalize(accs + c * w, f);
+    return MPI_SUCCESS;
+}
+
+/* Bits [pos, pos+53) of the magnitude held in d (uint32 digits, zero-padded by at
+ * least 3 digits above the last nonzero one); pos >= -52. */
+static uint64_t bits53_at(const uint32_t *d, int32_t pos)
+{
+    uint64_t r;
+    if (pos < 0) {
+        r = ((uint64_t)d[0] | ((uint64_t)d[1] << 32)) << (-pos);
+    } else {
+        int32_t i = pos >> 5, o = pos & 31;
+        uint64_t lo = (uint64_t)d[i] | ((uint64_t)d[i + 1] << 32);
+        r = (lo >> o) | (o ? (uint64_t)d[i + 2] << (64 - o) : 0);
+    }
+    return r & ((UINT64_C(1) << 53) - 1);
+}
+
+static int bit_at(const uint32_t *d, int32_t pos)
+{
+    return pos >= 0 && ((d[pos >> 5] >> (pos & 31)) & 1);
+}
+
+/* Any bit set in [0, pos)? */
+static int sticky_below(const uint32_t *d, int32_t pos)
+{
+    if (pos <= 0) return 0;
+    int32_t i = pos >> 5, o = pos & 31;
+    for (int32_t j = 0; j < i; j++)
+        if (d[j]) return 1;
+    return o && (d[i] & ((UINT32_C(1) << o) - 1)) != 0;
+}
+
+double sbx_round(const int64_t *acc, sbx_format f)
+{
+    int32_t nd = f.ndigits;
+    int64_t nan = acc[nd], pinf = acc[nd + 1], ninf = acc[nd + 2];
+    uint64_t out;
+    if (nan || (pinf && ninf)) {
+        out = UINT64_C(0x7FF8000000000000);
+        double r;
+        memcpy(&r, &out, sizeof r);
+        return r;
+    }
+    if (pinf || ninf) {
+        out = UINT64_C(0x7FF0000000000000) | (ninf ? UINT64_C(1) << 63 : 0);
+        double r;
+        memcpy(&r, &out, sizeof r);
+        return r;
+    }
+
+    int64_t t[64];
+    memcpy(t, acc, (size_t)nd * sizeof *t);
+    sbx_normalize(t, f);
+    uint64_t sign = 0;
+    if (t[nd - 1] < 0) {
+        /* Negate the value digit-wise; the re-normalized top digit is then >= 0.
+         * No digit is INT64_MIN here: low digits are < 2^32 and a top digit of
+         * -2^63 would mean a sum of about 2^(63 + W) deposits' worth. */
+        sign = UINT64_C(1) << 63;
+        for (int32_t i = 0; i < nd; i++) t[i] = -t[i];
+        sbx_normalize(t, f);
+    }
+
+    /* Magnitude as uint32 digits: the top int64 digit (< 2^63) takes two. */
+    uint32_t d[64 + 2 + 3] = {0};
+    for (int32_t i = 0; i < nd - 1; i++) d[i] = (uint32_t)t[i];
+    d[nd - 1] = (uint32_t)((uint64_t)t[nd - 1] & SBX_MASK32);
+    d[nd] = (uint32_t)((uint64_t)t[nd - 1] >> 32);
+    int32_t h = nd;
+    while (h >= 0 && d[h] == 0) h--;
+    if (h < 0) {
+        out = sign; /* exact zero: +0 (a negated zero never occurs: t[nd-1] < 0 above) */
+        double r;
+        memcpy(&r, &out, sizeof r);
+        return r;
+    }
+    int32_t p = 32 * h + 31 - __builtin_clz(d[h]); /* msb position */
+    if ((int64_t)p + f.lsb_exp > 1023) {
+        out = sign | UINT64_C(0x7FF0000000000000);
+    } else {
+        /* Lowest kept bit: 53 significant bits, but never below 2^-1074. */
+        int32_t pos = p - 52;
+        if (pos < -1074 - f.lsb_exp) pos = -1074 - f.lsb_exp;
+        uint64_t m = bits53_at(d, pos);
+        if (bit_at(d, pos - 1) && ((m & 1) || sticky_below(d, pos - 1))) m += 1;
+        /* m * 2^E with E = pos + lsb >= -1074 and m <= 2^53. For m in [2^52, 2^53]
+         * adding m to (E + 1074) << 52 yields the biased exponent E + 1075 with the
+         * hidden bit folded in (also when rounding carried to 2^53); for m < 2^52,
+         * E = -1074 and m is the subnormal encoding itself. Overflow lands on the
+         * Inf pattern or beyond. */
+        out = ((uint64_t)(int64_t)(pos + f.lsb_exp + 1074) << 52) + m;
+        if (out >= UINT64_C(0x7FF0000000000000)) out = UINT64_C(0x7FF0000000000000);
+        out |= sign;
+    }
+    double r;
+    memcpy(&r, &out, sizeof r);
+    return r;
+}

@@ -1,0 +1,814 @@
+/*
+ * test_exactsum.c - Check suite for the exact accumulator (src/exactsum.c), run at
+ * 1..4 MPI ranks.
+ *
+ * Every expected value comes from an INDEPENDENT reference, never from the code under
+ * test: (a) __int128 sums of integers times 2^k, converted by the compiler's
+ * (correctly rounded) __int128 -> double conversion; (b) a test-local two's-complement
+ * big integer fed through frexp, converted by the hardware uint64 -> double conversion
+ * with a sticky bit; (c) hand-written literals for ties, windows and specials.
+ *
+ * `test_exactsum --bench` prints ns/deposit for sbx_add and sbx_add_floats instead.
+ */
+#include "exactsum.h"
+
+#include <check.h>
+#include <float.h>
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int g_rank = 0, g_size = 1;
+
+/* Formats beyond the library's two, to reach the edges of the double range. */
+#define FMT_WIDE ((sbx_format){.lsb_exp = -64, .ndigits = 40})   /* [2^-64, 2^1184) */
+#define FMT_SUB ((sbx_format){.lsb_exp = -1088, .ndigits = 8})   /* subnormals */
+#define FMT_SUBR ((sbx_format){.lsb_exp = -1056, .ndigits = 4})  /* rounds subnormals */
+#define FMT_TINY ((sbx_format){.lsb_exp = 0, .ndigits = 2})      /* [1, 2^32) */
+#define MAXW 67
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint64_t rng_next(uint64_t *s) /* splitmix64 */
+{
+    uint64_t z = (*s += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+static int64_t rng_range(uint64_t *s, int64_t lo, int64_t hi) /* [lo, hi] */
+{
+    return lo + (int64_t)(rng_next(s) % (uint64_t)(hi - lo + 1));
+}
+static uint64_t dbits(double x)
+{
+    uint64_t b;
+    memcpy(&b, &x, sizeof b);
+    return b;
+}
+#define ASSERT_SAME(got, want)                                                            \
+    ck_assert_msg(dbits(got) == dbits(want), "got %a (%.17g), want %a (%.17g)", (got), (got), \
+                  (want), (want))
+
+/* Random double m * 2^q with m < 2^53, q in [qlo, qhi], random sign: a multiple of
+ * 2^qlo, below 2^(qhi + 53). */
+static double rand_dyadic(uint64_t *s, int qlo, int qhi)
+{
+    int bits = (int)rng_range(s, 1, 53);
+    uint64_t m = rng_next(s) >> (64 - bits);
+    double x = ldexp((double)m, (int)rng_range(s, qlo, qhi));
+    return (rng_next(s) & 1) ? -x : x;
+}
+
+static double sum_with(sbx_format f, const double *v, int64_t n)
+{
+    int64_t acc[MAXW];
+    sbx_zero(acc, f);
+    for (int64_t i = 0; i < n; i++) sbx_add(acc, f, v[i]);
+    return sbx_round(acc, f);
+}
+
+static void shuffle(double *v, int64_t n, uint64_t *s)
+{
+    for (int64_t i = n - 1; i > 0; i--) {
+        int64_t j = rng_range(s, 0, i);
+        double t = v[i];
+        v[i] = v[j];
+        v[j] = t;
+    }
+}
+
+/* ------------------------------------------- reference big integer (independent) */
+
+/* Two's complement, REF_N uint32 words, bit 0 weighs 2^REF_LSB. */
+#define REF_N 84
+#define REF_LSB (-1280)
+typedef struct {
+    uint32_t w[REF_N];
+} ref_t;
+
+static void ref_add(ref_t *r, double x)
+{
+    if (x == 0) return;
+    int ex;
+    double fr = frexp(fabs(x), &ex);
+    uint64_t m = (uint64_t)ldexp(fr, 53); /* exact: fr has at most 53 bits */
+    int pos = ex - 53 - REF_LSB;
+    ck_assert(pos >= 0);
+    /* Spread m << pos over words, then add or subtract with a running carry. */
+    uint32_t part[REF_N] = {0};
+    for (int b = 0; b < 53; b++)
+        if ((m >> b) & 1) part[(pos + b) / 32] |= UINT32_C(1) << ((pos + b) % 32);
+    if (x > 0) {
+        uint64_t c = 0;
+        for (int i = 0; i < REF_N; i++) {
+            uint64_t t = (uint64_t)r->w[i] + part[i] + c;
+            r->w[i] = (uint32_t)t;
+            c = t >> 32;
+        }
+    } else {
+        int64_t b = 0;
+        for (int i = 0; i < REF_N; i++) {
+            int64_t t = (int64_t)r->w[i] - part[i] - b;
+            b = t < 0;
+            r->w[i] = (uint32_t)(t + (b ? (INT64_C(1) << 32) : 0));
+        }
+    }
+}
+
+/* Rounds to double via the hardware uint64 -> double conversion: the top 64 bits with
+ * every lower bit ORed into bit 0 round exactly like the full number. Valid when the
+ * result is normal, zero or overflows (ldexp then scales exactly or overflows). */
+static double ref_round(const ref_t *r0)
+{
+    ref_t r = *r0;
+    int neg = (r.w[REF_N - 1] >> 31) & 1;
+    if (neg) { /* negate: invert and add one */
+        uint64_t c = 1;
+        for (int i = 0; i < REF_N; i++) {
+            uint64_t t = (uint64_t)(uint32_t)~r.w[i] + c;
+            r.w[i] = (uint32_t)t;
+            c = t >> 32;
+        }
+    }
+    int p = -1;
+    for (int i = REF_N * 32 - 1; i >= 0; i--)
+        if ((r.w[i / 32] >> (i % 32)) & 1) {
+            p = i;
+            break;
+        }
+    if (p < 0) return 0.0;
+    int lo = p >= 63 ? p - 63 : 0;
+    uint64_t u = 0;
+    for (int i = lo; i <= p; i++) u |= (uint64_t)((r.w[i / 32] >> (i % 32)) & 1) << (i - lo);
+    for (int i = 0; i < lo; i++)
+        if ((r.w[i / 32] >> (i % 32)) & 1) {
+            u |= 1;
+            break;
+        }
+    double x = ldexp((double)u, lo + REF_LSB);
+    ck_assert_msg(x == 0 || isinf(x) || fabs(x) >= DBL_MIN, "reference used outside its range");
+    return neg ? -x : x;
+}
+
+static double ref_sum(const double *v, int64_t n)
+{
+    ref_t r;
+    memset(&r, 0, sizeof r);
+    for (int64_t i = 0; i < n; i++) ref_add(&r, v[i]);
+    return ref_round(&r);
+}
+
+/* ---------------------------------------------------------------- local tests */
+
+START_TEST(test_zero_and_simple)
+{
+    int64_t acc[MAXW];
+    sbx_zero(acc, SBX_LINEAR);
+    ASSERT_SAME(sbx_round(acc, SBX_LINEAR), 0.0);
+    sbx_add(acc, SBX_LINEAR, -0.0);
+    ASSERT_SAME(sbx_round(acc, SBX_LINEAR), 0.0);
+    sbx_add(acc, SBX_LINEAR, 1.5);
+    sbx_add(acc, SBX_LINEAR, -2.25);
+    ASSERT_SAME(sbx_round(acc, SBX_LINEAR), -0.75);
+    sbx_add(acc, SBX_LINEAR, 0.75);
+    ASSERT_SAME(sbx_round(acc, SBX_LINEAR), 0.0); /* exact zero is +0 */
+    for (int i = 0; i < 10; i++) sbx_add(acc, SBX_LINEAR, 0.1);
+    ASSERT_SAME(sbx_round(acc, SBX_LINEAR), 0x1.0000000000000p0); /* 10 * fl(0.1) rounds to 1 */
+    for (int i = 0; i < SBX_SPECIALS; i++) ck_assert_int_eq(acc[SBX_LINEAR.ndigits + i], 0);
+}
+END_TEST
+
+/* Integers times 2^k with k in [kmin, kmin + 60]: the exact sum in units of 2^kmin fits
+ * an __int128; converting that is correctly rounded and scaling by 2^kmin is exact. */
+static void check_int128(sbx_format f, int kmin, uint64_t seed, int n)
+{
+    uint64_t s = seed;
+    double *v = malloc(sizeof(double) * (size_t)n);
+    __int128 S = 0;
+    for (int i = 0; i < n; i++) {
+        int64_t a = (int64_t)(rng_next(&s) >> 11) - (INT64_C(1) << 52); /* |a| <= 2^52 */
+        int k = (int)rng_range(&s, 0, 60);
+        if (i % 7 == 0) k = 0; /* plenty of low-order bits */
+        v[i] = ldexp((double)a, kmin + k);
+        S += (__int128)a << k;
+    }
+    double want = (double)S * ldexp(1.0, kmin);
+    ASSERT_SAME(sum_with(f, v, n), want);
+    ASSERT_SAME(ref_sum(v, n), want); /* the two references agree */
+    free(v);
+}
+
+START_TEST(test_exact_int128)
+{
+    for (int rep = 0; rep < 20; rep++) {
+        check_int128(SBX_LINEAR, -160, 100 + rep, 1 + rep * 200);
+        check_int128(SBX_LINEAR, -10, 200 + rep, 1 + rep * 200);
+        check_int128(SBX_QUADRATIC, -320, 300 + rep, 1 + rep * 200);
+        check_int128(FMT_WIDE, 900, 400 + rep, 1 + rep * 200);
+    }
+}
+END_TEST
+
+/* Wide dynamic range (the whole window at once) against the big-integer reference. */
+START_TEST(test_exact_bigint)
+{
+    struct {
+        sbx_format f;
+        int qlo, qhi;
+    } cases[] = {
+        {SBX_LINEAR, -160, 192 - 53},
+        {SBX_QUADRATIC, -320, 352 - 53},
+        {FMT_WIDE, -64, 1023 - 52},
+    };
+    uint64_t s = 7;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int rep = 0; rep < 30; rep++) {
+            int n = 1 + (int)rng_range(&s, 0, 3000);
+            double *v = malloc(sizeof(double) * (size_t)n);
+            for (int i = 0; i < n; i++) v[i] = rand_dyadic(&s, cases[c].qlo, cases[c].qhi);
+            /* Cancel most large terms so the result lands anywhere in the window. */
+            if (rep % 2)
+                for (int i = 1; i < n; i += 2)
+                    if (rng_next(&s) % 8) v[i] = -v[i - 1];
+            ASSERT_SAME(sum_with(cases[c].f, v, n), ref_sum(v, n));
+            free(v);
+        }
+}
+END_TEST
+
+START_TEST(test_cancellation)
+{
+    double a[] = {1e300, 1.0, -1e300};
+    ASSERT_SAME(sum_with(FMT_WIDE, a, 3), 1.0);
+    double b[] = {1e300, 0x1p-60, -1e300};
+    ASSERT_SAME(sum_with(FMT_WIDE, b, 3), 0x1p-60);
+    double c[] = {1e300, 1e300, 3.5, -1e300, -1e300, -3.0};
+    ASSERT_SAME(sum_with(FMT_WIDE, c, 6), 0.5);
+    double d[] = {0x1p190, 0x1p-160, -0x1p190};
+    ASSERT_SAME(sum_with(SBX_LINEAR, d, 3), 0x1p-160);
+    double e[] = {0x1p350, -0x1p-320, -0x1p350};
+    ASSERT_SAME(sum_with(SBX_QUADRATIC, e, 3), -0x1p-320);
+
+    /* Many tiny values between huge ones that cancel. */
+    uint64_t s = 11;
+    int n = 5001;
+    double *v = malloc(sizeof(double) * (size_t)n);
+    v[0] = 1e300;
+    for (int i = 1; i < n - 1; i++) v[i] = rand_dyadic(&s, -64, -20);
+    v[n - 1] = -1e300;
+    double want = ref_sum(v + 1, n - 2);
+    ck_assert(want != 0);
+    ASSERT_SAME(sum_with(FMT_WIDE, v, n), want);
+    shuffle(v, n, &s);
+    ASSERT_SAME(sum_with(FMT_WIDE, v, n), want);
+    free(v);
+}
+END_TEST
+
+/* Exactly halfway cases round to even, in both directions and both signs; one bit of
+ * sticky far below decides otherwise. */
+START_TEST(test_ties)
+{
+    sbx_format f = SBX_LINEAR;
+    struct {
+        double a, b, c, want;
+    } t[] = {
+        {1.0, 0x1p-53, 0, 1.0},                                      /* tie, even below */
+        {1.0, 0x1p-53, 0x1p-150, 0x1.0000000000001p0},               /* above the tie */
+        {1.0, 0x1p-53, -0x1p-150, 1.0},                              /* below the tie */
+        {0x1.0000000000001p0, 0x1p-53, 0, 0x1.0000000000002p0},      /* tie, odd: up */
+        {1.0, 0x1.8p-52, 0, 0x1.0000000000002p0},                    /* 1.5 ulp: up to even */
+        {-1.0, -0x1p-53, 0, -1.0},                                   /* negative tie */
+        {-0x1.0000000000001p0, -0x1p-53, 0, -0x1.0000000000002p0},   /* negative, odd */
+        {-1.0, -0x1p-53, -0x1p-160, -0x1.0000000000001p0},           /* lsb as sticky */
+        {0x1p100, 0x1p47, 0, 0x1p100},                               /* tie at a digit edge */
+        {0x1p100, 0x1p47, 0x1p-100, 0x1.0000000000001p100},
+        {0x1p100, 0x1.8p48, 0, 0x1.0000000000002p100},
+        {0x1p100, -0x1p46, 0, 0x1p100},                              /* tie below 2^100 */
+        {0x1p100, -0x1p46, -0x1p-160, 0x1.fffffffffffffp99},
+        {0x1p64, 0x1p11, 0, 0x1p64},                                 /* round bit = bit 32k-1 */
+        {0x1p64, 0x1p11, 0x1p-31, 0x1.0000000000001p64},
+    };
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        double v[3] = {t[i].a, t[i].b, t[i].c};
+        ASSERT_SAME(sum_with(f, v, 3), t[i].want);
+        double w[3] = {t[i].c, t[i].b, t[i].a};
+        ASSERT_SAME(sum_with(f, w, 3), t[i].want);
+        ASSERT_SAME(ref_sum(v, 3), t[i].want); /* sanity of the reference */
+    }
+    /* Random ties: x (53 bits) plus half its ulp, with or without a low sticky. */
+    uint64_t s = 5;
+    for (int r = 0; r < 2000; r++) {
+        double x = rand_dyadic(&s, -100, 100);
+        if (x == 0) continue;
+        int ex;
+        frexp(x, &ex);
+        double half = copysign(ldexp(1.0, ex - 54), x); /* half an ulp of x */
+        double sticky = (r & 1) ? copysign(0x1p-160, (r & 2) ? x : -x) : 0;
+        double v[3] = {x, half, sticky};
+        double want = ref_sum(v, 3);
+        ASSERT_SAME(sum_with(f, v, 3), want);
+        /* Independent check of the tie rule itself. */
+        if (sticky == 0) {
+            uint64_t b = dbits(x);
+            ASSERT_SAME(want, (b & 1) ? nextafter(x, 2 * x) : x);
+        }
+    }
+}
+END_TEST
+
+START_TEST(test_subnormal_results)
+{
+    sbx_format f = FMT_SUB;
+    double a[] = {0x1p-1000, 0x1p-1074, -0x1p-1000};
+    ASSERT_SAME(sum_with(f, a, 3), 0x1p-1074);
+    double b[] = {0x1.0000000000001p-1022, -0x1p-1022};
+    ASSERT_SAME(sum_with(f, b, 2), 0x1p-1074);
+    double c[] = {-0x1p-1022, 0x1p-1074};
+    ASSERT_SAME(sum_with(f, c, 2), -0x0.fffffffffffffp-1022);
+    double d[] = {0x0.fffffffffffffp-1022, 0x1p-1074};
+    ASSERT_SAME(sum_with(f, d, 2), 0x1p-1022); /* subnormal + subnormal = normal */
+
+    /* Random denormal inputs (and some normals): multiples of 2^-1074, exact sums. */
+    uint64_t s = 17;
+    for (int rep = 0; rep < 50; rep++) {
+        int n = 1 + (int)rng_range(&s, 0, 1000);
+        double *v = malloc(sizeof(double) * (size_t)n);
+        __int128 S = 0;
+        for (int i = 0; i < n; i++) {
+            int64_t m = (int64_t)(rng_next(&s) >> (rep % 2 ? 12 : 40));
+            if (rng_next(&s) & 1) m = -m;
+            int k = (rep % 3 == 0) ? (int)rng_range(&s, 0, 40) : 0;
+            v[i] = ldexp((double)m, -1074 + k); /* denormal when k == 0 and |m| < 2^52 */
+            S += (__int128)m << k;
+        }
+        ASSERT_SAME(sum_with(f, v, n), (double)S * 0x1p-1074);
+        free(v);
+    }
+}
+END_TEST
+
+START_TEST(test_overflow)
+{
+    sbx_format f = FMT_WIDE;
+    double a[] = {DBL_MAX, DBL_MAX};
+    ASSERT_SAME(sum_with(f, a, 2), INFINITY);
+    double b[] = {-DBL_MAX, -DBL_MAX};
+    ASSERT_SAME(sum_with(f, b, 2), -INFINITY);
+    double c[] = {DBL_MAX, 0x1p970}; /* exactly half an ulp, DBL_MAX odd: up to Inf */
+    ASSERT_SAME(sum_with(f, c, 2), INFINITY);
+    double d[] = {DBL_MAX, 0x1.fffffffffffffp969}; /* just below half an ulp */
+    ASSERT_SAME(sum_with(f, d, 2), DBL_MAX);
+    double e[] = {-DBL_MAX, -0x1p970, 0x1p-64};
+    ASSERT_SAME(sum_with(f, e, 3), -DBL_MAX);
+    double g[] = {DBL_MAX, DBL_MAX, -DBL_MAX}; /* overflowing intermediate is harmless */
+    ASSERT_SAME(sum_with(f, g, 3), DBL_MAX);
+    double h[] = {0x1p1023, 0x1p1023, 0x1p1023, -0x1p1023, -0x1p1023, 0x1p-60};
+    ASSERT_SAME(sum_with(f, h, 6), 0x1p1023);
+    int64_t acc[MAXW];
+    sbx_zero(acc, f);
+    for (int i = 0; i < 1000; i++) sbx_add(acc, f, DBL_MAX);
+    ASSERT_SAME(sbx_round(acc, f), INFINITY);
+    for (int i = 0; i < 1000; i++) sbx_add(acc, f, -DBL_MAX);
+    ASSERT_SAME(sbx_round(acc, f), 0.0);
+    for (int i = 0; i < 3; i++) ck_assert_int_eq(acc[f.ndigits + i], 0); /* not specials */
+}
+END_TEST
+
+START_TEST(test_specials)
+{
+    sbx_format f = SBX_LINEAR;
+    int nd = f.ndigits;
+    int64_t acc[MAXW];
+    sbx_zero(acc, f);
+    sbx_add(acc, f, 1.0);
+    sbx_add(acc, f, INFINITY);
+    ASSERT_SAME(sbx_round(acc, f), INFINITY);
+    sbx_add(acc, f, INFINITY);
+    ck_assert_int_eq(acc[nd + 1], 2);
+    sbx_add(acc, f, -INFINITY);
+    ck_assert_int_eq(acc[nd + 2], 1);
+    ck_assert(isnan(sbx_round(acc, f)));
+
+    sbx_zero(acc, f);
+    sbx_add(acc, f, -INFINITY);
+    ASSERT_SAME(sbx_round(acc, f), -INFINITY);
+    sbx_add(acc, f, NAN);
+    sbx_add(acc, f, -NAN);
+    ck_assert_int_eq(acc[nd], 2);
+    ck_assert(isnan(sbx_round(acc, f)));
+
+    /* Out of window: rounded magnitude >= 2^192 for SBX_LINEAR counts as +-Inf. */
+    sbx_zero(acc, f);
+    sbx_add(acc, f, 0x1.fffffffffffffp191);
+    ASSERT_SAME(sbx_round(acc, f), 0x1.fffffffffffffp191);
+    sbx_add(acc, f, -0x1.fffffffffffffp191);
+    sbx_add(acc, f, 0x1p192);
+    ck_assert_int_eq(acc[nd + 1], 1);
+    ASSERT_SAME(sbx_round(acc, f), INFINITY);
+    sbx_zero(acc, f);
+    sbx_add(acc, f, -1e300);
+    sbx_add(acc, f, -DBL_MAX);
+    ck_assert_int_eq(acc[nd + 2], 2);
+    ASSERT_SAME(sbx_round(acc, f), -INFINITY);
+    float big[2] = {0x1p127f, -0x1.fffffep127f}; /* all floats are in SBX_LINEAR's window */
+    sbx_zero(acc, f);
+    sbx_add_floats(acc, f, big, 2);
+    ASSERT_SAME(sbx_round(acc, f), -0x1.fffffcp126);
+
+    /* Rounding pushes a value out of the window: 2^32 - 0.5 -> 2^32 (tie to even). */
+    sbx_format t = FMT_TINY;
+    sbx_zero(acc, t);
+    sbx_add(acc, t, 4294967294.5); /* -> 4294967294, fits */
+    ASSERT_SAME(sbx_round(acc, t), 4294967294.0);
+    sbx_add(acc, t, -4294967295.5); /* -> -4294967296, out */
+    ck_assert_int_eq(acc[t.ndigits + 2], 1);
+    ck_assert_int_eq(acc[t.ndigits + 1], 0);
+    ASSERT_SAME(sbx_round(acc, t), -INFINITY);
+}
+END_TEST
+
+/* Deposits are rounded to a multiple of 2^lsb_exp, to nearest, ties to even. */
+START_TEST(test_deposit_rounding)
+{
+    sbx_format f = SBX_LINEAR; /* unit u = 2^-160 */
+    struct {
+        double in, want;
+    } t[] = {
+        {0x1p-161, 0},                       /* 0.5 u -> 0 (even) */
+        {0x1.0000000000001p-161, 0x1p-160},  /* just above half */
+        {0x1.8p-161, 0x1p-160},              /* 0.75 u */
+        {0x1.8p-160, 0x1p-159},              /* 1.5 u -> 2 u */
+        {0x1.4p-159, 0x1p-159},              /* 2.5 u -> 2 u */
+        {0x1.cp-159, 0x1p-158},              /* 3.5 u -> 4 u */
+        {-0x1.8p-160, -0x1p-159},
+        {-0x1.4p-159, -0x1p-159},
+        {0x1p-200, 0},
+        {0x1p-1074, 0},                      /* denormals vanish in this window */
+        {-0x0.fffffffffffffp-1022, 0},
+        {0x1.0000000000001p-108, 0x1.0000000000001p-108}, /* ulp = u: exact */
+        {0x1.0000000000001p-109, 0x1p-109},  /* 53-bit value, half u below: tie */
+        {0x1.0000000000003p-109, 0x1.0000000000004p-109},
+    };
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        ASSERT_SAME(sum_with(f, &t[i].in, 1), t[i].want);
+        double pair[2] = {t[i].in, 1.0}; /* rounding is per deposit, not of the sum */
+        double w[2] = {t[i].want, 1.0};
+        ASSERT_SAME(sum_with(f, pair, 2), ref_sum(w, 2));
+    }
+    /* Denormal inputs in a window that ends above 2^-1074: u = 2^-1056. */
+    sbx_format g = FMT_SUBR;
+    struct {
+        double in, want;
+    } d[] = {
+        {0x1p-1057, 0}, {0x1.8p-1057, 0x1p-1056}, {0x1.8p-1056, 0x1p-1055},
+        {0x1p-1074, 0}, {-0x1.4p-1055, -0x1p-1055}, {0x1.000008p-1050, 0x1p-1050},
+    };
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) ASSERT_SAME(sum_with(g, &d[i].in, 1), d[i].want);
+    /* Many sub-unit deposits do not add up: rounding is a function of the value. */
+    int64_t acc[MAXW];
+    sbx_zero(acc, f);
+    for (int i = 0; i < 1000; i++) sbx_add(acc, f, 0x1p-161);
+    ASSERT_SAME(sbx_round(acc, f), 0.0);
+}
+END_TEST
+
+START_TEST(test_float_denormals)
+{
+    uint64_t s = 23;
+    for (int rep = 0; rep < 50; rep++) {
+        int n = 1 + (int)rng_range(&s, 0, 2000);
+        float *v = malloc(sizeof(float) * (size_t)n);
+        __int128 S = 0;
+        for (int i = 0; i < n; i++) {
+            int32_t m = (int32_t)(rng_next(&s) >> 41); /* < 2^23: denormal */
+            int k = (rep % 2) ? (int)rng_range(&s, 0, 60) : 0;
+            if (rng_next(&s) & 1) m = -m;
+            v[i] = (float)ldexp((double)m, -149 + k);
+            S += (__int128)m << k;
+        }
+        double want = (double)S * 0x1p-149;
+        int64_t a[MAXW], b[MAXW];
+        sbx_zero(a, SBX_LINEAR);
+        sbx_zero(b, SBX_LINEAR);
+        sbx_add_floats(a, SBX_LINEAR, v, n);
+        for (int i = 0; i < n; i++) sbx_add(b, SBX_LINEAR, v[i]);
+        ASSERT_SAME(sbx_round(a, SBX_LINEAR), want);
+        ASSERT_SAME(sbx_round(b, SBX_LINEAR), want);
+        free(v);
+    }
+}
+END_TEST
+
+/* Mixed magnitudes, including values that get rounded on deposit. */
+static double mixed_value(uint64_t *s)
+{
+    switch (rng_next(s) % 4) {
+    case 0: return rand_dyadic(s, -220, 100);
+    case 1: return (double)(float)rand_dyadic(s, -149, 60);
+    case 2: return (double)rng_range(s, -1000, 1000) * 0.1;
+    default: return ldexp((double)(rng_next(s) >> 11), (int)rng_range(s, -170, 80)) * ((rng_next(s) & 1) ? 1 : -1);
+    }
+}
+
+START_TEST(test_order_independence)
+{
+    sbx_format fs[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    uint64_t s = 31;
+    for (int fi = 0; fi < 2; fi++) {
+        sbx_format f = fs[fi];
+        int64_t w = sbx_words(f);
+        int n = 20000;
+        double *v = malloc(sizeof(double) * (size_t)n);
+        for (int i = 0; i < n; i++) v[i] = mixed_value(&s);
+        int64_t base[MAXW];
+        sbx_zero(base, f);
+        for (int i = 0; i < n; i++) sbx_add(base, f, v[i]);
+        sbx_normalize(base, f);
+        double want = sbx_round(base, f);
+        for (int rep = 0; rep < 6; rep++) {
+            shuffle(v, n, &s);
+            int k = 1 + rep; /* regroup into k accumulators, merged in scrambled order */
+            int64_t(*accs)[MAXW] = malloc(sizeof *accs * (size_t)k);
+            for (int j = 0; j < k; j++) sbx_zero(accs[j], f);
+            for (int i = 0; i < n; i++) sbx_add(accs[rng_range(&s, 0, k - 1)], f, v[i]);
+            for (int j = k - 1; j > 0; j--) {
+                sbx_normalize(accs[j], f);
+                sbx_normalize(accs[j - 1], f);
+                sbx_merge(accs[j - 1], accs[j], f);
+            }
+            sbx_normalize(accs[0], f);
+            ck_assert(memcmp(accs[0], base, sizeof(int64_t) * (size_t)w) == 0);
+            ASSERT_SAME(sbx_round(accs[0], f), want);
+            free(accs);
+        }
+        free(v);
+    }
+}
+END_TEST
+
+START_TEST(test_add_floats_equals_add)
+{
+    sbx_format fs[] = {SBX_LINEAR, SBX_QUADRATIC, {.lsb_exp = -128, .ndigits = 6},
+                       {.lsb_exp = -192, .ndigits = 4}, FMT_TINY};
+    uint64_t s = 41;
+    int n = 50000;
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (size_t fi = 0; fi < sizeof fs / sizeof fs[0]; fi++) {
+        for (int i = 0; i < n; i++) {
+            uint32_t b = (uint32_t)rng_next(&s); /* every class: NaN, Inf, denormal, ... */
+            if (i % 3 == 0) b = (b & 0x807FFFFFu) | ((uint32_t)rng_range(&s, 90, 160) << 23);
+            memcpy(&v[i], &b, sizeof b);
+        }
+        sbx_format f = fs[fi];
+        int64_t a[MAXW], b[MAXW];
+        sbx_zero(a, f);
+        sbx_zero(b, f);
+        sbx_add_floats(a, f, v, n);
+        for (int i = 0; i < n; i++) sbx_add(b, f, (double)v[i]);
+        sbx_normalize(a, f);
+        sbx_normalize(b, f);
+        ck_assert_msg(memcmp(a, b, sizeof(int64_t) * (size_t)sbx_words(f)) == 0, "format %zu", fi);
+        ck_assert_int_gt(a[f.ndigits] + a[f.ndigits + 1] + a[f.ndigits + 2], 0);
+    }
+    free(v);
+}
+END_TEST
+
+/* 2^30 deposits of a value whose middle digit is 0xFFFFFFFF, normalize, 2^30 more:
+ * the documented limit must hold exactly (rank 0 only: it takes a few seconds). */
+START_TEST(test_normalize_contract)
+{
+    if (g_rank != 0) return;
+    sbx_format f = SBX_LINEAR;
+    double x = 0x1.fffffffffffffp-60; /* (2^53-1) * 2^-112: digits 1..3, digit 2 all ones */
+    int64_t a[MAXW], b[MAXW];
+    sbx_zero(a, f);
+    sbx_zero(b, f);
+    const int64_t N = INT64_C(1) << 30;
+    for (int64_t i = 0; i < N; i++) sbx_add(a, f, x);
+    ck_assert_int_eq(a[2], (INT64_C(1) << 30) * (int64_t)UINT32_MAX);
+    sbx_normalize(a, f);
+    ASSERT_SAME(sbx_round(a, f), x * 0x1p30);
+    for (int64_t i = 0; i < N; i++) sbx_add(a, f, -x);
+    ASSERT_SAME(sbx_round(a, f), 0.0);
+    for (int64_t i = 0; i < N; i++) sbx_add(b, f, -x);
+    ASSERT_SAME(sbx_round(b, f), -x * 0x1p30);
+    sbx_normalize(b, f);
+    sbx_merge(b, b, f); /* aliasing is fine word-wise */
+    ASSERT_SAME(sbx_round(b, f), -x * 0x1p31);
+}
+END_TEST
+
+START_TEST(test_round_unnormalized_const)
+{
+    uint64_t s = 53;
+    sbx_format f = SBX_QUADRATIC;
+    int64_t a[MAXW], c[MAXW];
+    sbx_zero(a, f);
+    for (int i = 0; i < 5000; i++) sbx_add(a, f, -fabs(mixed_value(&s)));
+    memcpy(c, a, sizeof a);
+    double r1 = sbx_round(a, f);
+    ck_assert(memcmp(a, c, sizeof a) == 0); /* const: untouched */
+    sbx_normalize(a, f);
+    ck_assert_int_lt(a[f.ndigits - 1], 0); /* the sign lives in the top digit */
+    for (int i = 0; i < f.ndigits - 1; i++) ck_assert(a[i] >= 0 && a[i] <= (int64_t)UINT32_MAX);
+    ASSERT_SAME(sbx_round(a, f), r1);
+    ck_assert(r1 < 0);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- MPI tests */
+
+/* The global multiset is the same on every rank; each element goes to one rank, by a
+ * rule that depends on the rank count; with 3+ ranks the last rank gets nothing. */
+static int owner_of(uint64_t i, int size)
+{
+    if (size == 1) return 0;
+    int usable = size >= 3 ? size - 1 : size;
+    uint64_t h = i * UINT64_C(0x9E3779B97F4A7C15) + (uint64_t)size * 1000003u;
+    h ^= h >> 29;
+    return (int)(h % (uint64_t)usable);
+}
+
+START_TEST(test_mpi_allreduce)
+{
+    enum { NACC = 3 };
+    sbx_format fs[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    for (int fi = 0; fi < 2; fi++) {
+        sbx_format f = fs[fi];
+        int64_t w = sbx_words(f);
+        int64_t accs[NACC * MAXW];
+        for (int c = 0; c < NACC; c++) sbx_zero(accs + c * w, f);
+        double want[NACC];
+        for (int c = 0; c < NACC; c++) {
+            int n = 3000 + 1000 * c;
+            double *v = malloc(sizeof(double) * (size_t)n);
+            uint64_t s = 1000 + (uint64_t)c; /* same on every rank */
+            int qlo = f.lsb_exp, qhi = f.lsb_exp + 32 * (f.ndigits - 1) - 53;
+            for (int i = 0; i < n; i++) v[i] = rand_dyadic(&s, qlo, qhi);
+            if (c == 1) /* heavy cancellation, result small */
+                for (int i = 1; i < n; i += 2) v[i] = -v[i - 1] * (i % 10 == 1 ? 1 + 0x1p-52 : 1);
+            if (c == 2) /* negative total: signed top digits summed over ranks */
+                for (int i = 0; i < n; i++) v[i] = -fabs(v[i]);
+            want[c] = ref_sum(v, n);
+            /* My share (owner is by index), deposited in a rank-dependent order. */
+            uint64_t ps = 77 + (uint64_t)g_rank;
+            int64_t *idx = malloc(sizeof(int64_t) * (size_t)n);
+            int m = 0;
+            for (int i = 0; i < n; i++)
+                if (owner_of((uint64_t)i, g_size) == g_rank) idx[m++] = i;
+            for (int i = m - 1; i > 0; i--) {
+                int64_t j = rng_range(&ps, 0, i), t = idx[i];
+                idx[i] = idx[j];
+                idx[j] = t;
+            }
+            for (int i = 0; i < m; i++) sbx_add(accs + c * w, f, v[idx[i]]);
+            free(idx);
+            free(v);
+        }
+        ck_assert_int_eq(sbx_allreduce(accs, NACC, f, MPI_COMM_WORLD), MPI_SUCCESS);
+        for (int c = 0; c < NACC; c++) {
+            ASSERT_SAME(sbx_round(accs + c * w, f), want[c]);
+            for (int i = 0; i < f.ndigits - 1; i++)
+                ck_assert(accs[c * w + i] >= 0 && accs[c * w + i] <= (int64_t)UINT32_MAX);
+        }
+        ck_assert(want[1] != 0 && fabs(want[1]) < fabs(want[0]));
+        ck_assert(want[2] < 0);
+    }
+}
+END_TEST
+
+/* Every rank deposits values with all-ones digits: the summed low digits approach
+ * P * 2^32 and must carry correctly. Plus specials summed over ranks. */
+START_TEST(test_mpi_carries_and_specials)
+{
+    sbx_format f = SBX_LINEAR;
+    int64_t w = sbx_words(f);
+    int64_t accs[2 * MAXW];
+    sbx_zero(accs, f);
+    sbx_zero(accs + w, f);
+    double x = 0x1.fffffffffffffp-60;
+    for (int i = 0; i < 1000; i++) sbx_add(accs, f, x);
+    sbx_add(accs, f, 0x1p-160);
+    if (g_rank == 0) sbx_add(accs + w, f, INFINITY);
+    if (g_rank == g_size - 1) sbx_add(accs + w, f, -INFINITY);
+    sbx_add(accs + w, f, 1.0);
+    ck_assert_int_eq(sbx_allreduce(accs, 2, f, MPI_COMM_WORLD), MPI_SUCCESS);
+    /* Independent reference: the same multiset through the big integer. */
+    ref_t r;
+    memset(&r, 0, sizeof r);
+    for (int p = 0; p < g_size; p++) {
+        for (int i = 0; i < 1000; i++) ref_add(&r, x);
+        ref_add(&r, 0x1p-160);
+    }
+    ASSERT_SAME(sbx_round(accs, f), ref_round(&r));
+    ck_assert_int_eq(accs[w + f.ndigits + 1], 1);
+    ck_assert_int_eq(accs[w + f.ndigits + 2], 1);
+    ck_assert(isnan(sbx_round(accs + w, f)));
+    /* count = 0 is a valid (empty) collective. */
+    ck_assert_int_eq(sbx_allreduce(accs, 0, f, MPI_COMM_WORLD), MPI_SUCCESS);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- bench + main */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int bench(void)
+{
+    enum { N = 1 << 20, REPS = 30 };
+    double *d = malloc(sizeof(double) * N);
+    float *fl = malloc(sizeof(float) * N);
+    uint64_t s = 99;
+    for (int i = 0; i < N; i++) { /* activations-like: roughly N(0, 1) magnitudes */
+        double u = (double)(rng_next(&s) >> 11) * 0x1p-53 + 0x1p-60;
+        double g = sqrt(-2 * log(u)) * cos(6.283185307179586 * (double)(rng_next(&s) >> 11) * 0x1p-53);
+        fl[i] = (float)g;
+        d[i] = g * (double)fl[i] * 0.5;
+    }
+    sbx_format f = SBX_LINEAR;
+    int64_t acc[MAXW];
+    double t_add[5], t_fl[5];
+    for (int run = 0; run < 5; run++) {
+        sbx_zero(acc, f);
+        double t0 = now_s();
+        for (int r = 0; r < REPS; r++) {
+            for (int i = 0; i < N; i++) sbx_add(acc, f, d[i]);
+            sbx_normalize(acc, f);
+        }
+        t_add[run] = (now_s() - t0) / ((double)N * REPS) * 1e9;
+        double keep = sbx_round(acc, f);
+        sbx_zero(acc, f);
+        t0 = now_s();
+        for (int r = 0; r < REPS; r++) {
+            sbx_add_floats(acc, f, fl, N);
+            sbx_normalize(acc, f);
+        }
+        t_fl[run] = (now_s() - t0) / ((double)N * REPS) * 1e9;
+        keep += sbx_round(acc, f);
+        printf("run %d: sbx_add %.3f ns/deposit, sbx_add_floats %.3f ns/deposit (%g)\n", run,
+               t_add[run], t_fl[run], keep);
+    }
+    free(d);
+    free(fl);
+    return 0;
+}
+
+static Suite *exactsum_suite(void)
+{
+    Suite *s = suite_create("exactsum");
+    TCase *tl = tcase_create("local");
+    tcase_set_timeout(tl, 120);
+    tcase_add_test(tl, test_zero_and_simple);
+    tcase_add_test(tl, test_exact_int128);
+    tcase_add_test(tl, test_exact_bigint);
+    tcase_add_test(tl, test_cancellation);
+    tcase_add_test(tl, test_ties);
+    tcase_add_test(tl, test_subnormal_results);
+    tcase_add_test(tl, test_overflow);
+    tcase_add_test(tl, test_specials);
+    tcase_add_test(tl, test_deposit_rounding);
+    tcase_add_test(tl, test_float_denormals);
+    tcase_add_test(tl, test_order_independence);
+    tcase_add_test(tl, test_add_floats_equals_add);
+    tcase_add_test(tl, test_round_unnormalized_const);
+    tcase_add_test(tl, test_normalize_contract);
+    suite_add_tcase(s, tl);
+    TCase *tm = tcase_create("mpi");
+    tcase_set_timeout(tm, 120);
+    tcase_add_test(tm, test_mpi_allreduce);
+    tcase_add_test(tm, test_mpi_carries_and_specials);
+    suite_add_tcase(s, tm);
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    if (argc > 1 && strcmp(argv[1], "--bench") == 0) {
+        if (g_rank == 0) bench();
+        MPI_Finalize();
+        return 0;
+    }
+    SRunner *sr = srunner_create(exactsum_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, g_rank == 0 ? CK_NORMAL : CK_SILENT);
+    int failed = srunner_ntests_failed(sr), any = 0;
+    srunner_free(sr);
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (failed) fprintf(stderr, "rank %d: %d test(s) failed\n", g_rank, failed);
+    MPI_Finalize();
+    return any ? 1 : 0;
+}
