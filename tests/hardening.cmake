@@ -1,0 +1,5 @@
+# Hardening (issue 6): checkpoints, misuse across ranks, fault scripts.
+# Checkpoints are not collective, but the layers between saves train collectively,
+# so the test also runs at 2 ranks (each rank in its own temporary directory).
+syncbn_add_check_exe(test_checkpoint SOURCES test_checkpoint.c testutil.c LIBS syncbn ZLIB::ZLIB)
+syncbn_add_mpi_test(checkpoint test_checkpoint RANKS 1 2 TIMEOUT 300)
