@@ -52,7 +52,7 @@ static inline void deposit3(int64_t *acc, uint64_t m, int32_t s, int64_t neg)
 
 /* Everything off the fast path: specials, values needing rounding to 2^lsb,
  * values near the top of the window, denormals near the edges. */
-static void add_slow(int64_t *acc, sbx_format f, uint64_t bits)
+__attribute__((noinline, cold)) static void add_slow(int64_t *acc, sbx_format f, uint64_t bits)
 {
     int64_t neg = -(int64_t)(bits >> 63);
     uint32_t e = (uint32_t)(bits >> 52) & 0x7FF;
@@ -87,9 +87,12 @@ void sbx_add(int64_t *acc, sbx_format f, double v)
     uint64_t bits;
     memcpy(&bits, &v, sizeof bits);
     uint32_t e = (uint32_t)(bits >> 52) & 0x7FF;
-    /* Fast path: a normal number that needs no rounding and fits entirely. */
     int32_t s = (int32_t)e - 1075 - f.lsb_exp;
-    if (e != 0 && e != 0x7FF && s >= 0 && s + 53 <= window_bits(f)) {
+    /* Fast path: a normal number (e - 1 < 0x7FE) that needs no rounding (s >= 0) and
+     * fits entirely (s + 53 <= W); the last two in one unsigned comparison, which is
+     * valid because W >= 53 is tested first (W is 32 for two-digit formats). */
+    int32_t room = window_bits(f) - 53;
+    if (e - 1 < 0x7FE && room >= 0 && (uint32_t)s <= (uint32_t)room) {
         uint64_t m = (bits & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52);
         deposit3(acc, m, s, -(int64_t)(bits >> 63));
         return;
@@ -97,24 +100,74 @@ void sbx_add(int64_t *acc, sbx_format f, double v)
     add_slow(acc, f, bits);
 }
 
+/* One float, directly into the digits. */
+static inline void add_float_direct(int64_t *acc, sbx_format f, uint32_t b)
+{
+    uint32_t e = (b >> 23) & 0xFF;
+    uint32_t m = (b & 0x7FFFFF) | (e ? 0x800000u : 0);
+    int32_t s = (int32_t)(e ? e : 1) - 150 - f.lsb_exp;
+    if (e != 0xFF && s >= 0 && s + 24 <= window_bits(f)) {
+        /* 24 mantissa bits + at most 31 bits of offset span at most 2 digits. */
+        int64_t neg = -(int64_t)(b >> 31);
+        int32_t k = s >> 5;
+        uint64_t x = (uint64_t)m << (s & 31);
+        acc[k] += ((int64_t)(x & SBX_MASK32) ^ neg) - neg;
+        acc[k + 1] += ((int64_t)(x >> 32) ^ neg) - neg;
+    } else {
+        float v;
+        memcpy(&v, &b, sizeof v);
+        sbx_add(acc, f, (double)v); /* exact widening */
+    }
+}
+
+/* Long arrays go through one int64 bin per float exponent (Neal's "large"
+ * accumulator, on the stack): one read-modify-write per float instead of two, and
+ * the bins are folded into the digits at the end of each chunk. A chunk holds at
+ * most 2^30 floats, so |bin| < 2^24 * 2^30 = 2^54 and a flushed bin adds less than
+ * 2^32 to each of the (at most 3) digits it overlaps - no more than the floats
+ * themselves would have, so the 2^30-deposit contract is unchanged. Exponents whose
+ * bin could reach the top of the window take the direct path. */
+#define SBX_BIN_MIN_N 2048
+#define SBX_BIN_CHUNK (INT64_C(1) << 30)
+
 void sbx_add_floats(int64_t *acc, sbx_format f, const float *v, int64_t n)
 {
-    const int32_t lsb = f.lsb_exp, wb = window_bits(f);
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, &v[i], sizeof b);
-        uint32_t e = (b >> 23) & 0xFF;
-        uint32_t m = (b & 0x7FFFFF) | (e ? 0x800000u : 0);
-        int32_t s = (int32_t)(e ? e : 1) - 150 - lsb;
-        if (e != 0xFF && s >= 0 && s + 24 <= wb) {
-            /* 24 mantissa bits + at most 31 bits of offset span at most 2 digits. */
-            int64_t neg = -(int64_t)(b >> 31);
-            int32_t k = s >> 5;
-            uint64_t x = (uint64_t)m << (s & 31);
-            acc[k] += ((int64_t)(x & SBX_MASK32) ^ neg) - neg;
-            acc[k + 1] += ((int64_t)(x >> 32) ^ neg) - neg;
-        } else {
-            sbx_add(acc, f, (double)v[i]); /* exact widening */
+    /* Bin e (e' = max(e, 1)) weighs 2^(e' - 150) = 2^(lsb + s): need s >= 0 and
+     * s + 54 <= window bits. */
+    int32_t elo = 150 + f.lsb_exp < 0 ? 0 : 150 + f.lsb_exp;
+    int32_t ehi = window_bits(f) - 54 + 150 + f.lsb_exp;
+    if (ehi > 254) ehi = 254;
+    if (n < SBX_BIN_MIN_N || ehi < elo) {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t b;
+            memcpy(&b, &v[i], sizeof b);
+            add_float_direct(acc, f, b);
+        }
+        return;
+    }
+    const uint32_t span = (uint32_t)(ehi - elo);
+    int64_t bins[256] = {0};
+    for (int64_t c0 = 0; c0 < n; c0 += SBX_BIN_CHUNK) {
+        int64_t c1 = n - c0 < SBX_BIN_CHUNK ? n : c0 + SBX_BIN_CHUNK;
+        for (int64_t i = c0; i < c1; i++) {
+            uint32_t b;
+            memcpy(&b, &v[i], sizeof b);
+            uint32_t e = (b >> 23) & 0xFF;
+            if (e - (uint32_t)elo <= span) {
+                int64_t neg = -(int64_t)(b >> 31);
+                int64_t m = (int64_t)((b & 0x7FFFFF) | (e ? 0x800000u : 0));
+                bins[e] += (m ^ neg) - neg;
+            } else {
+                add_float_direct(acc, f, b);
+            }
+        }
+        for (int32_t e = elo; e <= ehi; e++) {
+            int64_t x = bins[e];
+            if (!x) continue;
+            bins[e] = 0;
+            int32_t s = (e ? e : 1) - 150 - f.lsb_exp;
+            int64_t neg = x < 0 ? -1 : 0;
+            deposit3(acc, (uint64_t)((x ^ neg) - neg), s, neg);
         }
     }
 }
