@@ -575,7 +575,45 @@ START_TEST(test_add_floats_equals_add)
         sbx_normalize(b, f);
         ck_assert_msg(memcmp(a, b, sizeof(int64_t) * (size_t)sbx_words(f)) == 0, "format %zu", fi);
         ck_assert_int_gt(a[f.ndigits] + a[f.ndigits + 1] + a[f.ndigits + 2], 0);
+        /* Short arrays (direct path) and odd lengths, appended piecewise. */
+        int64_t lens[] = {0, 1, 7, 1000, 2047, 2048, 2049, 4097};
+        int64_t off = 0;
+        sbx_zero(a, f);
+        sbx_zero(b, f);
+        for (size_t j = 0; j < sizeof lens / sizeof lens[0]; j++) {
+            sbx_add_floats(a, f, v + off, lens[j]);
+            for (int64_t i = off; i < off + lens[j]; i++) sbx_add(b, f, (double)v[i]);
+            off += lens[j];
+        }
+        sbx_normalize(a, f);
+        sbx_normalize(b, f);
+        ck_assert_msg(memcmp(a, b, sizeof(int64_t) * (size_t)sbx_words(f)) == 0, "format %zu (pieces)", fi);
     }
+    free(v);
+}
+END_TEST
+
+/* Long runs of the largest floats of one exponent: a per-exponent bin grows far past
+ * 2^32 before it is folded into the digits. Exact expected values by construction. */
+START_TEST(test_add_floats_large_bins)
+{
+    sbx_format f = SBX_LINEAR;
+    int n = 1 << 20;
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (int i = 0; i < n; i++) v[i] = 0x1.fffffep127f;
+    int64_t a[MAXW];
+    sbx_zero(a, f);
+    sbx_add_floats(a, f, v, n);
+    ASSERT_SAME(sbx_round(a, f), 0x1.fffffep147); /* 2^20 * (2^24 - 1) * 2^104 */
+    for (int i = 0; i < n; i++) v[i] = (i % 3 == 0) ? -0x1.fffffep127f : 0x1.fffffep-126f;
+    sbx_add_floats(a, f, v, n);
+    /* 349526 negatives cancel part of the first run; 699050 small positives remain. */
+    double want[3] = {0x1.fffffep147, -349526.0 * 0x1.fffffep127, 699050.0 * 0x1.fffffep-126};
+    ASSERT_SAME(sbx_round(a, f), ref_sum(want, 3));
+    for (int i = 0; i < n; i++) v[i] = -0x1p-149f; /* denormal bin */
+    sbx_zero(a, f);
+    sbx_add_floats(a, f, v, n);
+    ASSERT_SAME(sbx_round(a, f), -0x1p-129);
     free(v);
 }
 END_TEST
@@ -781,6 +819,7 @@ static Suite *exactsum_suite(void)
     tcase_add_test(tl, test_float_denormals);
     tcase_add_test(tl, test_order_independence);
     tcase_add_test(tl, test_add_floats_equals_add);
+    tcase_add_test(tl, test_add_floats_large_bins);
     tcase_add_test(tl, test_round_unnormalized_const);
     tcase_add_test(tl, test_normalize_contract);
     suite_add_tcase(s, tl);
