@@ -1,5 +1,6 @@
 /*
  * moments.c - local BN kernels: per-channel sums, normalization, input gradient.
+ * (perf work in progress: issue 5, bench engineer; numerics unchanged by design.)
  *
  * Memory-bound by design: each kernel streams its inputs once. Inner loops keep
  * SBN_LANES independent double accumulators, written out explicitly so the compiler
