@@ -3,3 +3,7 @@
 # so the test also runs at 2 ranks (each rank in its own temporary directory).
 syncbn_add_check_exe(test_checkpoint SOURCES test_checkpoint.c testutil.c LIBS syncbn ZLIB::ZLIB)
 syncbn_add_mpi_test(checkpoint test_checkpoint RANKS 1 2 TIMEOUT 300)
+
+# Misuse: bad arguments on one rank, disagreeing ranks, out-of-step calls.
+syncbn_add_check_exe(test_misuse SOURCES test_misuse.c testutil.c LIBS syncbn)
+syncbn_add_mpi_test(misuse test_misuse RANKS 1 2 3 4 TIMEOUT 300)
