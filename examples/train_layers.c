@@ -82,7 +82,21 @@ void conv3x3_backward(float *dw, float *dx, float *dcol, const float *dy, const 
     }
 }
 
-void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W) {
+// The window max and the index of its first occurrence; selects, not branches.
+static inline float max4(const float *r0, const float *r1, int ox, uint8_t *k) {
+    float m = r0[2 * ox];
+    int a = 0;
+    float v = r0[2 * ox + 1];
+    a = v > m ? 1 : a; m = v > m ? v : m;
+    v = r1[2 * ox];
+    a = v > m ? 2 : a; m = v > m ? v : m;
+    v = r1[2 * ox + 1];
+    a = v > m ? 3 : a; m = v > m ? v : m;
+    *k = (uint8_t)a;
+    return m;
+}
+
+static void pool_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W, int relu) {
     int Ho = H / 2, Wo = W / 2;
     for (int c = 0; c < C; c++) {
         for (int oy = 0; oy < Ho; oy++) {
@@ -91,32 +105,47 @@ void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int 
             float *yo = y + ((int64_t)c * Ho + oy) * Wo;
             uint8_t *ao = arg + ((int64_t)c * Ho + oy) * Wo;
             for (int ox = 0; ox < Wo; ox++) {
-                float v[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
-                int best = 0;
-                for (int k = 1; k < 4; k++)
-                    if (v[k] > v[best]) best = k;
-                yo[ox] = v[best];
-                ao[ox] = (uint8_t)best;
+                float m = max4(r0, r1, ox, &ao[ox]);
+                // relu(max) = max(relu): negative windows give 0 and pass no gradient
+                yo[ox] = relu && !(m > 0.0f) ? 0.0f : m;
             }
         }
     }
 }
 
-void maxpool2_backward(float *dx, const float *dy, const uint8_t *arg, int C, int H, int W) {
+static void pool_backward(float *dx, const float *dy, const float *y, const uint8_t *arg, int C, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    memset(dx, 0, sizeof(float) * (size_t)C * H * W);
     for (int c = 0; c < C; c++) {
         for (int oy = 0; oy < Ho; oy++) {
             const float *d = dy + ((int64_t)c * Ho + oy) * Wo;
+            const float *yo = y ? y + ((int64_t)c * Ho + oy) * Wo : NULL;
             const uint8_t *a = arg + ((int64_t)c * Ho + oy) * Wo;
             float *r0 = dx + ((int64_t)c * H + 2 * oy) * W;
+            float *r1 = r0 + W;
             for (int ox = 0; ox < Wo; ox++) {
-                // the gradient flows only to the window's (first) maximum
+                // the whole window is written, so dx needs no clearing beforehand
+                float g = yo && !(yo[ox] > 0.0f) ? 0.0f : d[ox];
                 int k = a[ox];
-                r0[(k >> 1) * W + 2 * ox + (k & 1)] = d[ox];
+                r0[2 * ox] = k == 0 ? g : 0.0f;
+                r0[2 * ox + 1] = k == 1 ? g : 0.0f;
+                r1[2 * ox] = k == 2 ? g : 0.0f;
+                r1[2 * ox + 1] = k == 3 ? g : 0.0f;
             }
         }
     }
+}
+
+void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W) {
+    pool_forward(y, arg, x, C, H, W, 0);
+}
+void maxpool2_backward(float *dx, const float *dy, const uint8_t *arg, int C, int H, int W) {
+    pool_backward(dx, dy, NULL, arg, C, H, W);
+}
+void relu_maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W) {
+    pool_forward(y, arg, x, C, H, W, 1);
+}
+void relu_maxpool2_backward(float *dx, const float *dy, const float *y, const uint8_t *arg, int C, int H, int W) {
+    pool_backward(dx, dy, y, arg, C, H, W);
 }
 
 void relu_forward(float *y, const float *x, int64_t n) {

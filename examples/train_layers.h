@@ -39,6 +39,12 @@ void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int 
 /* dx: (C, H, W), overwritten; dy: (C, H/2, W/2). */
 void maxpool2_backward(float *dx, const float *dy, const uint8_t *arg, int C, int H, int W);
 
+/* Fused ReLU + maxpool, as the model uses them: y = maxpool2(relu(x)) = max(0, window max),
+ * computed without the full-size ReLU pass. arg as for maxpool2_forward. */
+void relu_maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W);
+/* dx: (C, H, W), overwritten: dy flows to the window's maximum when y > 0. */
+void relu_maxpool2_backward(float *dx, const float *dy, const float *y, const uint8_t *arg, int C, int H, int W);
+
 /* y = max(x, 0); y may equal x. n elements (any number of samples). */
 void relu_forward(float *y, const float *x, int64_t n);
 /* dx = dy where y > 0, else 0; dx may equal dy. */

@@ -33,6 +33,10 @@ enum {
     OFF_FCB = OFF_FCW + FC_OUT * FC_IN,
     NPARAMS = OFF_FCB + FC_OUT
 };
+// Layout of one sample's row of dw_all.
+enum { DW_CONV1 = 0, DW_CONV2 = DW_CONV1 + C1 * 9, DW_FC = DW_CONV2 + C2 * C1 * 9 };
+_Static_assert(OFF_FCB == OFF_FCW + FC_OUT * FC_IN, "fc bias follows fc weight");
+_Static_assert(DW_FC + FC_OUT * FC_IN + FC_OUT == NG, "dw_all row layout");
 
 static float *falloc(int64_t n) { return train_malloc(sizeof(float) * (size_t)n); }
 
@@ -81,25 +85,27 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     m->x = falloc(cap * HW1);
     m->col1 = falloc(cap * 9 * HW1);
     m->c1 = falloc(cap * C1 * HW1);
-    m->r1 = falloc(cap * C1 * HW1);
+    m->b1 = falloc(cap * C1 * HW1);
     m->p1 = falloc(cap * C1 * HW2);
     m->arg1 = train_malloc((size_t)(cap * C1 * HW2));
     m->col2 = falloc(cap * C1 * 9 * HW2);
     m->c2 = falloc(cap * C2 * HW2);
-    m->r2 = falloc(cap * C2 * HW2);
+    m->b2 = falloc(cap * C2 * HW2);
     m->p2 = falloc(cap * FC_IN);
     m->arg2 = train_malloc((size_t)(cap * FC_IN));
     m->logits = falloc(cap * FC_OUT);
     m->probs = falloc(cap * FC_OUT);
     m->dlogits = falloc(cap * FC_OUT);
     m->dp2 = falloc(cap * FC_IN);
-    m->dr2 = falloc(cap * C2 * HW2);
+    m->db2 = falloc(cap * C2 * HW2);
     m->dp1 = falloc(cap * C1 * HW2);
-    m->dr1 = falloc(cap * C1 * HW1);
+    m->db1 = falloc(cap * C1 * HW1);
     m->dcol2 = falloc(C1 * 9 * HW2);
-    m->dw_s = falloc(FC_OUT * FC_IN + FC_OUT);
+    if (reduction == TRAIN_REPRODUCIBLE) m->dw_all = falloc(cap * NG);
 
     m->fmt = SBX_LINEAR;
+    // deposit_scaled_int reaches digit ((100 - lsb_exp) >> 5) + 2
+    if (((100 - m->fmt.lsb_exp) >> 5) + 2 >= m->fmt.ndigits) train_die("exact-sum window too narrow");
     if (reduction == TRAIN_REPRODUCIBLE)
         m->acc = train_malloc(sizeof(int64_t) * (size_t)((NPARAMS + 1) * sbx_words(m->fmt)));
 }
@@ -107,9 +113,9 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
 void train_model_free(train_model *m) {
     syncbn_destroy(m->bn1);
     syncbn_destroy(m->bn2);
-    void *bufs[] = {m->params, m->grads, m->momentum, m->x, m->col1, m->c1, m->r1, m->p1, m->arg1, m->col2,
-                    m->c2, m->r2, m->p2, m->arg2, m->logits, m->probs, m->dlogits, m->dp2, m->dr2, m->dp1,
-                    m->dr1, m->dcol2, m->dw_s, m->acc};
+    void *bufs[] = {m->params, m->grads, m->momentum, m->x, m->col1, m->c1, m->b1, m->p1, m->arg1, m->col2,
+                    m->c2, m->b2, m->p2, m->arg2, m->logits, m->probs, m->dlogits, m->dp2, m->db2, m->dp1,
+                    m->db1, m->dcol2, m->dw_all, m->acc};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     memset(m, 0, sizeof *m);
 }
@@ -126,17 +132,15 @@ static void push_bn_params(train_model *m) {
 static void forward(train_model *m, int64_t n, int training) {
     for (int64_t s = 0; s < n; s++)
         conv3x3_forward(m->c1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->x + s * HW1, m->conv1_w, 1, C1, 28, 28);
-    CHECK_SBN(syncbn_forward(m->bn1, m->c1, n, HW1, training, m->r1));
-    relu_forward(m->r1, m->r1, n * C1 * HW1);
+    CHECK_SBN(syncbn_forward(m->bn1, m->c1, n, HW1, training, m->b1));
     for (int64_t s = 0; s < n; s++) {
-        maxpool2_forward(m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->r1 + s * C1 * HW1, C1, 28, 28);
+        relu_maxpool2_forward(m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->b1 + s * C1 * HW1, C1, 28, 28);
         conv3x3_forward(m->c2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2, m->p1 + s * C1 * HW2, m->conv2_w, C1, C2,
                         14, 14);
     }
-    CHECK_SBN(syncbn_forward(m->bn2, m->c2, n, HW2, training, m->r2));
-    relu_forward(m->r2, m->r2, n * C2 * HW2);
+    CHECK_SBN(syncbn_forward(m->bn2, m->c2, n, HW2, training, m->b2));
     for (int64_t s = 0; s < n; s++)
-        maxpool2_forward(m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->r2 + s * C2 * HW2, C2, 14, 14);
+        relu_maxpool2_forward(m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->b2 + s * C2 * HW2, C2, 14, 14);
     if (m->reduction == TRAIN_FAST) {
         linear_forward_batched(m->logits, m->p2, m->fc_w, m->fc_b, (int)n, FC_IN, FC_OUT);
     } else {
@@ -145,12 +149,150 @@ static void forward(train_model *m, int64_t n, int training) {
     }
 }
 
-// Reproducible mode: acc[off + i] += v[i] exactly, for i < len.
-static void deposit(train_model *m, int64_t off, const float *v, int64_t len) {
-    int64_t words = sbx_words(m->fmt);
-    int64_t *a = m->acc + off * words;
-    for (int64_t i = 0; i < len; i++, a += words)
-        if (v[i] != 0.0f) sbx_add(a, m->fmt, (double)v[i]);
+// acc += v exactly, for a float v. The same arithmetic as sbx_add_floats' fast path
+// (exactsum.c), inlined because we add into one accumulator PER PARAMETER: a float's
+// 24-bit significand shifted into the 32-bit digit grid spans at most two digits.
+// Special values and anything outside the window take the library's general path.
+static inline void deposit_float(int64_t *acc, sbx_format f, float v) {
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    uint32_t e = (b >> 23) & 0xFF;
+    uint32_t mant = (b & 0x7FFFFF) | (e ? 0x800000u : 0);
+    int32_t sh = (int32_t)(e ? e : 1) - 150 - f.lsb_exp;
+    if (e != 0xFF && sh >= 0 && sh + 24 <= 32 * (f.ndigits - 1)) {
+        int64_t neg = -(int64_t)(b >> 31);
+        int32_t k = sh >> 5;
+        uint64_t x = (uint64_t)mant << (sh & 31);
+        acc[k] += ((int64_t)(x & 0xFFFFFFFFu) ^ neg) - neg;
+        acc[k + 1] += ((int64_t)(x >> 32) ^ neg) - neg;
+    } else {
+        sbx_add(acc, f, (double)v);
+    }
+}
+
+// acc += q * 2^L exactly, for an int64 q (split into two 32-bit halves, each of which
+// spans at most two digits once shifted into place). Needs lsb_exp <= L.
+static inline void deposit_scaled_int(int64_t *acc, sbx_format f, int64_t q, int L) {
+    int64_t neg = q < 0 ? -1 : 0;
+    uint64_t u = q < 0 ? 0 - (uint64_t)q : (uint64_t)q;
+    int32_t sh = L - f.lsb_exp;
+    int32_t k = sh >> 5;
+    uint64_t lo = (u & 0xFFFFFFFFu) << (sh & 31), hi = (u >> 32) << (sh & 31);
+    acc[k] += ((int64_t)(lo & 0xFFFFFFFFu) ^ neg) - neg;
+    acc[k + 1] += ((int64_t)(lo >> 32) ^ neg) - neg;
+    acc[k + 1] += ((int64_t)(hi & 0xFFFFFFFFu) ^ neg) - neg;
+    acc[k + 2] += ((int64_t)(hi >> 32) ^ neg) - neg;
+}
+
+// acc[off + i] += sum over samples s < n of v[s*stride + i], exactly, for i < len.
+//
+// Depositing every value into its superaccumulator costs ~25 scalar instructions.
+// Instead, for a block of parameters and up to 256 samples, we pick a scale 2^L from
+// the block's largest magnitude (values < 2^(L+55), so 256 of them cannot overflow
+// int64) and add every value that is an exact multiple of 2^L into a plain int64
+// (vectorizable: multiply by a power of two, convert, check the round trip). The
+// few values that are not (more than 2^31 below the block max, or Inf/NaN) go to
+// deposit_float. Each int64 is then added to its accumulator exactly. Every path is
+// exact, so the choice of L, blocks and chunks cannot change the final sum: it
+// affects only speed, and results stay independent of the partition.
+// The two inner loops of deposit_samples. Both are exact, so the AVX-512 versions
+// give exactly the same sums as the portable ones (only faster).
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+static float block_absmax(const float *v, int64_t stride, int64_t ns, int64_t nb) {
+    __m512 m = _mm512_setzero_ps();
+    float tail = 0.0f;
+    for (int64_t s = 0; s < ns; s++) {
+        const float *vs = v + s * stride;
+        int64_t i = 0;
+        for (; i + 16 <= nb; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(vs + i)));
+        for (; i < nb; i++) tail = fabsf(vs[i]) > tail ? fabsf(vs[i]) : tail;
+    }
+    float r = _mm512_reduce_max_ps(m);
+    return r > tail ? r : tail;
+}
+// q[i] += v[i]*2^-L for the values that are exact multiples of 2^L below 2^(L+55);
+// returns how many were not.
+static int64_t add_fixed(int64_t *q, const float *v, int64_t nb, float scale, float unscale) {
+    int64_t bad = 0, i = 0;
+    const __m512 vs = _mm512_set1_ps(scale), vu = _mm512_set1_ps(unscale), lim = _mm512_set1_ps(0x1p55f);
+    for (; i + 16 <= nb; i += 16) {
+        __m512 x = _mm512_loadu_ps(v + i);
+        __m512 t = _mm512_mul_ps(x, vs);
+        __mmask16 in = _mm512_cmp_ps_mask(_mm512_abs_ps(t), lim, _CMP_LT_OQ);
+        t = _mm512_maskz_mov_ps(in, t);
+        __m512i q0 = _mm512_cvttps_epi64(_mm512_castps512_ps256(t));
+        __m512i q1 = _mm512_cvttps_epi64(_mm512_extractf32x8_ps(t, 1));
+        __m512 back = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(q0)), _mm512_cvtepi64_ps(q1), 1);
+        __mmask16 ok = _mm512_cmp_ps_mask(_mm512_mul_ps(back, vu), x, _CMP_EQ_OQ);
+        __m512i a0 = _mm512_loadu_si512(q + i), a1 = _mm512_loadu_si512(q + i + 8);
+        _mm512_storeu_si512(q + i, _mm512_mask_add_epi64(a0, (__mmask8)ok, a0, q0));
+        _mm512_storeu_si512(q + i + 8, _mm512_mask_add_epi64(a1, (__mmask8)(ok >> 8), a1, q1));
+        bad += 16 - __builtin_popcount(ok);
+    }
+    for (; i < nb; i++) {
+        float t = v[i] * scale;
+        float tc = fabsf(t) < 0x1p55f ? t : 0.0f;
+        int64_t qi = (int64_t)tc;
+        int ok = (float)qi * unscale == v[i];
+        q[i] += ok ? qi : 0;
+        bad += !ok;
+    }
+    return bad;
+}
+#else
+static float block_absmax(const float *v, int64_t stride, int64_t ns, int64_t nb) {
+    float amax = 0.0f;
+    for (int64_t s = 0; s < ns; s++)
+        for (int64_t i = 0; i < nb; i++) amax = fabsf(v[s * stride + i]) > amax ? fabsf(v[s * stride + i]) : amax;
+    return amax;
+}
+static int64_t add_fixed(int64_t *q, const float *v, int64_t nb, float scale, float unscale) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < nb; i++) {
+        float t = v[i] * scale;
+        float tc = fabsf(t) < 0x1p55f ? t : 0.0f; // no UB converting Inf/NaN/huge
+        int64_t qi = (int64_t)tc;
+        int ok = (float)qi * unscale == v[i];   // an exact multiple of 2^L, in range
+        q[i] += ok ? qi : 0;
+        bad += !ok;
+    }
+    return bad;
+}
+#endif
+
+static void deposit_samples(train_model *m, int64_t off, const float *v, int64_t stride, int64_t n, int64_t len) {
+    const sbx_format f = m->fmt;
+    const int64_t words = sbx_words(f);
+    enum { BLOCK = 256, CHUNK = 256 };
+    int64_t q[BLOCK];
+    for (int64_t i0 = 0; i0 < len; i0 += BLOCK) {
+        int64_t nb = len - i0 < BLOCK ? len - i0 : BLOCK;
+        for (int64_t s0 = 0; s0 < n; s0 += CHUNK) {
+            int64_t s1 = n - s0 < CHUNK ? n : s0 + CHUNK;
+            float amax = block_absmax(v + s0 * stride + i0, stride, s1 - s0, nb);
+            int e = 0; // NaNs do not raise amax; they fail the exactness test below
+            if (isfinite(amax)) frexpf(amax, &e); // amax < 2^e
+            int L = e - 55;
+            L = L < -100 ? -100 : L > 100 ? 100 : L; // keeps 2^-L and q*2^L normal floats
+            if (L < f.lsb_exp) L = f.lsb_exp;
+            float scale = ldexpf(1.0f, -L), unscale = ldexpf(1.0f, L);
+            memset(q, 0, sizeof q);
+            for (int64_t s = s0; s < s1; s++) {
+                const float *vs = v + s * stride + i0;
+                if (add_fixed(q, vs, nb, scale, unscale) == 0) continue;
+                int64_t *a = m->acc + (off + i0) * words;
+                for (int64_t i = 0; i < nb; i++) {
+                    float t = vs[i] * scale;
+                    float tc = fabsf(t) < 0x1p55f ? t : 0.0f;
+                    if (!((float)(int64_t)tc * unscale == vs[i])) deposit_float(a + i * words, f, vs[i]);
+                }
+            }
+            int64_t *a = m->acc + (off + i0) * words;
+            for (int64_t i = 0; i < nb; i++)
+                if (q[i]) deposit_scaled_int(a + i * words, f, q[i], L);
+        }
+    }
 }
 
 double train_model_step(train_model *m, const float *x, const uint8_t *labels, int64_t n, int64_t B) {
@@ -175,44 +317,45 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
         softmax_ce_backward(m->dlogits + s * FC_OUT, m->probs + s * FC_OUT, labels[s], 1.0 / (double)B, FC_OUT);
     }
 
-    // linear
+    // linear; in reproducible mode each sample writes its own row of dw_all
+    float *dw_all = m->dw_all;
     if (repro) {
         for (int64_t s = 0; s < n; s++) {
-            float *dw = m->dw_s, *db = m->dw_s + FC_OUT * FC_IN;
-            linear_backward(m->dp2 + s * FC_IN, dw, db, m->dlogits + s * FC_OUT, m->p2 + s * FC_IN, m->fc_w, 0.0f,
-                            FC_IN, FC_OUT);
-            deposit(m, OFF_FCW, dw, FC_OUT * FC_IN);
-            deposit(m, OFF_FCB, db, FC_OUT);
+            float *dw = dw_all + s * NG + DW_FC;
+            linear_backward(m->dp2 + s * FC_IN, dw, dw + FC_OUT * FC_IN, m->dlogits + s * FC_OUT, m->p2 + s * FC_IN,
+                            m->fc_w, 0.0f, FC_IN, FC_OUT);
         }
     } else {
         linear_backward_batched(m->dp2, m->grads + OFF_FCW, m->grads + OFF_FCB, m->dlogits, m->p2, m->fc_w, (int)n,
                                 FC_IN, FC_OUT);
     }
 
-    // pool2, relu2, bn2
+    // pool2 + relu2, bn2
     for (int64_t s = 0; s < n; s++)
-        maxpool2_backward(m->dr2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->arg2 + s * FC_IN, C2, 14, 14);
-    relu_backward(m->dr2, m->dr2, m->r2, n * C2 * HW2);
-    CHECK_SBN(syncbn_backward(m->bn2, m->c2, m->dr2, n, HW2, m->dr2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
+        relu_maxpool2_backward(m->db2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->p2 + s * FC_IN, m->arg2 + s * FC_IN, C2,
+                               14, 14);
+    CHECK_SBN(syncbn_backward(m->bn2, m->c2, m->db2, n, HW2, m->db2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
 
-    // conv2 (weights and input), pool1, relu1, bn1
+    // conv2 (weights and input), pool1 + relu1, bn1
     for (int64_t s = 0; s < n; s++) {
-        const float *dc2 = m->dr2 + s * C2 * HW2;
-        float *dw = repro ? m->dw_s : m->grads + OFF_CONV2;
-        conv3x3_backward(dw, m->dp1 + s * C1 * HW2, m->dcol2, dc2, m->col2 + s * C1 * 9 * HW2, m->conv2_w,
-                         repro ? 0.0f : 1.0f, C1, C2, 14, 14);
-        if (repro) deposit(m, OFF_CONV2, dw, C2 * C1 * 9);
-        maxpool2_backward(m->dr1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, C1, 28, 28);
+        float *dw = repro ? dw_all + s * NG + DW_CONV2 : m->grads + OFF_CONV2;
+        conv3x3_backward(dw, m->dp1 + s * C1 * HW2, m->dcol2, m->db2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2,
+                         m->conv2_w, repro ? 0.0f : 1.0f, C1, C2, 14, 14);
+        relu_maxpool2_backward(m->db1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->p1 + s * C1 * HW2,
+                               m->arg1 + s * C1 * HW2, C1, 28, 28);
     }
-    relu_backward(m->dr1, m->dr1, m->r1, n * C1 * HW1);
-    CHECK_SBN(syncbn_backward(m->bn1, m->c1, m->dr1, n, HW1, m->dr1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
+    CHECK_SBN(syncbn_backward(m->bn1, m->c1, m->db1, n, HW1, m->db1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
 
     // conv1 (weights only: the input needs no gradient)
     for (int64_t s = 0; s < n; s++) {
-        float *dw = repro ? m->dw_s : m->grads + OFF_CONV1;
-        conv3x3_backward(dw, NULL, NULL, m->dr1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->conv1_w,
+        float *dw = repro ? dw_all + s * NG + DW_CONV1 : m->grads + OFF_CONV1;
+        conv3x3_backward(dw, NULL, NULL, m->db1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->conv1_w,
                          repro ? 0.0f : 1.0f, 1, C1, 28, 28);
-        if (repro) deposit(m, OFF_CONV1, dw, C1 * 9);
+    }
+    if (repro) {
+        deposit_samples(m, OFF_CONV1, dw_all + DW_CONV1, NG, n, C1 * 9);
+        deposit_samples(m, OFF_CONV2, dw_all + DW_CONV2, NG, n, C2 * C1 * 9);
+        deposit_samples(m, OFF_FCW, dw_all + DW_FC, NG, n, FC_OUT * FC_IN + FC_OUT); // fc w and b are adjacent
     }
 
     // sync BN gradients are already global sums, identical on every rank: count them once
@@ -223,7 +366,7 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
     for (int k = 0; k < 4; k++) {
         float *g = m->grads + bn_offs[k][0];
         if (repro) {
-            if (!bn_once || rank == 0) deposit(m, bn_offs[k][0], g, bn_offs[k][1]);
+            if (!bn_once || rank == 0) deposit_samples(m, bn_offs[k][0], g, 0, 1, bn_offs[k][1]);
         } else if (bn_once && rank != 0) {
             memset(g, 0, sizeof(float) * (size_t)bn_offs[k][1]);
         }

@@ -40,6 +40,8 @@ enum { TRAIN_REPRODUCIBLE = 0, TRAIN_FAST = 1 };
 #define HW2 (14 * 14)  /* conv2 spatial positions */
 #define FC_IN (C2 * 7 * 7)
 #define FC_OUT 10
+/* per-sample gradient vector: conv1 w, conv2 w, fc w, fc b */
+#define NG (C1 * 9 + C2 * C1 * 9 + FC_OUT * FC_IN + FC_OUT)
 
 typedef struct {
     int bn_mode, reduction;
@@ -63,12 +65,12 @@ typedef struct {
     float *x;        /* (cap, 1, 28, 28) */
     float *col1;     /* (cap, 9, HW1) */
     float *c1;       /* (cap, C1, HW1) conv1 output = BN1 input */
-    float *r1;       /* (cap, C1, HW1) BN1 output, ReLU'd in place */
+    float *b1;       /* (cap, C1, HW1) BN1 output (ReLU is fused into the pooling) */
     float *p1;       /* (cap, C1, HW2) */
     uint8_t *arg1;   /* (cap, C1, HW2) */
     float *col2;     /* (cap, C1*9, HW2) */
     float *c2;       /* (cap, C2, HW2) */
-    float *r2;       /* (cap, C2, HW2) */
+    float *b2;       /* (cap, C2, HW2) BN2 output */
     float *p2;       /* (cap, FC_IN) */
     uint8_t *arg2;   /* (cap, FC_IN) */
     float *logits;   /* (cap, FC_OUT) */
@@ -76,11 +78,12 @@ typedef struct {
     // gradients of activations
     float *dlogits;  /* (cap, FC_OUT) */
     float *dp2;      /* (cap, FC_IN) */
-    float *dr2;      /* (cap, C2, HW2), becomes dc2 in place */
+    float *db2;      /* (cap, C2, HW2), becomes dc2 in place */
     float *dp1;      /* (cap, C1, HW2) */
-    float *dr1;      /* (cap, C1, HW1), becomes dc1 in place */
+    float *db1;      /* (cap, C1, HW1), becomes dc1 in place */
     float *dcol2;    /* (C1*9, HW2) one sample's scratch */
-    float *dw_s;     /* (FC_OUT*FC_IN + FC_OUT) one sample's weight-gradient contribution */
+    float *dw_all;   /* (cap, NG) reproducible mode: each sample's own contribution to the
+                        conv1, conv2 and linear gradients, deposited after the backward */
 
     // reproducible mode: one exact accumulator per parameter, plus the loss
     sbx_format fmt;
