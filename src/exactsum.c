@@ -293,8 +293,13 @@ double sbx_round(const int64_t *acc, sbx_format f)
         /* Lowest kept bit: 53 significant bits, but never below 2^-1074. */
         int32_t pos = p - 52;
         if (pos < -1074 - f.lsb_exp) pos = -1074 - f.lsb_exp;
-        uint64_t m = bits53_at(d, pos);
-        if (bit_at(d, pos - 1) && ((m & 1) || sticky_below(d, pos - 1))) m += 1;
+        /* Sums of deposits are multiples of 2^-1074, so pos <= p; hand-made words
+         * could violate that, and anything below half of 2^-1074 rounds to zero. */
+        uint64_t m = 0;
+        if (pos - 1 <= p) {
+            m = bits53_at(d, pos);
+            if (bit_at(d, pos - 1) && ((m & 1) || sticky_below(d, pos - 1))) m += 1;
+        }
         /* m * 2^E with E = pos + lsb >= -1074 and m <= 2^53. For m in [2^52, 2^53]
          * adding m to (E + 1074) << 52 yields the biased exponent E + 1075 with the
          * hidden bit folded in (also when rounding carried to 2^53); for m < 2^52,

@@ -195,7 +195,7 @@ static void check_int128(sbx_format f, int kmin, uint64_t seed, int n)
         int k = (int)rng_range(&s, 0, 60);
         if (i % 7 == 0) k = 0; /* plenty of low-order bits */
         v[i] = ldexp((double)a, kmin + k);
-        S += (__int128)a << k;
+        S += (__int128)a * ((__int128)1 << k);
     }
     double want = (double)S * ldexp(1.0, kmin);
     ASSERT_SAME(sum_with(f, v, n), want);
@@ -345,7 +345,7 @@ START_TEST(test_subnormal_results)
             if (rng_next(&s) & 1) m = -m;
             int k = (rep % 3 == 0) ? (int)rng_range(&s, 0, 40) : 0;
             v[i] = ldexp((double)m, -1074 + k); /* denormal when k == 0 and |m| < 2^52 */
-            S += (__int128)m << k;
+            S += (__int128)m * ((__int128)1 << k);
         }
         ASSERT_SAME(sum_with(f, v, n), (double)S * 0x1p-1074);
         free(v);
@@ -490,7 +490,7 @@ START_TEST(test_float_denormals)
             int k = (rep % 2) ? (int)rng_range(&s, 0, 60) : 0;
             if (rng_next(&s) & 1) m = -m;
             v[i] = (float)ldexp((double)m, -149 + k);
-            S += (__int128)m << k;
+            S += (__int128)m * ((__int128)1 << k);
         }
         double want = (double)S * 0x1p-149;
         int64_t a[MAXW], b[MAXW];
