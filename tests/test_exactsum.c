@@ -762,41 +762,61 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median over 9 runs of 10 passes over 2^20 values roughly like activations (floats)
+ * and squared activations (doubles), all into ONE accumulator (the worst case: every
+ * deposit depends on the previous one through memory). */
 static int bench(void)
 {
-    enum { N = 1 << 20, REPS = 30 };
+    enum { N = 1 << 20, REPS = 10, RUNS = 9, KINDS = 3 };
     double *d = malloc(sizeof(double) * N);
     float *fl = malloc(sizeof(float) * N);
     uint64_t s = 99;
-    for (int i = 0; i < N; i++) { /* activations-like: roughly N(0, 1) magnitudes */
-        double u = (double)(rng_next(&s) >> 11) * 0x1p-53 + 0x1p-60;
+    for (int i = 0; i < N; i++) {
+        double u = ((double)(rng_next(&s) >> 11) + 0.5) * 0x1p-53;
         double g = sqrt(-2 * log(u)) * cos(6.283185307179586 * (double)(rng_next(&s) >> 11) * 0x1p-53);
         fl[i] = (float)g;
         d[i] = g * (double)fl[i] * 0.5;
     }
     sbx_format f = SBX_LINEAR;
     int64_t acc[MAXW];
-    double t_add[5], t_fl[5];
-    for (int run = 0; run < 5; run++) {
+    double t[KINDS][RUNS], keep = 0;
+    for (int run = 0; run < RUNS; run++) {
         sbx_zero(acc, f);
         double t0 = now_s();
         for (int r = 0; r < REPS; r++) {
             for (int i = 0; i < N; i++) sbx_add(acc, f, d[i]);
             sbx_normalize(acc, f);
         }
-        t_add[run] = (now_s() - t0) / ((double)N * REPS) * 1e9;
-        double keep = sbx_round(acc, f);
-        sbx_zero(acc, f);
-        t0 = now_s();
+        double t1 = now_s();
         for (int r = 0; r < REPS; r++) {
             sbx_add_floats(acc, f, fl, N);
             sbx_normalize(acc, f);
         }
-        t_fl[run] = (now_s() - t0) / ((double)N * REPS) * 1e9;
+        double t2 = now_s();
+        for (int r = 0; r < REPS; r++) {
+            for (int i = 0; i < N; i += 1024) sbx_add_floats(acc, f, fl + i, 1024);
+            sbx_normalize(acc, f);
+        }
+        double t3 = now_s();
         keep += sbx_round(acc, f);
-        printf("run %d: sbx_add %.3f ns/deposit, sbx_add_floats %.3f ns/deposit (%g)\n", run,
-               t_add[run], t_fl[run], keep);
+        t[0][run] = (t1 - t0) / ((double)N * REPS) * 1e9;
+        t[1][run] = (t2 - t1) / ((double)N * REPS) * 1e9;
+        t[2][run] = (t3 - t2) / ((double)N * REPS) * 1e9;
     }
+    const char *name[KINDS] = {"sbx_add (double)", "sbx_add_floats, n = 2^20 (bins)",
+                               "sbx_add_floats, n = 1024 (direct)"};
+    for (int k = 0; k < KINDS; k++) {
+        qsort(t[k], RUNS, sizeof(double), cmp_double);
+        printf("%-36s median %6.2f ns/deposit (min %.2f, max %.2f)\n", name[k], t[k][RUNS / 2],
+               t[k][0], t[k][RUNS - 1]);
+    }
+    printf("(checksum %g)\n", keep);
     free(d);
     free(fl);
     return 0;
