@@ -303,11 +303,10 @@ double sbx_round(const int64_t *acc, sbx_format f)
         /* m * 2^E with E = pos + lsb >= -1074 and m <= 2^53. For m in [2^52, 2^53]
          * adding m to (E + 1074) << 52 yields the biased exponent E + 1075 with the
          * hidden bit folded in (also when rounding carried to 2^53); for m < 2^52,
-         * E = -1074 and m is the subnormal encoding itself. Overflow lands on the
-         * Inf pattern or beyond. */
-        out = ((uint64_t)(int64_t)(pos + f.lsb_exp + 1074) << 52) + m;
-        if (out >= UINT64_C(0x7FF0000000000000)) out = UINT64_C(0x7FF0000000000000);
-        out |= sign;
+         * E = -1074 and m is the subnormal encoding itself. Since p + lsb <= 1023,
+         * the only overflow is a carry from DBL_MAX's exponent, which lands exactly
+         * on the Inf pattern. */
+        out = (((uint64_t)(int64_t)(pos + f.lsb_exp + 1074) << 52) + m) | sign;
     }
     double r;
     memcpy(&r, &out, sizeof r);

@@ -421,6 +421,24 @@ START_TEST(test_specials)
     sbx_add_floats(acc, f, big, 2);
     ASSERT_SAME(sbx_round(acc, f), -0x1.fffffcp126);
 
+    /* Special counts travel through sbx_merge. */
+    int64_t b[MAXW];
+    sbx_zero(acc, f);
+    sbx_zero(b, f);
+    sbx_add(acc, f, INFINITY);
+    sbx_add(b, f, 2.0);
+    sbx_merge(acc, b, f);
+    ck_assert_int_eq(acc[nd + 1], 1);
+    ASSERT_SAME(sbx_round(acc, f), INFINITY);
+    sbx_zero(b, f);
+    sbx_add(b, f, -INFINITY);
+    sbx_add(b, f, NAN);
+    sbx_merge(acc, b, f);
+    ck_assert_int_eq(acc[nd + 0], 1);
+    ck_assert_int_eq(acc[nd + 1], 1);
+    ck_assert_int_eq(acc[nd + 2], 1);
+    ck_assert(isnan(sbx_round(acc, f)));
+
     /* Rounding pushes a value out of the window: 2^32 - 0.5 -> 2^32 (tie to even). */
     sbx_format t = FMT_TINY;
     sbx_zero(acc, t);
