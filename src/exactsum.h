@@ -68,7 +68,7 @@ void sbx_merge(int64_t *acc, const int64_t *other, sbx_format f);
 /* Normalizes `count` consecutive accumulators and combines them over comm in place
  * with ONE MPI_Allreduce(MPI_IN_PLACE, ..., MPI_INT64_T, MPI_SUM); afterwards they
  * are normalized again. Returns the MPI error code (MPI_SUCCESS on success).
- * Collective. Exact for up to 2^30 ranks. */
+ * Collective. Exact for up to 2^30 ranks (summed low digits stay below 2^62). */
 int sbx_allreduce(int64_t *accs, int64_t count, sbx_format f, MPI_Comm comm);
 
 /* The exact sum rounded once to double, to nearest with ties to even.
@@ -81,7 +81,9 @@ double sbx_round(const int64_t *acc, sbx_format f);
  * SBX_LINEAR: sums of float-derived values (float data, double partial sums of up to
  *   2^40 floats): every float is a multiple of 2^-149 and below 2^128.
  * SBX_QUADRATIC: sums of products of two such values (x*x, dy*(x-mean)). */
-#define SBX_LINEAR ((sbx_format){.lsb_exp = -160, .ndigits = 12})    /* up to 2^224 */
-#define SBX_QUADRATIC ((sbx_format){.lsb_exp = -320, .ndigits = 22}) /* up to 2^384 */
+/* Digits span 2^-160 .. 2^224; single deposits must stay below 2^192, larger ones count as +-Inf. */
+#define SBX_LINEAR ((sbx_format){.lsb_exp = -160, .ndigits = 12})
+/* Digits span 2^-320 .. 2^384; single deposits must stay below 2^352. */
+#define SBX_QUADRATIC ((sbx_format){.lsb_exp = -320, .ndigits = 22})
 
 #endif /* SYNCBN_EXACTSUM_H */
