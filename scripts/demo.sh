@@ -34,8 +34,9 @@ say "dependencies"
 scripts/install_deps.sh build data plot
 
 say "build ($build, Release)"
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >"$build.configure.log" 2>&1 ||
-  { cat "$build.configure.log"; exit 1; }
+mkdir -p "$build"
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >"$build/configure.log" 2>&1 ||
+  { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)" --target syncbn-train
 TRAIN=$build/examples/syncbn-train
 
