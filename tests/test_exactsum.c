@@ -91,19 +91,15 @@ typedef struct {
     uint32_t w[REF_N];
 } ref_t;
 
-static void ref_add(ref_t *r, double x)
+/* r += (neg ? -1 : 1) * m * 2^(REF_LSB + pos), m < 2^64. */
+static void ref_add_int(ref_t *r, uint64_t m, int neg, int pos)
 {
-    if (x == 0) return;
-    int ex;
-    double fr = frexp(fabs(x), &ex);
-    uint64_t m = (uint64_t)ldexp(fr, 53); /* exact: fr has at most 53 bits */
-    int pos = ex - 53 - REF_LSB;
-    ck_assert(pos >= 0);
+    ck_assert(pos >= 0 && pos + 64 < REF_N * 32);
     /* Spread m << pos over words, then add or subtract with a running carry. */
     uint32_t part[REF_N] = {0};
-    for (int b = 0; b < 53; b++)
+    for (int b = 0; b < 64; b++)
         if ((m >> b) & 1) part[(pos + b) / 32] |= UINT32_C(1) << ((pos + b) % 32);
-    if (x > 0) {
+    if (!neg) {
         uint64_t c = 0;
         for (int i = 0; i < REF_N; i++) {
             uint64_t t = (uint64_t)r->w[i] + part[i] + c;
@@ -118,6 +114,16 @@ static void ref_add(ref_t *r, double x)
             r->w[i] = (uint32_t)(t + (b ? (INT64_C(1) << 32) : 0));
         }
     }
+}
+
+static void ref_add(ref_t *r, double x)
+{
+    if (x == 0) return;
+    ck_assert(isfinite(x));
+    int ex;
+    double fr = frexp(fabs(x), &ex);
+    uint64_t m = (uint64_t)ldexp(fr, 53); /* exact: fr has at most 53 bits */
+    ref_add_int(r, m, x < 0, ex - 53 - REF_LSB);
 }
 
 /* Rounds to double via the hardware uint64 -> double conversion: the top 64 bits with
@@ -663,6 +669,37 @@ START_TEST(test_normalize_contract)
 }
 END_TEST
 
+/* sbx_round on hand-made words (the layout is part of the contract): sparse random
+ * digits with patterns that put round and sticky bits at and across digit edges,
+ * unnormalized words included, against the big-integer reference. */
+START_TEST(test_round_random_words)
+{
+    sbx_format fs[3] = {SBX_LINEAR, SBX_QUADRATIC, FMT_WIDE};
+    const uint32_t pat[6] = {0, 1, 0x80000000u, 0xFFFFFFFFu, 0x7FFFFFFFu, 0x00200000u};
+    uint64_t s = 61;
+    for (int fi = 0; fi < 3; fi++) {
+        sbx_format f = fs[fi];
+        for (int rep = 0; rep < 20000; rep++) {
+            int64_t a[MAXW];
+            sbx_zero(a, f);
+            ref_t r;
+            memset(&r, 0, sizeof r);
+            int top = (int)rng_range(&s, 0, f.ndigits - 1), nz = (int)rng_range(&s, 1, 5);
+            for (int j = 0; j < nz; j++) {
+                int i = (int)rng_range(&s, top > 3 ? top - 3 : 0, top);
+                if (rng_next(&s) % 4 == 0) i = (int)rng_range(&s, 0, top);
+                int64_t w = (rng_next(&s) & 1) ? (int64_t)pat[rng_next(&s) % 6] : (int64_t)(uint32_t)rng_next(&s);
+                if (rep % 3 == 0) w = (int64_t)(rng_next(&s) >> 4) - (INT64_C(1) << 59); /* unnormalized */
+                if (i == f.ndigits - 1 && (rng_next(&s) & 1)) w = -w;
+                a[i] += w;
+                ref_add_int(&r, w < 0 ? 0 - (uint64_t)w : (uint64_t)w, w < 0, f.lsb_exp + 32 * i - REF_LSB);
+            }
+            ASSERT_SAME(sbx_round(a, f), ref_round(&r));
+        }
+    }
+}
+END_TEST
+
 START_TEST(test_round_unnormalized_const)
 {
     uint64_t s = 53;
@@ -862,6 +899,7 @@ static Suite *exactsum_suite(void)
     tcase_add_test(tl, test_add_floats_equals_add);
     tcase_add_test(tl, test_add_floats_large_bins);
     tcase_add_test(tl, test_round_unnormalized_const);
+    tcase_add_test(tl, test_round_random_words);
     tcase_add_test(tl, test_normalize_contract);
     suite_add_tcase(s, tl);
     TCase *tm = tcase_create("mpi");
