@@ -15,6 +15,8 @@
  * normalizations, |acc[i]| < 2^62 + 2^32, so plain int64 arithmetic cannot overflow;
  * the only place where a sign is shifted (carry extraction) is written so that it
  * never right-shifts a negative number (implementation-defined in C).
+ *
+ * Portability: needs GCC or Clang (__builtin_clz*, __attribute__((cold))).
  */
 #include "exactsum.h"
 
@@ -38,7 +40,8 @@ void sbx_zero(int64_t *acc, sbx_format f)
     memset(acc, 0, (size_t)sbx_words(f) * sizeof *acc);
 }
 
-/* Adds sign * m * 2^(lsb + s) for s >= 0 whose top bit is below the window.
+/* Adds sign * m * 2^(lsb + s) for s >= 0, m < 2^54 (a mantissa, or a float bin),
+ * whose top bit is below the window: each of the three digits gets less than 2^32.
  * neg is 0 or -1; (x ^ neg) - neg negates branch-free. */
 static inline void deposit3(int64_t *acc, uint64_t m, int32_t s, int64_t neg)
 {
