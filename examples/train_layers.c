@@ -7,6 +7,9 @@
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 void im2col3x3(float *col, const float *x, int C, int H, int W) {
     int HW = H * W;
@@ -82,18 +85,47 @@ void conv3x3_backward(float *dw, float *dx, float *dcol, const float *dy, const 
     }
 }
 
-// The window max and the index of its first occurrence; selects, not branches.
-static inline float max4(const float *r0, const float *r1, int ox, uint8_t *k) {
-    float m = r0[2 * ox];
-    int a = 0;
-    float v = r0[2 * ox + 1];
-    a = v > m ? 1 : a; m = v > m ? v : m;
-    v = r1[2 * ox];
-    a = v > m ? 2 : a; m = v > m ? v : m;
-    v = r1[2 * ox + 1];
-    a = v > m ? 3 : a; m = v > m ? v : m;
-    *k = (uint8_t)a;
-    return m;
+// One output row: windows over rows r0, r1. On ties the top row and then the left
+// column win: a fixed rule, so the gradient's route is deterministic.
+// arg = 2*row + column within the window.
+static void pool_row(float *yo, uint8_t *ao, const float *r0, const float *r1, int Wo, int relu) {
+    int ox = 0;
+#if defined(__AVX512F__)
+    // 16 windows at a time: vertical max of 32 columns, then even/odd columns apart
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f), one = _mm512_set1_ps(1.0f);
+    for (; ox < Wo; ox += 16) {
+        int n = 2 * (Wo - ox) < 32 ? 2 * (Wo - ox) : 32; // input columns in this chunk
+        __mmask16 mlo = (__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1);
+        __mmask16 mhi = (__mmask16)(n >= 32 ? 0xFFFF : n > 16 ? (1u << (n - 16)) - 1 : 0);
+        const float *a0 = r0 + 2 * ox, *a1 = r1 + 2 * ox;
+        __m512 t0 = _mm512_maskz_loadu_ps(mlo, a0), t1 = _mm512_maskz_loadu_ps(mhi, a0 + 16);
+        __m512 b0 = _mm512_maskz_loadu_ps(mlo, a1), b1 = _mm512_maskz_loadu_ps(mhi, a1 + 16);
+        __mmask16 bot0 = _mm512_cmp_ps_mask(b0, t0, _CMP_GT_OQ), bot1 = _mm512_cmp_ps_mask(b1, t1, _CMP_GT_OQ);
+        __m512 v0 = _mm512_mask_mov_ps(t0, bot0, b0), v1 = _mm512_mask_mov_ps(t1, bot1, b1);
+        __m512 r0f = _mm512_maskz_mov_ps(bot0, two), r1f = _mm512_maskz_mov_ps(bot1, two); // 2*row
+        __m512 le = _mm512_permutex2var_ps(v0, even, v1), ri = _mm512_permutex2var_ps(v0, odd, v1);
+        __m512 rle = _mm512_permutex2var_ps(r0f, even, r1f), rri = _mm512_permutex2var_ps(r0f, odd, r1f);
+        __mmask16 right = _mm512_cmp_ps_mask(ri, le, _CMP_GT_OQ);
+        __m512 m = _mm512_mask_mov_ps(le, right, ri);
+        __m512 k = _mm512_mask_mov_ps(rle, right, _mm512_add_ps(rri, one));
+        if (relu) m = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ), m);
+        __mmask16 mout = (__mmask16)(Wo - ox >= 16 ? 0xFFFF : (1u << (Wo - ox)) - 1);
+        _mm512_mask_storeu_ps(yo + ox, mout, m);
+        _mm512_mask_cvtepi32_storeu_epi8(ao + ox, mout, _mm512_cvttps_epi32(k));
+    }
+#endif
+    for (; ox < Wo; ox++) {
+        float a = r0[2 * ox], b = r0[2 * ox + 1], c = r1[2 * ox], d = r1[2 * ox + 1];
+        int lb = c > a, rb = d > b;      // bottom row wins the column only if strictly greater
+        float l = lb ? c : a, r = rb ? d : b;
+        int right = r > l;               // right column wins only if strictly greater
+        float m = right ? r : l;
+        ao[ox] = (uint8_t)(right ? 2 * rb + 1 : 2 * lb);
+        // relu(max) = max(relu): negative windows give 0 and pass no gradient
+        yo[ox] = relu && !(m > 0.0f) ? 0.0f : m;
+    }
 }
 
 static void pool_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W, int relu) {
@@ -101,35 +133,24 @@ static void pool_forward(float *y, uint8_t *arg, const float *x, int C, int H, i
     for (int c = 0; c < C; c++) {
         for (int oy = 0; oy < Ho; oy++) {
             const float *r0 = x + ((int64_t)c * H + 2 * oy) * W;
-            const float *r1 = r0 + W;
-            float *yo = y + ((int64_t)c * Ho + oy) * Wo;
-            uint8_t *ao = arg + ((int64_t)c * Ho + oy) * Wo;
-            for (int ox = 0; ox < Wo; ox++) {
-                float m = max4(r0, r1, ox, &ao[ox]);
-                // relu(max) = max(relu): negative windows give 0 and pass no gradient
-                yo[ox] = relu && !(m > 0.0f) ? 0.0f : m;
-            }
+            pool_row(y + ((int64_t)c * Ho + oy) * Wo, arg + ((int64_t)c * Ho + oy) * Wo, r0, r0 + W, Wo, relu);
         }
     }
 }
 
 static void pool_backward(float *dx, const float *dy, const float *y, const uint8_t *arg, int C, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
+    memset(dx, 0, sizeof(float) * (size_t)C * H * W);
     for (int c = 0; c < C; c++) {
         for (int oy = 0; oy < Ho; oy++) {
             const float *d = dy + ((int64_t)c * Ho + oy) * Wo;
             const float *yo = y ? y + ((int64_t)c * Ho + oy) * Wo : NULL;
             const uint8_t *a = arg + ((int64_t)c * Ho + oy) * Wo;
             float *r0 = dx + ((int64_t)c * H + 2 * oy) * W;
-            float *r1 = r0 + W;
             for (int ox = 0; ox < Wo; ox++) {
-                // the whole window is written, so dx needs no clearing beforehand
                 float g = yo && !(yo[ox] > 0.0f) ? 0.0f : d[ox];
                 int k = a[ox];
-                r0[2 * ox] = k == 0 ? g : 0.0f;
-                r0[2 * ox + 1] = k == 1 ? g : 0.0f;
-                r1[2 * ox] = k == 2 ? g : 0.0f;
-                r1[2 * ox + 1] = k == 3 ? g : 0.0f;
+                r0[(k >> 1) * W + 2 * ox + (k & 1)] = g; // only the window's maximum gets dy
             }
         }
     }

@@ -33,8 +33,8 @@ void conv3x3_forward(float *y, float *col, const float *x, const float *w, int C
 void conv3x3_backward(float *dw, float *dx, float *dcol, const float *dy, const float *col, const float *w,
                       float beta, int C, int O, int H, int W);
 
-/* y: (C, H/2, W/2); arg: (C, H/2, W/2) index 0..3 of the max in its 2x2 window
- * (the first one on ties); x: (C, H, W). H and W even. */
+/* y: (C, H/2, W/2); arg: (C, H/2, W/2) index 2*row + column of the max in its 2x2
+ * window (on ties the top row, then the left column); x: (C, H, W). H and W even. */
 void maxpool2_forward(float *y, uint8_t *arg, const float *x, int C, int H, int W);
 /* dx: (C, H, W), overwritten; dy: (C, H/2, W/2). */
 void maxpool2_backward(float *dx, const float *dy, const uint8_t *arg, int C, int H, int W);

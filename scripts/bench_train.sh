@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# bench_train.sh - training throughput of syncbn-train (both reduction modes) next
+# to PyTorch CPU on the same model, batch and data, at equal thread counts:
+# 1 thread = 1 rank / torch.set_num_threads(1), 2 threads = 2 ranks / 2 threads.
+# Runs are interleaved (a b c a b c ...) so that background load hits every
+# configuration alike; the table shows the median images/s of the repetitions,
+# counting only the time spent in training steps (no data loading, no evaluation).
+# PyTorch (Debian python3-torch, /usr/bin/python3) is optional: skipped if missing.
+#
+# Usage: scripts/bench_train.sh [--build DIR] [--steps N] [--reps R] [--threads "1 2"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=build steps=150 reps=3 threads="1 2"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build) build=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --reps) reps=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    *) echo "bench_train.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+TRAIN=$build/examples/syncbn-train
+[ -x "$TRAIN" ] || { echo "bench_train.sh: $TRAIN not found; build first" >&2; exit 2; }
+. tests/test_train_common.sh
+need_data
+have_torch=0
+/usr/bin/python3 -c 'import torch' 2>/dev/null && have_torch=1 ||
+  echo "bench_train.sh: PyTorch not installed (scripts/install_deps.sh peers); measuring syncbn-train only"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+ips() { sed -n 's/^throughput \([0-9]*\) images.*/\1/p' "$1"; }
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+declare -A R
+for rep in $(seq "$reps"); do
+  for t in $threads; do
+    for mode in reproducible fast; do
+      OMP_NUM_THREADS=1 run_train "$t" "$tmp/out.txt" --steps "$steps" --no-eval --print-every 1000000 --reduction "$mode"
+      R[$mode,$t]+="$(ips "$tmp/out.txt") "
+    done
+    if [ $have_torch -eq 1 ]; then
+      OMP_NUM_THREADS=$t /usr/bin/python3 scripts/train_torch.py --threads "$t" --steps "$steps" --no-eval \
+        --data "$DATA" >"$tmp/torch.txt" 2>&1 || { cat "$tmp/torch.txt"; exit 1; }
+      R[torch,$t]+="$(ips "$tmp/torch.txt") "
+    fi
+  done
+  echo "repetition $rep/$reps done" >&2
+done
+
+echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(nproc) cores)"
+printf '%-34s' "threads (= MPI ranks for syncbn-train)"
+for t in $threads; do printf '%12s' "$t"; done
+echo
+for row in reproducible fast torch; do
+  [ "$row" = torch ] && [ $have_torch -eq 0 ] && continue
+  case $row in
+    reproducible) label="syncbn-train --reduction reproducible" ;;
+    fast) label="syncbn-train --reduction fast" ;;
+    torch) label="PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)') CPU" ;;
+  esac
+  printf '%-34s' "$label"
+  for t in $threads; do printf '%12s' "$(echo "${R[$row,$t]}" | median)"; done
+  printf '   (runs: '
+  for t in $threads; do printf '[%s]' "${R[$row,$t]% }"; done
+  echo ')'
+done
