@@ -11,56 +11,51 @@
 #include <immintrin.h>
 #endif
 
+// Row (c, ky, kx) of col is the image shifted by (ky-1, kx-1). On the flattened
+// image that is ONE contiguous copy at offset (ky-1)*W + (kx-1) over the output rows
+// that stay inside vertically, after which the column that wrapped around a row end
+// (x = 0 for kx = 0, x = W-1 for kx = 2) is zeroed: long loops, not 3-element ones.
 void im2col3x3(float *col, const float *x, int C, int H, int W) {
     int HW = H * W;
     for (int c = 0; c < C; c++) {
         const float *xc = x + (int64_t)c * HW;
         for (int ky = 0; ky < 3; ky++) {
+            int y0 = ky == 0 ? 1 : 0, y1 = ky == 2 ? H - 1 : H; // rows with 0 <= y+ky-1 < H
             for (int kx = 0; kx < 3; kx++) {
                 float *row = col + ((int64_t)(c * 3 + ky) * 3 + kx) * HW;
-                int dx = kx - 1;
-                for (int y = 0; y < H; y++) {
-                    int iy = y + ky - 1;
-                    float *out = row + y * W;
-                    if (iy < 0 || iy >= H) {
-                        memset(out, 0, sizeof(float) * W);
-                        continue;
-                    }
-                    const float *in = xc + iy * W;
-                    // out[x] = in[x + dx], zero outside [0, W)
-                    if (dx < 0) {
-                        out[0] = 0.0f;
-                        memcpy(out + 1, in, sizeof(float) * (W - 1));
-                    } else if (dx > 0) {
-                        memcpy(out, in + 1, sizeof(float) * (W - 1));
-                        out[W - 1] = 0.0f;
-                    } else {
-                        memcpy(out, in, sizeof(float) * W);
-                    }
-                }
+                int shift = (ky - 1) * W + (kx - 1);
+                int p0 = y0 * W + (kx == 0), p1 = y1 * W - (kx == 2); // stay inside x's memory
+                for (int p = 0; p < p0; p++) row[p] = 0.0f;
+                for (int p = p0; p < p1; p++) row[p] = xc[p + shift];
+                for (int p = p1; p < HW; p++) row[p] = 0.0f;
+                if (kx == 0)
+                    for (int y = y0; y < y1; y++) row[y * W] = 0.0f;
+                if (kx == 2)
+                    for (int y = y0; y < y1; y++) row[y * W + W - 1] = 0.0f;
             }
         }
     }
 }
 
-void col2im3x3(float *dx, const float *dcol, int C, int H, int W) {
+// The adjoint of im2col3x3, by the same flat shifts. Every pixel receives its
+// contributions in the fixed (ky, kx) order. dcol is scratch: its wrapped-around
+// entries are zeroed first so that they add nothing.
+void col2im3x3(float *dx, float *dcol, int C, int H, int W) {
     int HW = H * W;
     memset(dx, 0, sizeof(float) * (size_t)C * HW);
-    // fixed loop order: the sum per pixel is always taken over (ky, kx) in the same order
     for (int c = 0; c < C; c++) {
         float *dc = dx + (int64_t)c * HW;
         for (int ky = 0; ky < 3; ky++) {
+            int y0 = ky == 0 ? 1 : 0, y1 = ky == 2 ? H - 1 : H;
             for (int kx = 0; kx < 3; kx++) {
-                const float *row = dcol + ((int64_t)(c * 3 + ky) * 3 + kx) * HW;
-                int ddx = kx - 1;
-                int x0 = ddx < 0 ? 1 : 0, x1 = ddx > 0 ? W - 1 : W;
-                for (int y = 0; y < H; y++) {
-                    int iy = y + ky - 1;
-                    if (iy < 0 || iy >= H) continue;
-                    float *o = dc + iy * W + ddx;
-                    const float *r = row + y * W;
-                    for (int x = x0; x < x1; x++) o[x] += r[x];
-                }
+                float *row = dcol + ((int64_t)(c * 3 + ky) * 3 + kx) * HW;
+                int shift = (ky - 1) * W + (kx - 1);
+                int p0 = y0 * W + (kx == 0), p1 = y1 * W - (kx == 2);
+                if (kx == 0)
+                    for (int y = y0; y < y1; y++) row[y * W] = 0.0f;
+                if (kx == 2)
+                    for (int y = y0; y < y1; y++) row[y * W + W - 1] = 0.0f;
+                for (int p = p0; p < p1; p++) dc[p + shift] += row[p];
             }
         }
     }

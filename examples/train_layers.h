@@ -21,8 +21,9 @@
 
 /* col: (C*9, H*W); x: (C, H, W). 3x3 kernel, padding 1, stride 1. */
 void im2col3x3(float *col, const float *x, int C, int H, int W);
-/* dx: (C, H, W), OVERWRITTEN with the sum of dcol's contributions; dcol: (C*9, H*W). */
-void col2im3x3(float *dx, const float *dcol, int C, int H, int W);
+/* dx: (C, H, W), OVERWRITTEN with the sum of dcol's contributions; dcol: (C*9, H*W),
+ * used as scratch (entries that fall outside the image are zeroed). */
+void col2im3x3(float *dx, float *dcol, int C, int H, int W);
 
 /* y: (O, HW); col: (C*9, HW) filled from x: (C, H, W); w: (O, C*9). */
 void conv3x3_forward(float *y, float *col, const float *x, const float *w, int C, int O, int H, int W);

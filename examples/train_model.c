@@ -304,7 +304,7 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
     forward(m, n, 1);
 
     memset(m->grads, 0, sizeof(float) * NPARAMS);
-    if (repro) memset(m->acc, 0, sizeof(int64_t) * (size_t)((NPARAMS + 1) * words));
+    // (reproducible mode: the accumulators are all zero here; the last step cleared them)
 
     // loss and its gradient, per sample
     double loss_local = 0.0;
@@ -377,8 +377,13 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
         // ONE collective for all gradients and the loss, then one rounding each
         int rc = sbx_allreduce(m->acc, NPARAMS + 1, m->fmt, m->comm);
         if (rc != MPI_SUCCESS) train_die("sbx_allreduce failed (MPI error %d)", rc);
-        for (int64_t i = 0; i < NPARAMS; i++) m->grads[i] = (float)sbx_round(m->acc + i * words, m->fmt);
+        // round each accumulator once, and clear it for the next step while it is in cache
+        for (int64_t i = 0; i < NPARAMS; i++) {
+            m->grads[i] = (float)sbx_round(m->acc + i * words, m->fmt);
+            sbx_zero(m->acc + i * words, m->fmt);
+        }
         loss_sum = sbx_round(m->acc + NPARAMS * words, m->fmt);
+        sbx_zero(m->acc + NPARAMS * words, m->fmt);
     } else {
         MPI_Allreduce(MPI_IN_PLACE, m->grads, NPARAMS, MPI_FLOAT, MPI_SUM, m->comm);
         MPI_Allreduce(&loss_local, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, m->comm);
