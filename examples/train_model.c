@@ -104,8 +104,6 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     if (reduction == TRAIN_REPRODUCIBLE) m->dw_all = falloc(cap * NG);
 
     m->fmt = SBX_LINEAR;
-    // deposit_scaled_int reaches digit ((100 - lsb_exp) >> 5) + 2
-    if (((100 - m->fmt.lsb_exp) >> 5) + 2 >= m->fmt.ndigits) train_die("exact-sum window too narrow");
     if (reduction == TRAIN_REPRODUCIBLE)
         m->acc = train_malloc(sizeof(int64_t) * (size_t)((NPARAMS + 1) * sbx_words(m->fmt)));
 }
@@ -261,8 +259,7 @@ static int64_t add_fixed(int64_t *q, const float *v, int64_t nb, float scale, fl
 }
 #endif
 
-static void deposit_samples(train_model *m, int64_t off, const float *v, int64_t stride, int64_t n, int64_t len) {
-    const sbx_format f = m->fmt;
+void train_deposit_samples(int64_t *acc, sbx_format f, const float *v, int64_t stride, int64_t n, int64_t len) {
     const int64_t words = sbx_words(f);
     enum { BLOCK = 256, CHUNK = 256 };
     int64_t q[BLOCK];
@@ -276,23 +273,34 @@ static void deposit_samples(train_model *m, int64_t off, const float *v, int64_t
             int L = e - 55;
             L = L < -100 ? -100 : L > 100 ? 100 : L; // keeps 2^-L and q*2^L normal floats
             if (L < f.lsb_exp) L = f.lsb_exp;
+            // a window too narrow for deposit_scaled_int: every value takes deposit_float
+            if (((L - f.lsb_exp) >> 5) + 2 >= f.ndigits) L = INT32_MAX;
+            if (L == INT32_MAX) {
+                for (int64_t s = s0; s < s1; s++)
+                    for (int64_t i = 0; i < nb; i++) deposit_float(acc + (i0 + i) * words, f, v[s * stride + i0 + i]);
+                continue;
+            }
             float scale = ldexpf(1.0f, -L), unscale = ldexpf(1.0f, L);
             memset(q, 0, sizeof q);
             for (int64_t s = s0; s < s1; s++) {
                 const float *vs = v + s * stride + i0;
                 if (add_fixed(q, vs, nb, scale, unscale) == 0) continue;
-                int64_t *a = m->acc + (off + i0) * words;
+                int64_t *a = acc + i0 * words;
                 for (int64_t i = 0; i < nb; i++) {
                     float t = vs[i] * scale;
                     float tc = fabsf(t) < 0x1p55f ? t : 0.0f;
                     if (!((float)(int64_t)tc * unscale == vs[i])) deposit_float(a + i * words, f, vs[i]);
                 }
             }
-            int64_t *a = m->acc + (off + i0) * words;
+            int64_t *a = acc + i0 * words;
             for (int64_t i = 0; i < nb; i++)
                 if (q[i]) deposit_scaled_int(a + i * words, f, q[i], L);
         }
     }
+}
+
+static void deposit_samples(train_model *m, int64_t off, const float *v, int64_t stride, int64_t n, int64_t len) {
+    train_deposit_samples(m->acc + off * sbx_words(m->fmt), m->fmt, v, stride, n, len);
 }
 
 double train_model_step(train_model *m, const float *x, const uint8_t *labels, int64_t n, int64_t B) {

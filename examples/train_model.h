@@ -119,4 +119,9 @@ int train_model_save(const train_model *m, const char *path, int64_t next_step, 
 int train_model_load(train_model *m, const char *path, int64_t *next_step, uint64_t seed, int64_t batch, char *err,
                      int errlen);
 
+/* Reproducible mode's deposit (exposed for tests): acc[i] += v[s*stride + i] exactly
+ * for i < len and s < n, where acc holds len accumulators of format f side by side.
+ * Any float, including NaN, +-Inf and denormals, is handled as sbx_add would. */
+void train_deposit_samples(int64_t *acc, sbx_format f, const float *v, int64_t stride, int64_t n, int64_t len);
+
 #endif /* TRAIN_MODEL_H */

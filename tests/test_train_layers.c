@@ -288,6 +288,71 @@ START_TEST(fast_matches_reproducible) {
 }
 END_TEST
 
+// ---------------------------------------------------------------------------- exact deposits
+
+// train_deposit_samples (blocked int64 fixed point + fallback) must give exactly the
+// accumulator contents that one sbx_add per value gives, for any mix of values.
+START_TEST(deposit_matches_sbx_add) {
+    const sbx_format f = SBX_LINEAR;
+    const int64_t W = sbx_words(f), n = 300, len = 300; // n > 256: two chunks; len > 256: two blocks
+    float *v = train_malloc(4 * n * len);
+    for (int64_t i = 0; i < n * len; i++) {
+        float x = frand();
+        int kind = (int)((i * 2654435761u) % 100);
+        if (kind < 60) v[i] = x * 1e-3f;                               // typical gradients
+        else if (kind < 75) v[i] = ldexpf(x, -(int)(i % 120));        // tiny, down to 2^-120
+        else if (kind < 85) v[i] = 0.0f;
+        else if (kind < 90) v[i] = ldexpf(x, 100);                    // huge
+        else if (kind < 95) v[i] = ldexpf(1.0f, -149) * (float)(i % 7); // denormals
+        else v[i] = -v[i > 0 ? i - 1 : 0];                            // cancellations
+    }
+    v[5] = INFINITY; // column 5 gets +Inf, column 6 NaN, column 7 both infinities
+    v[len + 6] = NAN;
+    v[7] = INFINITY;
+    v[2 * len + 7] = -INFINITY;
+    int64_t *a = train_malloc(8 * W * len), *b = train_malloc(8 * W * len);
+    for (int64_t i = 0; i < len; i++) { sbx_zero(a + i * W, f); sbx_zero(b + i * W, f); }
+    train_deposit_samples(a, f, v, len, n, len);
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t i = 0; i < len; i++) sbx_add(b + i * W, f, (double)v[s * len + i]);
+    int64_t diffs = 0;
+    for (int64_t i = 0; i < len; i++) {
+        sbx_normalize(a + i * W, f);
+        sbx_normalize(b + i * W, f);
+        diffs += memcmp(a + i * W, b + i * W, 8 * W) != 0;
+        double ra = sbx_round(a + i * W, f), rb = sbx_round(b + i * W, f);
+        ck_assert(memcmp(&ra, &rb, sizeof ra) == 0 || (isnan(ra) && isnan(rb)));
+    }
+    ck_assert_int_eq(diffs, 0);
+    ck_assert(isinf(sbx_round(a + 5 * W, f)) && sbx_round(a + 5 * W, f) > 0);
+    ck_assert(isnan(sbx_round(a + 6 * W, f)));
+    ck_assert(isnan(sbx_round(a + 7 * W, f)));
+    free(v); free(a); free(b);
+}
+END_TEST
+
+// The model's reproducible fc-bias gradient is the exactly rounded sum of the
+// per-sample dlogits (checked against sbx_add directly).
+START_TEST(model_gradient_is_exact_sum) {
+    train_model m;
+    train_model_init(&m, 5, TRAIN_BN_SYNC, TRAIN_REPRODUCIBLE, 16, MPI_COMM_SELF);
+    float *x = train_malloc(4 * 16 * 784);
+    uint8_t labels[16];
+    fill(x, 16 * 784, 1.0f);
+    for (int s = 0; s < 16; s++) labels[s] = (uint8_t)(s % 10);
+    train_model_step(&m, x, labels, 16, 16);
+    const sbx_format f = SBX_LINEAR;
+    int64_t acc[32];
+    for (int o = 0; o < 10; o++) {
+        sbx_zero(acc, f);
+        for (int s = 0; s < 16; s++) sbx_add(acc, f, m.dlogits[s * 10 + o]);
+        ck_assert_float_eq((float)sbx_round(acc, f), m.grads[(m.fc_b - m.params) + o]);
+    }
+    free(x);
+    train_model_free(&m);
+}
+END_TEST
+
 // ---------------------------------------------------------------------------- sha256, data, checkpoints
 
 START_TEST(sha256_vectors) {
@@ -424,6 +489,8 @@ static Suite *make_suite(void) {
     tcase_add_test(g, grad_model_reproducible);
     tcase_add_test(g, grad_model_fast);
     tcase_add_test(g, fast_matches_reproducible);
+    tcase_add_test(g, deposit_matches_sbx_add);
+    tcase_add_test(g, model_gradient_is_exact_sum);
     suite_add_tcase(s, g);
     TCase *u = tcase_create("util");
     tcase_add_test(u, sha256_vectors);
