@@ -133,20 +133,51 @@ static void pool_forward(float *y, uint8_t *arg, const float *x, int C, int H, i
     }
 }
 
+// Writes the whole 2x2 window (dy at the maximum, 0 elsewhere), so dx needs no
+// clearing beforehand.
+static void pool_backward_row(float *d0, float *d1, const float *dy, const float *yo, const uint8_t *a, int Wo) {
+    int ox = 0;
+#if defined(__AVX512F__)
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    const __m512 zero = _mm512_setzero_ps();
+    for (; ox < Wo; ox += 16) {
+        int nw = Wo - ox < 16 ? Wo - ox : 16;
+        __mmask16 mw = (__mmask16)(nw == 16 ? 0xFFFF : (1u << nw) - 1);
+        __m512 g = _mm512_maskz_loadu_ps(mw, dy + ox);
+        if (yo) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mw, yo + ox), zero, _CMP_GT_OQ), g);
+        __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mw, a + ox));
+        __m512 g0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(0)), g);
+        __m512 g1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(1)), g);
+        __m512 g2 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(2)), g);
+        __m512 g3 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(3)), g);
+        // interleave (left, right) columns back into image rows
+        int n = 2 * nw;
+        __mmask16 mlo = (__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1);
+        __mmask16 mhi = (__mmask16)(n >= 32 ? 0xFFFF : n > 16 ? (1u << (n - 16)) - 1 : 0);
+        _mm512_mask_storeu_ps(d0 + 2 * ox, mlo, _mm512_permutex2var_ps(g0, lo, g1));
+        _mm512_mask_storeu_ps(d0 + 2 * ox + 16, mhi, _mm512_permutex2var_ps(g0, hi, g1));
+        _mm512_mask_storeu_ps(d1 + 2 * ox, mlo, _mm512_permutex2var_ps(g2, lo, g3));
+        _mm512_mask_storeu_ps(d1 + 2 * ox + 16, mhi, _mm512_permutex2var_ps(g2, hi, g3));
+    }
+#endif
+    for (; ox < Wo; ox++) {
+        float g = yo && !(yo[ox] > 0.0f) ? 0.0f : dy[ox];
+        int k = a[ox];
+        d0[2 * ox] = k == 0 ? g : 0.0f;
+        d0[2 * ox + 1] = k == 1 ? g : 0.0f;
+        d1[2 * ox] = k == 2 ? g : 0.0f;
+        d1[2 * ox + 1] = k == 3 ? g : 0.0f;
+    }
+}
+
 static void pool_backward(float *dx, const float *dy, const float *y, const uint8_t *arg, int C, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    memset(dx, 0, sizeof(float) * (size_t)C * H * W);
     for (int c = 0; c < C; c++) {
         for (int oy = 0; oy < Ho; oy++) {
-            const float *d = dy + ((int64_t)c * Ho + oy) * Wo;
-            const float *yo = y ? y + ((int64_t)c * Ho + oy) * Wo : NULL;
-            const uint8_t *a = arg + ((int64_t)c * Ho + oy) * Wo;
-            float *r0 = dx + ((int64_t)c * H + 2 * oy) * W;
-            for (int ox = 0; ox < Wo; ox++) {
-                float g = yo && !(yo[ox] > 0.0f) ? 0.0f : d[ox];
-                int k = a[ox];
-                r0[(k >> 1) * W + 2 * ox + (k & 1)] = g; // only the window's maximum gets dy
-            }
+            int64_t o = ((int64_t)c * Ho + oy) * Wo;
+            float *d0 = dx + ((int64_t)c * H + 2 * oy) * W;
+            pool_backward_row(d0, d0 + W, dy + o, y ? y + o : NULL, arg + o, Wo);
         }
     }
 }
