@@ -10,7 +10,8 @@
  *   fwd+bwd    median over repetitions of (fwd-train + bwd) of the same repetition
  * at the current OMP_NUM_THREADS, and the same-size copy bandwidth for comparison.
  * Under mpirun -np P (P > 1) it also times the same layer created on MPI_COMM_SELF
- * (same kernels, no allreduce: a local, unsynchronized BN) and prints sync/local.
+ * (same kernels, no allreduce: a local, unsynchronized BN), taking turns with the
+ * synchronized one within each repetition, and prints sync/local.
  *
  * Traffic model: "effective GB/s" = bytes below / median time, float32, 4 bytes per
  * element; caches and write-allocate reads are NOT counted, so the numbers compare
@@ -32,9 +33,10 @@
  * are reduced with MPI_MAX over ranks, then the median over repetitions is printed.
  * Three untimed warm-up repetitions come first (page faults, thread pool, caches).
  *
- * Output: a human-readable table on rank 0. With --machine, additionally one line
- *   RESULT impl=syncbn-fast layout=nchw shape=32,64,56,56 fwd_ms=.. fwdbwd_ms=.. bwd_ms=..
- * per case, parsed by scripts/bench_compare.sh.
+ * Output: a human-readable table on rank 0. With --machine, additionally
+ *   REFERENCE copy_gbs=.. read_gbs=.. threads=.. np=..
+ *   RESULT impl=syncbn-fast layout=nchw shape=32,64,56,56 fwd_ms=.. fwdbwd_ms=.. bwd_ms=.. ...
+ * (one RESULT line per case), parsed by scripts/bench_compare.sh.
  *
  * What it does not do: check numerics (the tests do that), or time anything that
  * a unit test asserts on.
@@ -163,45 +165,57 @@ typedef struct {
     double fwd, eval, bwd, fwdbwd; /* median ms */
 } timings;
 
-/* Times one layer on comm (MPI_COMM_WORLD: synchronized; MPI_COMM_SELF: local BN). */
-static timings time_layer(shape4 sh, syncbn_layout layout, syncbn_reduction red, MPI_Comm comm,
-                          const float *x, const float *dy, float *y, float *dx, int reps)
+/* Times nl layers of the same configuration, layer j on comms[j] (MPI_COMM_WORLD:
+ * synchronized; MPI_COMM_SELF: local BN), into T[j]. The layers take turns within
+ * every repetition, so slow phases of a noisy machine hit all of them alike. */
+static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, int nl, const MPI_Comm *comms,
+                        const float *x, const float *dy, float *y, float *dx, int reps, timings *T)
 {
     syncbn_config cfg = syncbn_config_default(sh.C);
     cfg.layout = layout;
     cfg.reduction = red;
-    syncbn_layer *L = NULL;
-    CHECK(syncbn_create(&cfg, comm, &L));
+    syncbn_layer *L[2] = {NULL, NULL};
+    for (int j = 0; j < nl; j++)
+        CHECK(syncbn_create(&cfg, comms[j], &L[j]));
     const int64_t S = sh.H * sh.W;
     float *dw = alloc_floats(sh.C), *db = alloc_floats(sh.C);
-    double *tf = malloc(sizeof(double) * (size_t)reps), *tb = malloc(sizeof(double) * (size_t)reps);
-    double *tfb = malloc(sizeof(double) * (size_t)reps), *te = malloc(sizeof(double) * (size_t)reps);
+    double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
+    if (!t)
+        MPI_Abort(MPI_COMM_WORLD, 1);
 
-    for (int r = -WARMUP; r < reps; r++) {
-        MPI_Barrier(MPI_COMM_WORLD);
-        double t0 = MPI_Wtime();
-        CHECK(syncbn_forward(L, x, sh.n, S, 1, y));
-        double t1 = MPI_Wtime();
-        MPI_Barrier(MPI_COMM_WORLD);
-        double t2 = MPI_Wtime();
-        CHECK(syncbn_backward(L, x, dy, sh.n, S, dx, dw, db));
-        double t3 = MPI_Wtime();
-        if (r >= 0)
-            tf[r] = t1 - t0, tb[r] = t3 - t2, tfb[r] = (t1 - t0) + (t3 - t2);
+    for (int r = -WARMUP; r < reps; r++)
+        for (int j = 0; j < nl; j++) {
+            MPI_Barrier(MPI_COMM_WORLD);
+            double t0 = MPI_Wtime();
+            CHECK(syncbn_forward(L[j], x, sh.n, S, 1, y));
+            double t1 = MPI_Wtime();
+            MPI_Barrier(MPI_COMM_WORLD);
+            double t2 = MPI_Wtime();
+            CHECK(syncbn_backward(L[j], x, dy, sh.n, S, dx, dw, db));
+            double t3 = MPI_Wtime();
+            if (r >= 0) {
+                double *tj = t + (size_t)j * 4 * (size_t)reps;
+                tj[r] = t1 - t0, tj[reps + r] = t3 - t2, tj[2 * reps + r] = (t1 - t0) + (t3 - t2);
+            }
+        }
+    for (int r = -WARMUP; r < reps; r++)
+        for (int j = 0; j < nl; j++) {
+            MPI_Barrier(MPI_COMM_WORLD);
+            double t0 = MPI_Wtime();
+            CHECK(syncbn_forward(L[j], x, sh.n, S, 0, y));
+            double t1 = MPI_Wtime();
+            if (r >= 0)
+                t[(size_t)j * 4 * (size_t)reps + 3 * (size_t)reps + (size_t)r] = t1 - t0;
+        }
+    for (int j = 0; j < nl; j++) {
+        double *tj = t + (size_t)j * 4 * (size_t)reps;
+        T[j].fwd = median_max(tj, reps) * 1e3;
+        T[j].bwd = median_max(tj + reps, reps) * 1e3;
+        T[j].fwdbwd = median_max(tj + 2 * reps, reps) * 1e3;
+        T[j].eval = median_max(tj + 3 * reps, reps) * 1e3;
+        syncbn_destroy(L[j]);
     }
-    for (int r = -WARMUP; r < reps; r++) {
-        MPI_Barrier(MPI_COMM_WORLD);
-        double t0 = MPI_Wtime();
-        CHECK(syncbn_forward(L, x, sh.n, S, 0, y));
-        double t1 = MPI_Wtime();
-        if (r >= 0)
-            te[r] = t1 - t0;
-    }
-    timings T = {median_max(tf, reps) * 1e3, median_max(te, reps) * 1e3, median_max(tb, reps) * 1e3,
-                 median_max(tfb, reps) * 1e3};
-    free(tf), free(tb), free(tfb), free(te), free(dw), free(db);
-    syncbn_destroy(L);
-    return T;
+    free(t), free(dw), free(db);
 }
 
 static void usage(const char *argv0)
@@ -285,6 +299,8 @@ int main(int argc, char **argv)
                 "read %.1f GB/s (4 B/elem)\n",
                 copy_bw, read_bw);
     ROOT_PRINTF("traffic model: fwd-train 12 B/elem, fwd-eval 8, bwd 20, fwd+bwd 32 (see bench.c)\n\n");
+    if (machine)
+        ROOT_PRINTF("REFERENCE copy_gbs=%.3f read_gbs=%.3f threads=%d np=%d\n", copy_bw, read_bw, threads, g_size);
     ROOT_PRINTF("%-17s %-6s %-5s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
                 "mode", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s", "f+b ms",
                 "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
@@ -306,7 +322,10 @@ int main(int argc, char **argv)
                     continue;
                 syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
                 syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
-                timings T = time_layer(sh, lay, red, MPI_COMM_WORLD, x, dy, y, dx, reps);
+                const MPI_Comm comms[2] = {MPI_COMM_WORLD, MPI_COMM_SELF};
+                timings TT[2];
+                time_layers(sh, lay, red, g_size > 1 ? 2 : 1, comms, x, dy, y, dx, reps, TT);
+                const timings T = TT[0], Lo = TT[1];
                 const double gb = (double)el * 4 * 1e-9; /* GB moved per 4 B/elem; see traffic model */
                 double fb_bw = 8 * gb / (T.fwdbwd * 1e-3);
                 ROOT_PRINTF("%-17s %-6s %-5s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f "
@@ -314,16 +333,14 @@ int main(int argc, char **argv)
                             sname, li ? "nhwc" : "nchw", ri ? "repro" : "fast", mb, size_copy_bw, T.fwd,
                             3 * gb / (T.fwd * 1e-3), T.eval, 2 * gb / (T.eval * 1e-3), T.bwd,
                             5 * gb / (T.bwd * 1e-3), T.fwdbwd, fb_bw, 100 * fb_bw / size_copy_bw);
-                if (g_size > 1) {
-                    timings Lo = time_layer(sh, lay, red, MPI_COMM_SELF, x, dy, y, dx, reps);
+                if (g_size > 1)
                     ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
-                }
                 ROOT_PRINTF("\n");
                 if (machine)
                     ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
-                                "bwd_ms=%.4f eval_ms=%.4f np=%d\n",
+                                "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f\n",
                                 ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, T.fwd, T.fwdbwd, T.bwd,
-                                T.eval, g_size);
+                                T.eval, g_size, size_copy_bw, g_size > 1 ? Lo.fwdbwd : T.fwdbwd);
             }
         }
     }

@@ -12,8 +12,12 @@
 # Peers are optional: without libdnnl-dev or python3-torch their rows say SKIP.
 # --install runs scripts/install_deps.sh peers first (needs apt and root/sudo).
 #
+# It also runs syncbn-bench under mpirun -np 2 (one thread per rank) on
+# (32,64,56,56) for the SyncBN-vs-local-BN ratio (--no-np2 skips that), and checks
+# fwd+bwd bandwidth against the copy loop for tensors larger than the LLC.
+#
 # Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
-#                                 [--shape N,C,H,W]... [--build-dir DIR]
+#                                 [--shape N,C,H,W]... [--build-dir DIR] [--no-np2]
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
 set -euo pipefail
 
@@ -23,6 +27,7 @@ threads_list="1 2"
 runs=3
 reps=15
 install=0
+np2=1
 shapes=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,7 +37,8 @@ while [ $# -gt 0 ]; do
     --reps) reps="$2"; shift ;;
     --shape) shapes+=("$2"); shift ;;
     --build-dir) build="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --no-np2) np2=0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -70,7 +76,11 @@ torch_why="python3-torch not installed (scripts/bench_compare.sh --install)"
 if [ -x "$torch_py" ] && "$torch_py" -c 'import torch' 2>/dev/null; then torch_ok=1; fi
 
 mpirun_cmd=(mpirun -np 1 --bind-to none) # Open MPI would pin the one rank to one core
+mpirun2_cmd=(mpirun -np 2 --oversubscribe)
 [ "$(id -u)" -ne 0 ] || mpirun_cmd+=(--allow-run-as-root)
+[ "$(id -u)" -ne 0 ] || mpirun2_cmd+=(--allow-run-as-root)
+llc_kib=$(sed -n 's/K$//p' /sys/devices/system/cpu/cpu0/cache/index3/size 2>/dev/null || true)
+[ -n "$llc_kib" ] || llc_kib=0
 
 # --- runs ----------------------------------------------------------------------
 results=$(mktemp)
@@ -80,7 +90,8 @@ for t in $threads_list; do
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
     OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS "$bench" --machine \
-      --reps "$reps" "${shape_args[@]}" | sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+      --reps "$reps" "${shape_args[@]}" | sed -n -e "s/^RESULT /RESULT threads=$t /p" \
+      -e "s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
     if [ -n "$dnnl_bin" ]; then
       OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${shape_args[@]}" |
         sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
@@ -91,6 +102,14 @@ for t in $threads_list; do
     fi
   done
 done
+# SyncBN at P = 2 (one thread per rank) against the same layer on MPI_COMM_SELF.
+if [ "$np2" = 1 ]; then
+  for ((k = 1; k <= runs; k++)); do
+    echo "bench_compare.sh: mpirun -np 2, OMP_NUM_THREADS=1, run $k/$runs" >&2
+    OMP_NUM_THREADS=1 "${mpirun2_cmd[@]}" -x OMP_NUM_THREADS "$bench" --machine --reps "$reps" \
+      --shape 32,64,56,56 | sed -n "s/^RESULT /RESULT threads=np2 /p" >>"$results"
+  done
+fi
 elapsed=$(($(date +%s) - start))
 
 # --- table ---------------------------------------------------------------------
@@ -101,7 +120,7 @@ echo "Machine: $cpu, $(nproc) CPUs. ratio = peer / syncbn-fast in the same layou
 [ -n "$dnnl_bin" ] || echo "oneDNN: SKIP ($dnnl_why)"
 [ "$torch_ok" = 1 ] || echo "PyTorch: SKIP ($torch_why)"
 awk -v threads="$threads_list" -v shapes="${shapes[*]}" -v have_dnnl="${dnnl_bin:+1}" \
-    -v have_torch="$torch_ok" '
+    -v have_torch="$torch_ok" -v llc_kib="$llc_kib" '
 function median(key,   n, i, j, v, tmp) {
   n = cnt[key]; if (n == 0) return -1
   for (i = 1; i <= n; i++) v[i] = val[key, i]
@@ -109,11 +128,17 @@ function median(key,   n, i, j, v, tmp) {
   return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
 }
 function put(key, x) { cnt[key]++; val[key, cnt[key]] = x }
+/^REFERENCE/ {
+  delete f
+  for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+  put(f["threads"] SUBSEP "copy", f["copy_gbs"] + 0); put(f["threads"] SUBSEP "read", f["read_gbs"] + 0)
+}
 /^RESULT/ {
   delete f
   for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
   k = f["threads"] SUBSEP f["shape"] SUBSEP f["impl"] SUBSEP f["layout"]
   put(k SUBSEP "fwd", f["fwd_ms"] + 0); put(k SUBSEP "fb", f["fwdbwd_ms"] + 0)
+  if (f["local_fwdbwd_ms"] != "") put(k SUBSEP "ratio", (f["fwdbwd_ms"] + 0) / (f["local_fwdbwd_ms"] + 0))
 }
 function cell(t, s, impl, lay, what) { return median(t SUBSEP s SUBSEP impl SUBSEP lay SUBSEP what) }
 function row(t, s, impl, lay, label, avail,   fw, fb, ours) {
@@ -136,6 +161,10 @@ END {
     }
     print ""
   }
+  for (a = 1; a <= nt; a++)
+    printf "Reference loops at %s thread(s), 128 MiB buffers: copy %.1f GB/s (8 B/elem), read %.1f GB/s\n",
+           T[a], median(T[a] SUBSEP "copy"), median(T[a] SUBSEP "read")
+  print ""
   print "Targets (issue 5), fwd+bwd medians:"
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
     t = T[a]; s = S[b]; line = sprintf("  %s thr %-16s", t, s)
@@ -149,5 +178,21 @@ END {
       if (r > 0) line = line sprintf("repro/fast %.2f%s ", r / o, r / o <= 1.2 ? " ok" : " MISS")
     }
     print line
+  }
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    split(S[b], d, ","); el = d[1] * d[2] * d[3] * d[4]
+    if (llc_kib <= 0 || el * 4 <= llc_kib * 1024) continue
+    cp = median(T[a] SUBSEP "copy"); if (cp <= 0) continue
+    line = sprintf("  %s thr %-16s larger than LLC (%d MiB): fwd+bwd GB/s / copy GB/s:", T[a], S[b], llc_kib / 1024)
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      o = cell(T[a], S[b], "syncbn-fast", lay, "fb")
+      if (o > 0) { bw = 32 * el / (o * 1e-3) * 1e-9; line = line sprintf(" %s %.0f%%%s", lay, 100 * bw / cp, bw >= 0.8 * cp ? " ok" : " MISS") }
+    }
+    print line
+  }
+  for (l = 1; l <= 2; l++) for (m = 1; m <= 2; m++) {
+    lay = l == 1 ? "nchw" : "nhwc"; impl = m == 1 ? "syncbn-fast" : "syncbn-repro"
+    r = cell("np2", "32,64,56,56", impl, lay, "ratio")
+    if (r > 0) printf "  P=2 (1 thr/rank) 32,64,56,56 %s %-12s SyncBN/local fwd+bwd %.3f%s\n", lay, impl, r, r <= 1.05 ? " ok" : " MISS"
   }
 }' "$results"
