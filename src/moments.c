@@ -19,6 +19,8 @@
 #define SBN_CBLOCK 256              /* NHWC channel sub-block held in registers/L1 */
 #define SBN_OMP_MIN_WORK (1 << 15)  /* below this many elements, stay on one thread */
 #define SBN_RENORM_EVERY (1 << 29)  /* deposits between exactsum normalizations */
+#define SBN_ROW_SPLIT_BYTES 256     /* NHWC: below this many bytes of a row per thread, split samples */
+#define SBN_PART_MAX 4096           /* ... if n*C partials fit on the stack (64 KiB) */
 
 /* ---- vector helpers ----
  * GNU vector types (not intrinsics): the compiler emits AVX-512, AVX2 or SSE as the
@@ -243,6 +245,27 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
                     row_dy_dyxm(x + off, dy + off, mean[c], S, &p1, &p2);
                 take_partial(c, i, p1, p2, s1, s2, acc1, acc2);
             }
+        return;
+    }
+
+    /* NHWC with narrow rows: split channels and each thread would own a slice of
+     * every row narrower than a few cache lines, and the adjacent-line prefetcher
+     * pulls the neighbour's slice too (twice the DRAM traffic at 2 threads). Split
+     * SAMPLES instead: each per-sample partial is still computed by one thread in
+     * the same order, stored, and combined per channel in sample order afterwards,
+     * so every sum is the same as with the channel split. */
+    const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
+    if (T > 1 && n >= T && C * (int64_t)sizeof(float) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX) {
+        double part[2 * SBN_PART_MAX]; /* [2][n][C]: p1 then p2 */
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t off = i * S * C;
+            nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, 0, C, part + i * C,
+                          part + (n + i) * C);
+        }
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t i = 0; i < n; i++)
+                take_partial(c, i, part[i * C + c], part[(n + i) * C + c], s1, s2, acc1, acc2);
         return;
     }
 
