@@ -3,7 +3,8 @@
 # bounded time (no hang), and the run resumed from its last checkpoint reaches the
 # same final parameter hash as an uninterrupted run.
 #   scripts/kill_resume.sh [--quick] [path/to/syncbn-train]
-# --quick: fewer steps and images (the CTest version). Exit 0 = pass, 77 = skipped
+# --quick: fewer steps and images, kill right after the first checkpoint (the CTest
+# version); otherwise after the third. NP=3 for three ranks. Exit 0 = pass, 77 = skipped
 # (no data set), anything else = failure.
 #
 # How the job ends: mpirun (Open MPI's ORTE) notices that a local rank died from a
@@ -38,7 +39,7 @@ run "$work/ref.log" || { cat "$work/ref.log"; echo "FAIL: reference run failed";
 ref=$(hash_of "$work/ref.log")
 echo "reference hash $ref"
 
-echo "== 2. the same run with checkpoints every $every steps; SIGKILL one rank after the first checkpoint"
+echo "== 2. the same run with checkpoints every $every steps; SIGKILL one rank mid-run"
 echo "+ mpirun -np $np --oversubscribe $train ${common[*]} --save $work/ck --save-every $every"
 timeout -k 10 600 mpirun -np "$np" --oversubscribe "$train" "${common[@]}" --save "$work/ck" --save-every "$every" \
   >"$work/killed.log" 2>&1 &
@@ -48,6 +49,18 @@ for _ in $(seq 600); do
   kill -0 "$launcher" 2>/dev/null || break
   sleep 0.1
 done
+# Full version: let a few more checkpoints pass, so the kill lands well inside the run.
+if [ $quick = 0 ] && [ -s "$work/ck" ]; then
+  for _ in 1 2; do
+    m0=$(stat -c %Y.%s "$work/ck" 2>/dev/null)
+    for _ in $(seq 600); do
+      [ "$(stat -c %Y.%s "$work/ck" 2>/dev/null)" != "$m0" ] && break
+      kill -0 "$launcher" 2>/dev/null || break
+      sleep 0.1
+    done
+  done
+  sleep 0.5
+fi
 mpirun_pid=$(pgrep -P "$launcher" -x mpirun || true)
 victim=
 if [ -n "$mpirun_pid" ]; then
