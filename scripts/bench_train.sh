@@ -49,8 +49,8 @@ for rep in $(seq "$reps"); do
   echo "repetition $rep/$reps done" >&2
 done
 
-echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(nproc) cores)"
-printf '%-34s' "threads (= MPI ranks for syncbn-train)"
+echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(getconf _NPROCESSORS_ONLN) cores)"
+printf '%-40s' "threads (= MPI ranks for syncbn-train)"
 for t in $threads; do printf '%12s' "$t"; done
 echo
 for row in reproducible fast torch; do
@@ -60,7 +60,7 @@ for row in reproducible fast torch; do
     fast) label="syncbn-train --reduction fast" ;;
     torch) label="PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)') CPU" ;;
   esac
-  printf '%-34s' "$label"
+  printf '%-40s' "$label"
   for t in $threads; do printf '%12s' "$(echo "${R[$row,$t]}" | median)"; done
   printf '   (runs: '
   for t in $threads; do printf '[%s]' "${R[$row,$t]% }"; done

@@ -46,7 +46,7 @@ export OMP_NUM_THREADS=1 # one thread per rank; OpenBLAS is pinned to one thread
 mkdir -p "$out"
 rm -f "$out"/*.csv "$out"/*.txt
 
-say "training: $steps steps of batch 128 per run, $(nproc) cores, output in $out/"
+say "training: $steps steps of batch 128 per run, $(getconf _NPROCESSORS_ONLN) cores, output in $out/"
 printf '%-10s %-6s %-9s %-9s %s\n' "ranks" "BN" "test acc" "images/s" "params sha256"
 declare -A HASH
 run() { # run NAME NP BN
