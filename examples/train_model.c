@@ -182,18 +182,7 @@ static inline void deposit_scaled_int(int64_t *acc, sbx_format f, int64_t q, int
     acc[k + 2] += ((int64_t)(hi >> 32) ^ neg) - neg;
 }
 
-// acc[off + i] += sum over samples s < n of v[s*stride + i], exactly, for i < len.
-//
-// Depositing every value into its superaccumulator costs ~25 scalar instructions.
-// Instead, for a block of parameters and up to 256 samples, we pick a scale 2^L from
-// the block's largest magnitude (values < 2^(L+55), so 256 of them cannot overflow
-// int64) and add every value that is an exact multiple of 2^L into a plain int64
-// (vectorizable: multiply by a power of two, convert, check the round trip). The
-// few values that are not (more than 2^31 below the block max, or Inf/NaN) go to
-// deposit_float. Each int64 is then added to its accumulator exactly. Every path is
-// exact, so the choice of L, blocks and chunks cannot change the final sum: it
-// affects only speed, and results stay independent of the partition.
-// The two inner loops of deposit_samples. Both are exact, so the AVX-512 versions
+// The two inner loops of train_deposit_samples. Both are exact, so the AVX-512 versions
 // give exactly the same sums as the portable ones (only faster).
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -259,6 +248,17 @@ static int64_t add_fixed(int64_t *q, const float *v, int64_t nb, float scale, fl
 }
 #endif
 
+// acc[i] += sum over samples s < n of v[s*stride + i], exactly, for i < len.
+//
+// Depositing every value into its superaccumulator costs ~25 scalar instructions.
+// Instead, for a block of parameters and up to 256 samples, we pick a scale 2^L from
+// the block's largest magnitude (values < 2^(L+55), so 256 of them cannot overflow
+// int64) and add every value that is an exact multiple of 2^L into a plain int64
+// (vectorizable: multiply by a power of two, convert, check the round trip). The
+// few values that are not (more than 2^31 below the block max, or Inf/NaN) go to
+// deposit_float. Each int64 is then added to its accumulator exactly. Every path is
+// exact, so the choice of L, blocks and chunks cannot change the final sum: it
+// affects only speed, and results stay independent of the partition.
 void train_deposit_samples(int64_t *acc, sbx_format f, const float *v, int64_t stride, int64_t n, int64_t len) {
     const int64_t words = sbx_words(f);
     enum { BLOCK = 256, CHUNK = 256 };
