@@ -251,7 +251,7 @@ int main(int argc, char **argv) {
             t_window = now;
             window_images = 0;
         }
-        if (o.save && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < total_steps && train_rank == 0)
+        if (o.save && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < total_steps)
             if (train_model_save(&m, o.save, step + 1, o.seed, o.batch, err, sizeof err) != 0) train_die("%s", err);
         if (o.eval && k + 1 == steps_per_epoch) {
             last_acc = evaluate(&m, &test, xbuf);
@@ -267,7 +267,7 @@ int main(int argc, char **argv) {
     if (t_train > 0.0)
         train_log0("throughput %.0f images/s (%lld images in %.2f s of training steps, %d rank%s)\n", images / t_train,
                    (long long)images, t_train, train_nranks, train_nranks == 1 ? "" : "s");
-    if (o.save && train_rank == 0) {
+    if (o.save) {
         if (train_model_save(&m, o.save, step, o.seed, o.batch, err, sizeof err) != 0) train_die("%s", err);
         train_log0("saved checkpoint %s at step %lld\n", o.save, (long long)step);
     }

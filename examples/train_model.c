@@ -454,40 +454,32 @@ void train_model_hash(train_model *m, char hex[65]) {
 
 // ----------------------------------------------------------------------------
 // Checkpoints. Layout (native endianness; same binary assumed, as for the hash):
-//   char magic[8] "SBNTRAIN"; uint32 version; uint32 nbuffers; int64 nparams;
-//   int64 next_step; uint64 seed; int64 batch;
-//   float params[nparams]; float velocity[nparams]; float buffers[nbuffers];
+//   char magic[8] "SBNTRAIN"; uint32 version, nbuffers, nsets, reserved;
+//   int64 nparams, next_step; uint64 seed; int64 batch;
+//   float params[nparams]; float velocity[nparams]; float buffers[nsets][nbuffers];
 //   uint32 crc32 of everything before it.
+// The BN running statistics are stored once (sync BN: identical on every rank) or once
+// per rank (local BN: each rank has its own), so both kinds of run resume exactly.
 
 #define CKPT_MAGIC "SBNTRAIN"
-#define CKPT_VERSION 1u
+#define CKPT_VERSION 2u
 
 typedef struct {
     char magic[8];
-    uint32_t version, nbuffers;
+    uint32_t version, nbuffers, nsets, reserved;
     int64_t nparams, next_step;
     uint64_t seed;
     int64_t batch;
 } ckpt_header;
 
-int train_model_save(const train_model *m, const char *path, int64_t next_step, uint64_t seed, int64_t batch,
-                     char *err, int errlen) {
-    ckpt_header h;
-    memset(&h, 0, sizeof h);
-    memcpy(h.magic, CKPT_MAGIC, 8);
-    h.version = CKPT_VERSION;
-    h.nbuffers = NBUFFERS;
-    h.nparams = NPARAMS;
-    h.next_step = next_step;
-    h.seed = seed;
-    h.batch = batch;
-    float buf[NBUFFERS];
-    get_buffers((train_model *)m, buf);
+static int write_checkpoint(const char *path, const ckpt_header *h, const float *params, const float *velocity,
+                            const float *bufs, char *err, int errlen) {
+    size_t nbuf = (size_t)h->nbuffers * h->nsets;
     uLong crc = crc32(0L, Z_NULL, 0);
-    crc = crc32(crc, (const Bytef *)&h, sizeof h);
-    crc = crc32(crc, (const Bytef *)m->params, sizeof(float) * NPARAMS);
-    crc = crc32(crc, (const Bytef *)m->momentum, sizeof(float) * NPARAMS);
-    crc = crc32(crc, (const Bytef *)buf, sizeof buf);
+    crc = crc32(crc, (const Bytef *)h, sizeof *h);
+    crc = crc32(crc, (const Bytef *)params, sizeof(float) * NPARAMS);
+    crc = crc32(crc, (const Bytef *)velocity, sizeof(float) * NPARAMS);
+    crc = crc32(crc, (const Bytef *)bufs, (uInt)(sizeof(float) * nbuf));
     uint32_t crc32v = (uint32_t)crc;
 
     char tmp[4200];
@@ -497,9 +489,9 @@ int train_model_save(const train_model *m, const char *path, int64_t next_step, 
         snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
         return -1;
     }
-    int ok = fwrite(&h, sizeof h, 1, f) == 1 && fwrite(m->params, sizeof(float), NPARAMS, f) == NPARAMS &&
-             fwrite(m->momentum, sizeof(float), NPARAMS, f) == NPARAMS &&
-             fwrite(buf, sizeof buf, 1, f) == 1 && fwrite(&crc32v, sizeof crc32v, 1, f) == 1;
+    int ok = fwrite(h, sizeof *h, 1, f) == 1 && fwrite(params, sizeof(float), NPARAMS, f) == NPARAMS &&
+             fwrite(velocity, sizeof(float), NPARAMS, f) == NPARAMS && fwrite(bufs, sizeof(float), nbuf, f) == nbuf &&
+             fwrite(&crc32v, sizeof crc32v, 1, f) == 1;
     // the data must be on disk before the rename makes it visible under the real name
     ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
     ok = (fclose(f) == 0) && ok;
@@ -521,6 +513,36 @@ int train_model_save(const train_model *m, const char *path, int64_t next_step, 
     return 0;
 }
 
+int train_model_save(const train_model *m, const char *path, int64_t next_step, uint64_t seed, int64_t batch,
+                     char *err, int errlen) {
+    int rank, nranks;
+    MPI_Comm_rank(m->comm, &rank);
+    MPI_Comm_size(m->comm, &nranks);
+    ckpt_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, CKPT_MAGIC, 8);
+    h.version = CKPT_VERSION;
+    h.nbuffers = NBUFFERS;
+    h.nsets = m->bn_mode == TRAIN_BN_LOCAL ? (uint32_t)nranks : 1;
+    h.nparams = NPARAMS;
+    h.next_step = next_step;
+    h.seed = seed;
+    h.batch = batch;
+    float mine[NBUFFERS];
+    get_buffers((train_model *)m, mine);
+    float *bufs = train_malloc(sizeof(float) * NBUFFERS * h.nsets);
+    if (h.nsets > 1)
+        MPI_Gather(mine, NBUFFERS, MPI_FLOAT, bufs, NBUFFERS, MPI_FLOAT, 0, m->comm);
+    else
+        memcpy(bufs, mine, sizeof mine);
+    int rc = 0;
+    if (rank == 0) rc = write_checkpoint(path, &h, m->params, m->momentum, bufs, err, errlen);
+    free(bufs);
+    MPI_Bcast(&rc, 1, MPI_INT, 0, m->comm); // every rank reports the same outcome
+    if (rc != 0 && rank != 0) snprintf(err, errlen, "rank 0 could not write %s", path);
+    return rc;
+}
+
 int train_model_load(train_model *m, const char *path, int64_t *next_step, uint64_t seed, int64_t batch, char *err,
                      int errlen) {
     FILE *f = fopen(path, "rb");
@@ -528,9 +550,19 @@ int train_model_load(train_model *m, const char *path, int64_t *next_step, uint6
         snprintf(err, errlen, "cannot open checkpoint %s: %s", path, strerror(errno));
         return -1;
     }
-    size_t want = sizeof(ckpt_header) + 2 * sizeof(float) * NPARAMS + sizeof(float) * NBUFFERS + sizeof(uint32_t);
-    uint8_t *data = train_malloc(want + 1);
-    size_t got = fread(data, 1, want + 1, f);
+    uint8_t *data = NULL;
+    size_t got = 0, cap = 0;
+    for (;;) { // the whole file, whatever its size claims
+        if (got == cap) {
+            cap = cap ? 2 * cap : 1 << 20;
+            uint8_t *p = realloc(data, cap);
+            if (!p) { free(data); fclose(f); snprintf(err, errlen, "out of memory"); return -1; }
+            data = p;
+        }
+        size_t k = fread(data + got, 1, cap - got, f);
+        got += k;
+        if (k == 0) break;
+    }
     fclose(f);
     ckpt_header h;
     if (got >= sizeof h) memcpy(&h, data, sizeof h);
@@ -539,8 +571,10 @@ int train_model_load(train_model *m, const char *path, int64_t *next_step, uint6
         free(data);
         return -1;
     }
-    if (h.version != CKPT_VERSION || h.nparams != NPARAMS || h.nbuffers != NBUFFERS || got != want) {
-        snprintf(err, errlen, "%s: wrong version, model shape or size (%zu bytes, expected %zu)", path, got, want);
+    size_t want = sizeof h + 2 * sizeof(float) * NPARAMS + sizeof(float) * NBUFFERS * (size_t)h.nsets + sizeof(uint32_t);
+    if (h.version != CKPT_VERSION || h.nparams != NPARAMS || h.nbuffers != NBUFFERS || h.nsets < 1 ||
+        h.nsets > (1u << 20) || got != want) {
+        snprintf(err, errlen, "%s: wrong version, model shape or size (%zu bytes)", path, got);
         free(data);
         return -1;
     }
@@ -558,11 +592,20 @@ int train_model_load(train_model *m, const char *path, int64_t *next_step, uint6
         free(data);
         return -1;
     }
+    // local BN on as many ranks as wrote the file: each rank takes its own statistics;
+    // otherwise every rank takes the first set (sync BN: the only one)
+    int rank, nranks;
+    MPI_Comm_rank(m->comm, &rank);
+    MPI_Comm_size(m->comm, &nranks);
+    uint32_t set = m->bn_mode == TRAIN_BN_LOCAL && h.nsets == (uint32_t)nranks ? (uint32_t)rank : 0;
+    if (m->bn_mode == TRAIN_BN_LOCAL && h.nsets != (uint32_t)nranks)
+        train_log0("note: %s holds BN statistics of %u rank(s), not %d: every rank starts from the first\n", path,
+                   h.nsets, nranks);
     const uint8_t *p = data + sizeof h;
     memcpy(m->params, p, sizeof(float) * NPARAMS);
     memcpy(m->momentum, p + sizeof(float) * NPARAMS, sizeof(float) * NPARAMS);
     float buf[NBUFFERS];
-    memcpy(buf, p + 2 * sizeof(float) * NPARAMS, sizeof buf);
+    memcpy(buf, p + 2 * sizeof(float) * NPARAMS + sizeof(float) * NBUFFERS * set, sizeof buf);
     set_buffers(m, buf);
     *next_step = h.next_step;
     free(data);

@@ -111,9 +111,11 @@ int64_t train_model_correct(train_model *m, const float *x, const uint8_t *label
  * running mean and variance (native little-endian floats). */
 void train_model_hash(train_model *m, char hex[65]);
 
-/* Checkpoints: parameters, velocity, BN running statistics, the next step and the
- * run's seed and batch size. Written atomically (temp file, fsync, rename), CRC-32
- * checked. Return 0 or -1 with a reason in err. */
+/* Checkpoints: parameters, velocity, BN running statistics (once, or per rank for
+ * local BN), the next step and the run's seed and batch size. Written atomically
+ * (temp file, fsync, rename) by rank 0, CRC-32 checked. train_model_save is
+ * collective over m->comm; train_model_load is not (every rank reads the file).
+ * Both return 0, or -1 with a reason in err (on every rank for save). */
 int train_model_save(const train_model *m, const char *path, int64_t next_step, uint64_t seed, int64_t batch,
                      char *err, int errlen);
 int train_model_load(train_model *m, const char *path, int64_t *next_step, uint64_t seed, int64_t batch, char *err,
