@@ -86,6 +86,7 @@ llc_kib=$(sed -n 's/K$//p' /sys/devices/system/cpu/cpu0/cache/index3/size 2>/dev
 results=$(mktemp)
 trap '[ -z "${KEEP_RESULTS:-}" ] || cp "$results" "$KEEP_RESULTS"; rm -f "$results"' EXIT
 start=$(date +%s)
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for t in $threads_list; do
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
@@ -111,12 +112,15 @@ if [ "$np2" = 1 ]; then
   done
 fi
 elapsed=$(($(date +%s) - start))
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- table ---------------------------------------------------------------------
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 echo
 echo "Batch normalization, float32, median over $runs runs of the median of $reps reps (${elapsed}s)."
-echo "Machine: $cpu, $(nproc) CPUs. ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
+echo "Machine: $cpu, $(nproc) CPUs; load average $load_start at start, $load_end at end"
+echo "(a load above the CPU count means other work shared the cores: trust ratios, not times)."
+echo "ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
 [ -n "$dnnl_bin" ] || echo "oneDNN: SKIP ($dnnl_why)"
 [ "$torch_ok" = 1 ] || echo "PyTorch: SKIP ($torch_why)"
 awk -v threads="$threads_list" -v shapes="${shapes[*]}" -v have_dnnl="${dnnl_bin:+1}" \
