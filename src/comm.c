@@ -6,13 +6,22 @@
 #include "syncbn.h"
 
 static int comm_keyval = MPI_KEYVAL_INVALID;
+static int comm_live = 0; /* sbn_comm records alive; the keyval is freed with the last */
 
 static void comm_unref(sbn_comm *c)
 {
     if (--c->refs == 0) {
         MPI_Comm_free(&c->inner);
         free(c);
+        comm_live--;
     }
+}
+
+/* Not from inside the delete callback: only once MPI is done with the attribute. */
+static void keyval_release_if_unused(void)
+{
+    if (comm_live == 0 && comm_keyval != MPI_KEYVAL_INVALID)
+        MPI_Comm_free_keyval(&comm_keyval);
 }
 
 /* Called by MPI when the user frees `outer` or we delete the attribute. */
@@ -54,13 +63,15 @@ sbn_comm *sbn_comm_acquire(MPI_Comm outer, int *err)
         return NULL;
     }
     c->inner = inner;
+    comm_live++;
     MPI_Comm_set_errhandler(c->inner, MPI_ERRORS_RETURN);
     c->outer = outer;
     c->refs = 2; /* the caller's and the attribute's */
     c->cached = 1;
     if (MPI_Comm_set_attr(outer, comm_keyval, c) != MPI_SUCCESS) {
-        MPI_Comm_free(&c->inner);
-        free(c);
+        c->refs = 1;
+        comm_unref(c);
+        keyval_release_if_unused();
         return NULL;
     }
     *err = SYNCBN_OK;
@@ -76,9 +87,10 @@ void sbn_comm_release(sbn_comm *c)
          * callback drops the attribute's reference. */
         c->refs--;
         MPI_Comm_delete_attr(c->outer, comm_keyval);
-        return;
+    } else {
+        comm_unref(c);
     }
-    comm_unref(c);
+    keyval_release_if_unused();
 }
 
 /* ---- agreement words ---- */

@@ -62,6 +62,8 @@ static uint64_t double_bits(double v)
     uint64_t u;
     if (isnan(v))
         v = NAN; /* every NaN momentum means the same thing */
+    if (v == 0)
+        v = 0.0; /* and -0.0 is 0.0 */
     memcpy(&u, &v, sizeof u);
     return u;
 }
@@ -375,14 +377,20 @@ static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
     return SYNCBN_OK;
 }
 
-static void update_running(syncbn_layer *l, const double *mean, const double *var, double count)
+/* The running statistics after this batch, into rm/rv (not yet committed).
+ * SYNCBN_ENONFINITE if one would overflow float (e.g. |x| near FLT_MAX). */
+static int next_running(const syncbn_layer *l, const double *mean, const double *var, double count, double *rm,
+                        double *rv)
 {
-    const double f = isnan(l->cfg.momentum) ? 1.0 / (double)l->num_batches_tracked : l->cfg.momentum;
+    const double f = isnan(l->cfg.momentum) ? 1.0 / (double)(l->num_batches_tracked + 1) : l->cfg.momentum;
+    int finite = 1;
     for (int64_t c = 0; c < l->cfg.channels; c++) {
         const double unbiased = var[c] * count / (count - 1);
-        l->running_mean[c] = (float)((1 - f) * l->running_mean[c] + f * mean[c]);
-        l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * unbiased);
+        rm[c] = (1 - f) * l->running_mean[c] + f * mean[c];
+        rv[c] = (1 - f) * l->running_var[c] + f * unbiased;
+        finite &= isfinite((float)rm[c]) && isfinite((float)rv[c]);
     }
+    return finite ? SYNCBN_OK : SYNCBN_ENONFINITE;
 }
 
 int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, int training, float *y)
@@ -399,6 +407,9 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
         return forward_eval(l, x, sh, y);
     }
 
+    /* Whatever happens now, the statistics of an earlier forward no longer belong to
+     * the batch a backward would be called on. */
+    l->saved = 0;
     hdr_put(l, !ok, 0, ok ? n * spatial : 0, KIND_FORWARD, ok ? spatial : 0);
     data_put(l, KIND_FORWARD, x, NULL, sh, ok);
     double count;
@@ -413,9 +424,14 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
     if (rc != SYNCBN_OK)
         return rc;
 
+    if (l->running_mean) {
+        rc = next_running(l, l->t1, l->t2, count, l->t3, l->t4);
+        if (rc != SYNCBN_OK)
+            return rc;
+        for (int64_t c = 0; c < C; c++)
+            l->running_mean[c] = (float)l->t3[c], l->running_var[c] = (float)l->t4[c];
+    }
     l->num_batches_tracked++;
-    if (l->running_mean)
-        update_running(l, l->t1, l->t2, count);
     memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean);
     apply(l, x, y, sh, l->mean, l->t2, l->invstd);
     l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count;

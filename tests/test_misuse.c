@@ -36,18 +36,6 @@ static void expect_all(int rc, int want, const char *what, int line)
 }
 #define EXPECT_ALL(call, want) expect_all((call), (want), #call, __LINE__)
 
-/* Known bugs in code this suite does not own: reported, not failed, unless
- * SYNCBN_STRICT=1 is set. Each use says what the fix is. */
-#define KNOWN_BUG(cond, ...)                                                     \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
-            if (getenv("SYNCBN_STRICT"))                                         \
-                tu_fail(__FILE__, __LINE__, __VA_ARGS__);                        \
-            else if (tu_rank == 0)                                               \
-                fprintf(stderr, "KNOWN BUG (not failed, set SYNCBN_STRICT=1): line %d\n", __LINE__); \
-        }                                                                        \
-    } while (0)
-
 /* ---- layer state as bytes ---- */
 
 typedef struct {
@@ -389,22 +377,41 @@ START_TEST(backward_after_failed_forward)
     MPI_Allreduce(&rc, &lo, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     MPI_Allreduce(&rc, &hi, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     TU_EXPECT(lo == hi, "backward after a failed forward: codes differ across ranks");
-    /* BUG in src/layer.c (syncbn_forward, training path): a failed training forward
-     * keeps l->saved from the previous one. Fix: set `l->saved = 0;` right after the
-     * `if (!l)` check of syncbn_forward (every rank takes the same path, so it stays
-     * consistent). Until then this returns SYNCBN_OK (stale statistics) or, here,
-     * ENONFINITE via the NaN - either way not ESTATE. */
-    KNOWN_BUG(rc == SYNCBN_ESTATE, "backward after a failed training forward returned %s, expected ESTATE",
+    /* A failed training forward invalidates the previous one's statistics. */
+    TU_EXPECT(rc == SYNCBN_ESTATE, "backward after a failed training forward returned %s, expected ESTATE",
               syncbn_strerror(rc));
-    /* Silent variant: forward on x2 fails because ANOTHER rank passed a bad n; this
-     * rank's backward on x2 then returns OK with x1's mean/invstd: wrong gradients. */
+    /* Silent variant: forward on x2 fails because ANOTHER rank passed a bad n; a
+     * backward on x2 must not reuse x1's mean/invstd (that would be wrong gradients). */
     x2[0] = 0.25f;
     EXPECT_ALL(syncbn_forward(l, x1, n, S, 1, y), SYNCBN_OK);
     EXPECT_ALL(syncbn_forward(l, x2, tu_rank == tu_nranks - 1 ? -1 : n, S, 1, y), SYNCBN_EINVAL);
     rc = syncbn_backward(l, x2, x2, n, S, dx, NULL, NULL);
-    KNOWN_BUG(rc == SYNCBN_ESTATE, "backward after an EINVAL forward returned %s, expected ESTATE",
+    TU_EXPECT(rc == SYNCBN_ESTATE, "backward after an EINVAL forward returned %s, expected ESTATE",
               syncbn_strerror(rc));
     free(x1), free(x2);
+    syncbn_destroy(l);
+    tu_verdict();
+}
+END_TEST
+
+/* -0.0 and 0.0 momentum are the same configuration; finite input so large that the
+ * running variance would overflow float is refused, with nothing changed. */
+START_TEST(momentum_signed_zero_and_float_overflow)
+{
+    syncbn_config cfg = syncbn_config_default(3);
+    cfg.momentum = tu_rank % 2 ? -0.0 : 0.0;
+    syncbn_layer *l = NULL;
+    EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
+    syncbn_destroy(l);
+    cfg.momentum = 0.1;
+    EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
+    float x[3 * 4], y[3 * 4];
+    for (int e = 0; e < 12; e++)
+        x[e] = (e % 2 ? 3e38f : -3e38f); /* variance ~9e76: fine in double, not in float */
+    image before = take_image(l);
+    EXPECT_ALL(syncbn_forward(l, x, 2, 2, 1, y), SYNCBN_ENONFINITE);
+    EXPECT_UNCHANGED(l, before);
+    free(before.bytes);
     syncbn_destroy(l);
     tu_verdict();
 }
@@ -466,6 +473,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, backward_other_shape_fast);
     tcase_add_test(tc, backward_other_shape_reproducible);
     tcase_add_test(tc, backward_after_failed_forward);
+    tcase_add_test(tc, momentum_signed_zero_and_float_overflow);
     tcase_add_test(tc, out_of_step_fast);
     tcase_add_test(tc, out_of_step_reproducible);
     suite_add_tcase(s, tc);
