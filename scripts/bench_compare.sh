@@ -75,6 +75,10 @@ torch_ok=0
 torch_why="python3-torch not installed (scripts/bench_compare.sh --install)"
 if [ -x "$torch_py" ] && "$torch_py" -c 'import torch' 2>/dev/null; then torch_ok=1; fi
 
+# Idle OpenMP workers sleep instead of spinning, for every implementation alike: on
+# this shared (CPU-quota) VM spinning workers were descheduled/throttled and single
+# calls then took whole 16 ms scheduler periods. Override by exporting it.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 mpirun_cmd=(mpirun -np 1 --bind-to none) # Open MPI would pin the one rank to one core
 mpirun2_cmd=(mpirun -np 2 --oversubscribe)
 [ "$(id -u)" -ne 0 ] || mpirun_cmd+=(--allow-run-as-root)
@@ -90,7 +94,7 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for t in $threads_list; do
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
-    OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS "$bench" --machine \
+    OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
       --reps "$reps" "${shape_args[@]}" | sed -n -e "s/^RESULT /RESULT threads=$t /p" \
       -e "s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
     if [ -n "$dnnl_bin" ]; then
@@ -107,7 +111,7 @@ done
 if [ "$np2" = 1 ]; then
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: mpirun -np 2, OMP_NUM_THREADS=1, run $k/$runs" >&2
-    OMP_NUM_THREADS=1 "${mpirun2_cmd[@]}" -x OMP_NUM_THREADS "$bench" --machine --reps "$reps" \
+    OMP_NUM_THREADS=1 "${mpirun2_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine --reps "$reps" \
       --shape 32,64,56,56 | sed -n "s/^RESULT /RESULT threads=np2 /p" >>"$results"
   done
 fi
@@ -120,6 +124,7 @@ echo
 echo "Batch normalization, float32, median over $runs runs of the median of $reps reps (${elapsed}s)."
 echo "Machine: $cpu, $(nproc) CPUs; load average $load_start at start, $load_end at end"
 echo "(a load above the CPU count means other work shared the cores: trust ratios, not times)."
+echo "OMP_WAIT_POLICY=$OMP_WAIT_POLICY for all implementations."
 echo "ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
 [ -n "$dnnl_bin" ] || echo "oneDNN: SKIP ($dnnl_why)"
 [ "$torch_ok" = 1 ] || echo "PyTorch: SKIP ($torch_why)"
