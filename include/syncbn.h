@@ -24,10 +24,18 @@
  * communicator, in the same order. All layers created on one communicator share
  * one private duplicate of it, so calls made out of step (rank 0 calling layer A
  * while rank 1 calls layer B) meet each other and are reported as
- * SYNCBN_EMISMATCH, provided both allreduces have the same message size (same C
- * and reduction mode). If the sizes differ, MPI's matching rules make the outcome
- * undefined (usually an MPI error, possibly a hang): that case cannot be detected
- * without a second collective, which we do not pay for.
+ * SYNCBN_EMISMATCH, provided both allreduces have the same message size and element
+ * type (same C and reduction mode). Afterwards the layers stay out of step (every
+ * later call answers SYNCBN_EMISMATCH): recreate them or reload a checkpoint.
+ *
+ * What cannot be detected (no extra collective is paid for it):
+ *   - out-of-step calls whose messages differ in size or element type (different C,
+ *     or FAST meeting REPRODUCIBLE): MPI leaves mismatched collectives undefined
+ *     (usually an MPI error, possibly a hang);
+ *   - a rank that skips a collective call altogether, or passes a NULL layer or
+ *     MPI_COMM_NULL alone: the others wait in the allreduce (a rank that DIES makes
+ *     mpirun end the whole job);
+ *   - a backward given other data than its forward, with the same n and spatial.
  *
  * Threads: kernels may use OpenMP. A layer must not be used by two threads at once;
  * syncbn_create/syncbn_destroy must not run concurrently with each other.
