@@ -3,6 +3,8 @@
 MPIEXEC=${SYNCBN_MPIEXEC:-mpirun}
 DATA=${SYNCBN_DATA:-/usr/share/datasets/fashion-mnist}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# 3-4 ranks on 2 cores: waiting ranks must yield the CPU instead of spinning
+export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
 
 need_data() {
   if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
