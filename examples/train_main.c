@@ -176,8 +176,11 @@ int main(int argc, char **argv) {
     train_dataset train = load_split(o.data_dir, "train", o.train_limit);
     train_dataset test = load_split(o.data_dir, "t10k", o.test_limit);
     if (o.batch > train.n) train_die("--batch %lld exceeds the %lld training images", (long long)o.batch, (long long)train.n);
-    if (o.bn_mode == TRAIN_BN_LOCAL && o.batch / train_nranks < 1)
-        train_die("--bn local needs at least one sample per rank");
+    // per-rank BN needs a sample on every rank in every batch, the last (smaller) one too
+    int64_t last = train.n % o.batch;
+    if (o.bn_mode == TRAIN_BN_LOCAL && (o.batch < train_nranks || (last > 0 && last < train_nranks)))
+        train_die("--bn local needs at least one sample per rank in every batch (batch %lld, last batch %lld, %d ranks)",
+                  (long long)o.batch, (long long)(last ? last : o.batch), train_nranks);
 
     // capacity: the largest slice any rank can get, and a chunk for evaluation
     int64_t cap = (o.batch + train_nranks - 1) / train_nranks;
