@@ -262,9 +262,8 @@ END_TEST
 START_TEST(grad_model_fast) { model_test(TRAIN_FAST); }
 END_TEST
 
-// Fast and reproducible gradients agree to rounding; reproducible is exactly the
-// same when the batch is presented in two halves? No: that needs ranks. Here: the
-// per-parameter exact sums match a double-precision reference of the fast path.
+// The two reduction modes compute the same loss and gradients up to rounding
+// (bitwise invariance across ranks needs several ranks: test_train_invariance.sh).
 START_TEST(fast_matches_reproducible) {
     train_model a, b;
     train_model_init(&a, 3, TRAIN_BN_SYNC, TRAIN_REPRODUCIBLE, 16, MPI_COMM_SELF);
