@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --shape) shapes+=("$2"); shift ;;
     --build-dir) build="$2"; shift ;;
     --no-np2) np2=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
