@@ -6,7 +6,7 @@
 # the ASan+UBSan build and takes over 15 minutes under valgrind: name it to include it.
 # Fails (exit 1) when valgrind reports an error or a definite leak that is not in
 # Open MPI's suppression file or tests/valgrind.supp (Open MPI start-up/shut-down
-# only, plus one documented known bug). Logs: build-valgrind/valgrind/<test>.<pid>.log
+# only). Logs: build-valgrind/valgrind/<test>.<pid>.log
 #
 # Own build without -march=native: valgrind 3.19 cannot execute AVX-512.
 set -euo pipefail
