@@ -10,6 +10,7 @@
 #include "moments.h"
 
 #include <omp.h>
+#include <stdint.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -302,18 +303,6 @@ void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_
  * order, as the scalar tails, so the output bits do not depend on where a vector
  * boundary falls. */
 
-/* 8 doubles rounded to float (to nearest, as a C cast) and stored at p. (A pointer
- * argument: GCC notes a psABI change for 64-byte vectors passed by value.) */
-static inline void store8(float *p, const sbn_v8d *v)
-{
-#ifdef __AVX512F__
-    _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)*v));
-#else
-    sbn_v8f f = __builtin_convertvector(*v, sbn_v8f);
-    memcpy(p, &f, sizeof f);
-#endif
-}
-
 /* 8 consecutive doubles at p (any alignment). */
 static inline sbn_v8d loadd8(const double *p)
 {
@@ -324,39 +313,102 @@ static inline sbn_v8d loadd8(const double *p)
 
 static inline sbn_v8d bcast8(double v) { return (sbn_v8d){v, v, v, v, v, v, v, v}; }
 
+/* Outputs at least this large are written with non-temporal (streaming) stores: they
+ * cannot stay in cache anyway, and streaming skips the read-for-ownership of every
+ * destination line, so a pass moves 8 instead of 12 bytes per element of y (12 instead
+ * of 16 for dx). Only the store instruction differs; the values are the same. */
+#define SBN_NT_MIN_BYTES ((int64_t)16 << 20)
+
+#ifdef __AVX512F__
+#define SBN_HAVE_NT 1
+/* Stores 8 doubles rounded to float (to nearest, as a C cast): streaming (p must be
+ * 32-byte aligned) or not. A pointer argument: GCC notes a psABI change for 64-byte
+ * vectors passed by value. */
+static inline void put8(float *p, const sbn_v8d *v, int nt)
+{
+    const __m256 f = _mm512_cvtpd_ps((__m512d)*v);
+    if (nt)
+        _mm256_stream_ps(p, f);
+    else
+        _mm256_storeu_ps(p, f);
+}
+#else
+#define SBN_HAVE_NT 0
+static inline void put8(float *p, const sbn_v8d *v, int nt)
+{
+    (void)nt;
+    sbn_v8f f = __builtin_convertvector(*v, sbn_v8f);
+    memcpy(p, &f, sizeof f);
+}
+#endif
+
+/* Elements to handle one by one before p + head is 32-byte aligned (0 unless nt). */
+static inline int64_t nt_head(const float *p, int64_t len, int nt)
+{
+    if (!nt)
+        return 0;
+    int64_t h = (int64_t)((32 - ((uintptr_t)p & 31)) & 31) / (int64_t)sizeof(float);
+    return h < len ? h : len;
+}
+
+/* Streaming stores are weakly ordered: each thread fences its own before the
+ * region's closing barrier, so the data are visible to whoever reads them next. */
+static inline void nt_fence(int nt)
+{
+#if SBN_HAVE_NT
+    if (nt)
+        _mm_sfence();
+#else
+    (void)nt;
+#endif
+}
+
 void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
                    sbn_shape sh)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
+    const int nt = SBN_HAVE_NT && n * C * S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
     if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
-#pragma omp parallel for collapse(2) schedule(static) if (n * C * S >= SBN_OMP_MIN_WORK)
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < C; c++) {
-                const float *xr = x + (i * C + c) * S;
-                float *yr = y + (i * C + c) * S;
-                const double m = mean[c], k = scale[c], b = shift[c];
-                const sbn_v8d mv = bcast8(m), kv = bcast8(k), bv = bcast8(b);
-                int64_t s = 0;
-                for (; s + 8 <= S; s += 8) {
-                    const sbn_v8d v = (load8(xr + s) - mv) * kv + bv;
-                    store8(yr + s, &v);
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+        {
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t c = 0; c < C; c++) {
+                    const float *xr = x + (i * C + c) * S;
+                    float *yr = y + (i * C + c) * S;
+                    const double m = mean[c], k = scale[c], b = shift[c];
+                    const sbn_v8d mv = bcast8(m), kv = bcast8(k), bv = bcast8(b);
+                    int64_t s = 0;
+                    for (const int64_t h = nt_head(yr, S, nt); s < h; s++)
+                        yr[s] = (float)(((double)xr[s] - m) * k + b);
+                    for (; s + 8 <= S; s += 8) {
+                        const sbn_v8d v = (load8(xr + s) - mv) * kv + bv;
+                        put8(yr + s, &v, nt);
+                    }
+                    for (; s < S; s++)
+                        yr[s] = (float)(((double)xr[s] - m) * k + b);
                 }
-                for (; s < S; s++)
-                    yr[s] = (float)(((double)xr[s] - m) * k + b);
-            }
+            nt_fence(nt);
+        }
         return;
     }
-#pragma omp parallel for schedule(static) if (n * C * S >= SBN_OMP_MIN_WORK)
-    for (int64_t r = 0; r < n * S; r++) {
-        const float *xr = x + r * C;
-        float *yr = y + r * C;
-        int64_t c = 0;
-        for (; c + 8 <= C; c += 8) {
-            const sbn_v8d v = (load8(xr + c) - loadd8(mean + c)) * loadd8(scale + c) + loadd8(shift + c);
-            store8(yr + c, &v);
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * S; r++) {
+            const float *xr = x + r * C;
+            float *yr = y + r * C;
+            int64_t c = 0;
+            for (const int64_t h = nt_head(yr, C, nt); c < h; c++)
+                yr[c] = (float)(((double)xr[c] - mean[c]) * scale[c] + shift[c]);
+            for (; c + 8 <= C; c += 8) {
+                const sbn_v8d v = (load8(xr + c) - loadd8(mean + c)) * loadd8(scale + c) + loadd8(shift + c);
+                put8(yr + c, &v, nt);
+            }
+            for (; c < C; c++)
+                yr[c] = (float)(((double)xr[c] - mean[c]) * scale[c] + shift[c]);
         }
-        for (; c < C; c++)
-            yr[c] = (float)(((double)xr[c] - mean[c]) * scale[c] + shift[c]);
+        nt_fence(nt);
     }
 }
 
@@ -364,36 +416,49 @@ void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *m
                      const double *a, const double *b, sbn_shape sh)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
+    const int nt = SBN_HAVE_NT && n * C * S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
     if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
-#pragma omp parallel for collapse(2) schedule(static) if (n * C * S >= SBN_OMP_MIN_WORK)
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t off = (i * C + c) * S;
-                const float *xr = x + off, *gr = dy + off;
-                float *dr = dx + off;
-                const double m = mean[c], kc = k[c], ac = a[c], bc = b[c];
-                const sbn_v8d mv = bcast8(m), kv = bcast8(kc), av = bcast8(ac), bv = bcast8(bc);
-                int64_t s = 0;
-                for (; s + 8 <= S; s += 8) {
-                    const sbn_v8d v = kv * (load8(gr + s) - av - (load8(xr + s) - mv) * bv);
-                    store8(dr + s, &v);
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+        {
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t off = (i * C + c) * S;
+                    const float *xr = x + off, *gr = dy + off;
+                    float *dr = dx + off;
+                    const double m = mean[c], kc = k[c], ac = a[c], bc = b[c];
+                    const sbn_v8d mv = bcast8(m), kv = bcast8(kc), av = bcast8(ac), bv = bcast8(bc);
+                    int64_t s = 0;
+                    for (const int64_t h = nt_head(dr, S, nt); s < h; s++)
+                        dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
+                    for (; s + 8 <= S; s += 8) {
+                        const sbn_v8d v = kv * (load8(gr + s) - av - (load8(xr + s) - mv) * bv);
+                        put8(dr + s, &v, nt);
+                    }
+                    for (; s < S; s++)
+                        dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
                 }
-                for (; s < S; s++)
-                    dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
-            }
+            nt_fence(nt);
+        }
         return;
     }
-#pragma omp parallel for schedule(static) if (n * C * S >= SBN_OMP_MIN_WORK)
-    for (int64_t r = 0; r < n * S; r++) {
-        const float *xr = x + r * C, *gr = dy + r * C;
-        float *dr = dx + r * C;
-        int64_t c = 0;
-        for (; c + 8 <= C; c += 8) {
-            const sbn_v8d v =
-                loadd8(k + c) * (load8(gr + c) - loadd8(a + c) - (load8(xr + c) - loadd8(mean + c)) * loadd8(b + c));
-            store8(dr + c, &v);
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * S; r++) {
+            const float *xr = x + r * C, *gr = dy + r * C;
+            float *dr = dx + r * C;
+            int64_t c = 0;
+            for (const int64_t h = nt_head(dr, C, nt); c < h; c++)
+                dr[c] = (float)(k[c] * ((double)gr[c] - a[c] - ((double)xr[c] - mean[c]) * b[c]));
+            for (; c + 8 <= C; c += 8) {
+                const sbn_v8d v =
+                    loadd8(k + c) * (load8(gr + c) - loadd8(a + c) - (load8(xr + c) - loadd8(mean + c)) * loadd8(b + c));
+                put8(dr + c, &v, nt);
+            }
+            for (; c < C; c++)
+                dr[c] = (float)(k[c] * ((double)gr[c] - a[c] - ((double)xr[c] - mean[c]) * b[c]));
         }
-        for (; c < C; c++)
-            dr[c] = (float)(k[c] * ((double)gr[c] - a[c] - ((double)xr[c] - mean[c]) * b[c]));
+        nt_fence(nt);
     }
 }
