@@ -176,11 +176,9 @@ int main(int argc, char **argv) {
     train_dataset train = load_split(o.data_dir, "train", o.train_limit);
     train_dataset test = load_split(o.data_dir, "t10k", o.test_limit);
     if (o.batch > train.n) train_die("--batch %lld exceeds the %lld training images", (long long)o.batch, (long long)train.n);
-    // per-rank BN needs a sample on every rank in every batch, the last (smaller) one too
-    int64_t last = train.n % o.batch;
-    if (o.bn_mode == TRAIN_BN_LOCAL && (o.batch < train_nranks || (last > 0 && last < train_nranks)))
-        train_die("--bn local needs at least one sample per rank in every batch (batch %lld, last batch %lld, %d ranks)",
-                  (long long)o.batch, (long long)(last ? last : o.batch), train_nranks);
+    if (o.bn_mode == TRAIN_BN_LOCAL && o.batch < train_nranks)
+        train_die("--bn local needs at least one sample per rank (batch %lld, %d ranks)", (long long)o.batch,
+                  train_nranks);
 
     // capacity: the largest slice any rank can get, and a chunk for evaluation
     int64_t cap = (o.batch + train_nranks - 1) / train_nranks;
@@ -233,6 +231,11 @@ int main(int argc, char **argv) {
         int64_t base = k * o.batch;
         int64_t b = train.n - base < o.batch ? train.n - base : o.batch;
         int64_t lo = b * train_rank / train_nranks, hi = b * (train_rank + 1) / train_nranks;
+        // per-rank BN needs a sample on every rank, in the last (smaller) batch too
+        if (o.bn_mode == TRAIN_BN_LOCAL && b < train_nranks)
+            train_die("--bn local: step %lld has %lld samples for %d ranks; choose --batch or --train-limit so "
+                      "that every batch has at least one sample per rank", (long long)step + 1, (long long)b,
+                      train_nranks);
         for (int64_t s = lo; s < hi; s++) {
             int32_t idx = perm[base + s];
             normalize(xbuf + (s - lo) * TRAIN_IMG_PIXELS, train.images + (int64_t)idx * TRAIN_IMG_PIXELS);
