@@ -122,7 +122,7 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 echo
 echo "Batch normalization, float32, median over $runs runs of the median of $reps reps (${elapsed}s)."
-echo "Machine: $cpu, $(nproc) CPUs; load average $load_start at start, $load_end at end"
+echo "Machine: $cpu, $(getconf _NPROCESSORS_ONLN) CPUs; load average $load_start at start, $load_end at end"
 echo "(a load above the CPU count means other work shared the cores: trust ratios, not times)."
 echo "OMP_WAIT_POLICY=$OMP_WAIT_POLICY for all implementations."
 echo "ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
