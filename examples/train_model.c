@@ -104,8 +104,13 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     if (reduction == TRAIN_REPRODUCIBLE) m->dw_all = falloc(cap * NG);
 
     m->fmt = SBX_LINEAR;
-    if (reduction == TRAIN_REPRODUCIBLE)
+    if (reduction == TRAIN_REPRODUCIBLE) {
+        int nr;
+        MPI_Comm_size(comm, &nr);
         m->acc = train_malloc(sizeof(int64_t) * (size_t)((NPARAMS + 1) * sbx_words(m->fmt)));
+        m->rounded = train_malloc(sizeof(double) * (NPARAMS + 1));
+        m->rs_counts = train_malloc(sizeof(int) * 3 * (size_t)nr);
+    }
 }
 
 void train_model_free(train_model *m) {
@@ -113,7 +118,7 @@ void train_model_free(train_model *m) {
     syncbn_destroy(m->bn2);
     void *bufs[] = {m->params, m->grads, m->momentum, m->x, m->col1, m->c1, m->b1, m->p1, m->arg1, m->col2,
                     m->c2, m->b2, m->p2, m->arg2, m->logits, m->probs, m->dlogits, m->dp2, m->db2, m->dp1,
-                    m->db1, m->dcol2, m->dw_all, m->acc};
+                    m->db1, m->dcol2, m->dw_all, m->acc, m->rounded, m->rs_counts};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     memset(m, 0, sizeof *m);
 }
@@ -382,16 +387,32 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
 
     double loss_sum;
     if (repro) {
-        // ONE collective for all gradients and the loss, then one rounding each
-        int rc = sbx_allreduce(m->acc, NPARAMS + 1, m->fmt, m->comm);
-        if (rc != MPI_SUCCESS) train_die("sbx_allreduce failed (MPI error %d)", rc);
-        // round each accumulator once, and clear it for the next step while it is in cache
-        for (int64_t i = 0; i < NPARAMS; i++) {
-            m->grads[i] = (float)sbx_round(m->acc + i * words, m->fmt);
-            sbx_zero(m->acc + i * words, m->fmt);
+        // Each rank rounds only its share of the accumulators: normalize (so that P
+        // ranks' digit words cannot overflow when added), reduce-scatter the exact
+        // integers, round the share once, all-gather the rounded doubles. The values
+        // are those of sbx_allreduce + sbx_round on every rank; the rounding work is
+        // divided by P instead of repeated on every rank.
+        const int64_t nacc = NPARAMS + 1;
+        int rank, nr;
+        MPI_Comm_rank(m->comm, &rank);
+        MPI_Comm_size(m->comm, &nr);
+        int *cnt = m->rs_counts, *dcnt = cnt + nr, *displ = dcnt + nr;
+        for (int r = 0; r < nr; r++) {
+            int64_t a = nacc * r / nr, b = nacc * (r + 1) / nr;
+            cnt[r] = (int)((b - a) * words);
+            dcnt[r] = (int)(b - a);
+            displ[r] = (int)a;
         }
-        loss_sum = sbx_round(m->acc + NPARAMS * words, m->fmt);
-        sbx_zero(m->acc + NPARAMS * words, m->fmt);
+        for (int64_t i = 0; i < nacc; i++) sbx_normalize(m->acc + i * words, m->fmt);
+        int rc = MPI_Reduce_scatter(MPI_IN_PLACE, m->acc, cnt, MPI_INT64_T, MPI_SUM, m->comm);
+        for (int64_t i = 0; rc == MPI_SUCCESS && i < dcnt[rank]; i++) // our share is now at the front
+            m->rounded[displ[rank] + i] = sbx_round(m->acc + i * words, m->fmt);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, m->rounded, dcnt, displ, MPI_DOUBLE, m->comm);
+        if (rc != MPI_SUCCESS) train_die("exact gradient reduction failed (MPI error %d)", rc);
+        for (int64_t i = 0; i < NPARAMS; i++) m->grads[i] = (float)m->rounded[i];
+        loss_sum = m->rounded[NPARAMS];
+        memset(m->acc, 0, sizeof(int64_t) * (size_t)(nacc * words)); // zero for the next step
     } else {
         MPI_Allreduce(MPI_IN_PLACE, m->grads, NPARAMS, MPI_FLOAT, MPI_SUM, m->comm);
         MPI_Allreduce(&loss_local, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, m->comm);

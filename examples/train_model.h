@@ -10,8 +10,9 @@
  * Each rank runs the model on its own contiguous slice of n samples. Gradients:
  *   TRAIN_REPRODUCIBLE: every sample's weight-gradient contribution is computed
  *     with the same GEMM shapes, deposited into one exact accumulator per
- *     parameter (exactsum.h), and all accumulators (plus one for the loss) are
- *     combined over ranks in ONE sbx_allreduce and rounded once. The result
+ *     parameter (exactsum.h); all accumulators (plus one for the loss) are summed
+ *     exactly over ranks (one reduce-scatter of the integer words), each rank
+ *     rounds its share once, and the rounded values are all-gathered. The result
  *     depends only on the global batch, not on the number of ranks or the split.
  *   TRAIN_FAST: per-rank float sums, one MPI_Allreduce on floats.
  * BN weight/bias gradients come from syncbn_backward, which already sums over the
@@ -87,7 +88,9 @@ typedef struct {
 
     // reproducible mode: one exact accumulator per parameter, plus the loss
     sbx_format fmt;
-    int64_t *acc;    /* (nparams + 1, sbx_words(fmt)) */
+    int64_t *acc;    /* (nparams + 1, sbx_words(fmt)), all zero between steps */
+    double *rounded; /* (nparams + 1) the rounded sums, gathered from every rank's share */
+    int *rs_counts;  /* (3, nranks) reduce-scatter counts, gather counts, displacements */
 } train_model;
 
 /* Collective over comm (creates the BN layers). Parameters are initialized from
