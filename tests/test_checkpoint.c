@@ -115,29 +115,6 @@ static void fix_crc(unsigned char *buf, size_t len)
     put_u32(buf + len - 4, (uint32_t)crc32(0L, buf, (uInt)(len - 4)));
 }
 
-/* A byte image of everything load may change: the four arrays (where present) and
- * num_batches_tracked. Compared with memcmp, so even NaN payloads must match. */
-typedef struct {
-    unsigned char *bytes;
-    size_t len;
-} image;
-
-static image take_image(syncbn_layer *l)
-{
-    syncbn_config c;
-    syncbn_get_config(l, &c);
-    const size_t arr = (size_t)c.channels * sizeof(float);
-    image im = {malloc(4 * arr + 8), 0};
-    float *a[4] = {syncbn_weight(l), syncbn_bias(l), syncbn_running_mean(l), syncbn_running_var(l)};
-    for (int k = 0; k < 4; k++)
-        if (a[k])
-            memcpy(im.bytes + im.len, a[k], arr), im.len += arr;
-    int64_t nbt = syncbn_num_batches_tracked(l);
-    memcpy(im.bytes + im.len, &nbt, 8), im.len += 8;
-    return im;
-}
-
-static int same_image(image a, image b) { return a.len == b.len && memcmp(a.bytes, b.bytes, a.len) == 0; }
 
 /* Rank-dependent input of n samples for a layer with C channels and S positions. */
 static float *make_x(int64_t n, int64_t C, int64_t S, uint64_t salt)
@@ -180,8 +157,8 @@ static void roundtrip(syncbn_config cfg)
     EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &b), SYNCBN_OK);
     EXPECT_CODE(syncbn_save(a, path), SYNCBN_OK);
     EXPECT_CODE(syncbn_load(b, path), SYNCBN_OK);
-    image ia = take_image(a), ib = take_image(b);
-    TU_EXPECT(same_image(ia, ib), "state after load differs from the saved layer");
+    tu_image ia = tu_take_image(a), ib = tu_take_image(b);
+    TU_EXPECT(tu_same_image(ia, ib), "state after load differs from the saved layer");
     TU_EXPECT(syncbn_num_batches_tracked(b) == 3, "num_batches_tracked %lld",
               (long long)syncbn_num_batches_tracked(b));
     TU_EXPECT(count_entries(".tmp.") == 0, "temporary file left behind");
@@ -196,8 +173,8 @@ static void roundtrip(syncbn_config cfg)
     EXPECT_CODE(syncbn_forward(b, x, n, S, 1, yb), SYNCBN_OK);
     TU_EXPECT(memcmp(ya, yb, (size_t)(n * C * S) * 4) == 0, "training forward after load differs");
     free(ia.bytes), free(ib.bytes);
-    ia = take_image(a), ib = take_image(b);
-    TU_EXPECT(same_image(ia, ib), "state after a training step differs");
+    ia = tu_take_image(a), ib = tu_take_image(b);
+    TU_EXPECT(tu_same_image(ia, ib), "state after a training step differs");
 
     /* A load invalidates the statistics saved for backward, even from the same layer. */
     EXPECT_CODE(syncbn_load(b, path), SYNCBN_OK);
@@ -246,8 +223,8 @@ START_TEST(overwrite_and_nan)
     syncbn_weight(a)[1] = odd.f;
     EXPECT_CODE(syncbn_save(a, path), SYNCBN_OK); /* replaces it */
     EXPECT_CODE(syncbn_load(b, path), SYNCBN_OK);
-    image ia = take_image(a), ib = take_image(b);
-    TU_EXPECT(same_image(ia, ib), "overwritten checkpoint does not hold the new state");
+    tu_image ia = tu_take_image(a), ib = tu_take_image(b);
+    TU_EXPECT(tu_same_image(ia, ib), "overwritten checkpoint does not hold the new state");
     free(ia.bytes), free(ib.bytes);
     syncbn_destroy(a), syncbn_destroy(b);
     remove_tmpdir();
@@ -267,8 +244,8 @@ START_TEST(hyperparameters_need_not_match)
     EXPECT_CODE(syncbn_create(&other, MPI_COMM_WORLD, &b), SYNCBN_OK);
     EXPECT_CODE(syncbn_save(a, path), SYNCBN_OK);
     EXPECT_CODE(syncbn_load(b, path), SYNCBN_OK);
-    image ia = take_image(a), ib = take_image(b);
-    TU_EXPECT(same_image(ia, ib), "state not loaded across hyperparameters");
+    tu_image ia = tu_take_image(a), ib = tu_take_image(b);
+    TU_EXPECT(tu_same_image(ia, ib), "state not loaded across hyperparameters");
     syncbn_config got;
     syncbn_get_config(b, &got);
     TU_EXPECT(got.eps == 1e-3 && got.momentum == 0.5 && got.layout == SYNCBN_NHWC &&
@@ -285,13 +262,13 @@ END_TEST
 
 /* Loads `path` into l expecting `code`; checks nothing changed and that the saved
  * training statistics still serve a backward (one is pending, see callers). */
-static void expect_rejected(syncbn_layer *l, image before, const char *path, int code, const char *what, long at)
+static void expect_rejected(syncbn_layer *l, tu_image before, const char *path, int code, const char *what, long at)
 {
     int rc = syncbn_load(l, path);
     TU_EXPECT(rc == code, "%s (%ld): load returned %s, expected %s", what, at, syncbn_strerror(rc),
               syncbn_strerror(code));
-    image now = take_image(l);
-    TU_EXPECT(same_image(before, now), "%s (%ld): failed load changed the layer", what, at);
+    tu_image now = tu_take_image(l);
+    TU_EXPECT(tu_same_image(before, now), "%s (%ld): failed load changed the layer", what, at);
     free(now.bytes);
 }
 
@@ -315,7 +292,7 @@ START_TEST(corrupt_files)
     const int64_t n = 2, S = 5;
     float *x = make_x(n, 3, S, 7), *y = malloc(sizeof(float) * 30), *dx = malloc(sizeof(float) * 30);
     EXPECT_CODE(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
 
     /* truncated at every length, 0 .. len-1 */
     for (size_t t = 0; t < len; t++) {
@@ -380,7 +357,7 @@ START_TEST(wrong_shape)
     in_tmp(path, sizeof path, "shape.ckpt");
     syncbn_config base = syncbn_config_default(4);
     syncbn_layer *l = trained_layer(base, 1);
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
     syncbn_config others[5];
     for (int k = 0; k < 5; k++)
         others[k] = base;
@@ -410,7 +387,7 @@ START_TEST(io_errors)
     char path[256], sub[128], file_as_dir[128];
     syncbn_config cfg = syncbn_config_default(3);
     syncbn_layer *l = trained_layer(cfg, 1);
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
 
     EXPECT_CODE(syncbn_save(NULL, "x"), SYNCBN_EINVAL);
     EXPECT_CODE(syncbn_save(l, NULL), SYNCBN_EINVAL);
@@ -481,8 +458,8 @@ START_TEST(atomic_save)
               "failed save changed the previous file");
     TU_EXPECT(count_entries(".tmp.") == 0, "temporary file left behind");
     EXPECT_CODE(syncbn_load(check, path), SYNCBN_OK);
-    image io = take_image(old), ic = take_image(check);
-    TU_EXPECT(same_image(io, ic), "previous checkpoint no longer loads to the previous state");
+    tu_image io = tu_take_image(old), ic = tu_take_image(check);
+    TU_EXPECT(tu_same_image(io, ic), "previous checkpoint no longer loads to the previous state");
     free(io.bytes), free(ic.bytes), free(bytes0), free(bytes1);
     syncbn_destroy(old), syncbn_destroy(newer), syncbn_destroy(check);
     remove_tmpdir();

@@ -38,30 +38,10 @@ static void expect_all(int rc, int want, const char *what, int line)
 
 /* ---- layer state as bytes ---- */
 
-typedef struct {
-    unsigned char *bytes;
-    size_t len;
-} image;
-
-static image take_image(syncbn_layer *l)
+static void expect_unchanged(syncbn_layer *l, tu_image before, int line)
 {
-    syncbn_config c;
-    syncbn_get_config(l, &c);
-    const size_t arr = (size_t)c.channels * sizeof(float);
-    image im = {malloc(4 * arr + 8), 0};
-    float *a[4] = {syncbn_weight(l), syncbn_bias(l), syncbn_running_mean(l), syncbn_running_var(l)};
-    for (int k = 0; k < 4; k++)
-        if (a[k])
-            memcpy(im.bytes + im.len, a[k], arr), im.len += arr;
-    int64_t nbt = syncbn_num_batches_tracked(l);
-    memcpy(im.bytes + im.len, &nbt, 8), im.len += 8;
-    return im;
-}
-
-static void expect_unchanged(syncbn_layer *l, image before, int line)
-{
-    image now = take_image(l);
-    TU_EXPECT(now.len == before.len && memcmp(now.bytes, before.bytes, now.len) == 0,
+    tu_image now = tu_take_image(l);
+    TU_EXPECT(tu_same_image(now, before),
               "line %d: a failed call changed the layer", line);
     free(now.bytes);
 }
@@ -186,7 +166,7 @@ static void forward_bad_shapes(syncbn_reduction red, syncbn_layout layout)
     const int64_t n = 2, S = 4, C = 3;
     float *x = make_x(n * C * S, 2), *y = malloc(sizeof(float) * (size_t)(n * C * S));
     EXPECT_ALL(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK); /* some state worth protecting */
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
 
     struct { int64_t n, S; int xnull, ynull; } cases[] = {
         {1, INT64_MAX / 3 + 1, 0, 0},     /* C*S overflows */
@@ -237,7 +217,7 @@ static void spatial_mismatch(syncbn_reduction red)
     syncbn_layer *l = NULL;
     EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
     float *x = make_x(64, 3), y[64];
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
     if (tu_nranks > 1) {
         /* same element count n*S on every rank, different S on rank 1 */
         const int odd = tu_rank == 1;
@@ -275,7 +255,7 @@ static void nonfinite(syncbn_reduction red, syncbn_layout layout, double momentu
     float *x = make_x(count, 4), *y = malloc(sizeof(float) * (size_t)count);
     float *dx = malloc(sizeof(float) * (size_t)count), dw[5], db[5];
     EXPECT_ALL(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
     const float bad[4] = {NAN, INFINITY, -INFINITY, -NAN};
     for (int k = 0; k < 4; k++) {
         const int culprit = k % tu_nranks;
@@ -300,7 +280,7 @@ static void nonfinite(syncbn_reduction red, syncbn_layout layout, double momentu
      * one (see backward_after_failed_forward for why). */
     EXPECT_ALL(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
     free(before.bytes);
-    before = take_image(l);
+    before = tu_take_image(l);
     float *dy = make_x(count, 5);
     if (tu_rank == tu_nranks - 1)
         dy[count - 1] = INFINITY;
@@ -341,7 +321,7 @@ static void backward_other_shape(syncbn_reduction red)
     const int64_t n = 2, S = 4;
     float *x = make_x(64, 6), *y = malloc(64 * sizeof(float)), *dx = malloc(64 * sizeof(float)), dw[3], db[3];
     EXPECT_ALL(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
     EXPECT_ALL(syncbn_backward(l, x, x, n, 2, dx, dw, db), SYNCBN_ESTATE);         /* other S, all ranks */
     EXPECT_ALL(syncbn_backward(l, x, x, n + 1, S, dx, dw, db), SYNCBN_ESTATE);     /* other n, all ranks */
     EXPECT_ALL(syncbn_backward(l, x, x, 1, 8, dx, dw, db), SYNCBN_ESTATE);         /* same n*S */
@@ -408,7 +388,7 @@ START_TEST(momentum_signed_zero_and_float_overflow)
     float x[3 * 4], y[3 * 4];
     for (int e = 0; e < 12; e++)
         x[e] = (e % 2 ? 3e38f : -3e38f); /* variance ~9e76: fine in double, not in float */
-    image before = take_image(l);
+    tu_image before = tu_take_image(l);
     EXPECT_ALL(syncbn_forward(l, x, 2, 2, 1, y), SYNCBN_ENONFINITE);
     EXPECT_UNCHANGED(l, before);
     free(before.bytes);
@@ -430,7 +410,7 @@ static void out_of_step(syncbn_reduction red)
     EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &b), SYNCBN_OK);
     EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &c), SYNCBN_OK);
     float *x = make_x(24, 9), y[24], dx[24];
-    image ia = take_image(a), ib = take_image(b);
+    tu_image ia = tu_take_image(a), ib = tu_take_image(b);
     /* rank 0 on layer a, the others on layer b (the PyTorch "rank skips a layer" case) */
     EXPECT_ALL(syncbn_forward(tu_rank == 0 ? a : b, x, 2, 4, 1, y), SYNCBN_EMISMATCH);
     EXPECT_UNCHANGED(a, ia);
@@ -443,7 +423,7 @@ static void out_of_step(syncbn_reduction red)
     syncbn_layer *d = NULL;
     EXPECT_ALL(syncbn_create(&cfg, MPI_COMM_WORLD, &d), SYNCBN_OK);
     EXPECT_ALL(syncbn_forward(d, x, 2, 4, 1, y), SYNCBN_OK);
-    image id = take_image(d);
+    tu_image id = tu_take_image(d);
     int rc = tu_rank == 0 ? syncbn_forward(d, x, 2, 4, 1, y) : syncbn_backward(d, x, x, 2, 4, dx, NULL, NULL);
     expect_all(rc, SYNCBN_EMISMATCH, "forward meeting backward", __LINE__);
     EXPECT_UNCHANGED(d, id);

@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int tu_rank = 0, tu_nranks = 1;
@@ -44,6 +45,23 @@ int tu_close(double got, double ref, double rtol, double floor)
     double scale = fabs(ref) > floor ? fabs(ref) : floor;
     return fabs(got - ref) <= rtol * scale; /* false for NaN */
 }
+
+tu_image tu_take_image(syncbn_layer *l)
+{
+    syncbn_config c;
+    syncbn_get_config(l, &c);
+    const size_t arr = (size_t)c.channels * sizeof(float);
+    tu_image im = {malloc(4 * arr + 8), 0};
+    float *a[4] = {syncbn_weight(l), syncbn_bias(l), syncbn_running_mean(l), syncbn_running_var(l)};
+    for (int k = 0; k < 4; k++)
+        if (a[k])
+            memcpy(im.bytes + im.len, a[k], arr), im.len += arr;
+    int64_t nbt = syncbn_num_batches_tracked(l);
+    memcpy(im.bytes + im.len, &nbt, 8), im.len += 8;
+    return im;
+}
+
+int tu_same_image(tu_image a, tu_image b) { return a.len == b.len && memcmp(a.bytes, b.bytes, a.len) == 0; }
 
 void tu_verdict(void)
 {

@@ -12,7 +12,10 @@
 
 #include <check.h>
 #include <mpi.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include "syncbn.h"
 
 extern int tu_rank, tu_nranks;
 
@@ -31,6 +34,16 @@ void tu_fail(const char *file, int line, const char *fmt, ...);
 
 /* |got - ref| <= rtol * max(|ref|, floor) */
 int tu_close(double got, double ref, double rtol, double floor);
+
+/* A byte image of everything a failed call must leave alone: weight, bias,
+ * running_mean, running_var (where present) and num_batches_tracked. Compared with
+ * memcmp, so even NaN payloads must match. Free .bytes when done. */
+typedef struct {
+    unsigned char *bytes;
+    size_t len;
+} tu_image;
+tu_image tu_take_image(syncbn_layer *l);
+int tu_same_image(tu_image a, tu_image b);
 
 /* Collective: asserts that no rank recorded a failure since the last verdict. */
 void tu_verdict(void);
