@@ -628,6 +628,9 @@ int train_model_load(train_model *m, const char *path, int64_t *next_step, uint6
     float buf[NBUFFERS];
     memcpy(buf, p + 2 * sizeof(float) * NPARAMS + sizeof(float) * NBUFFERS * set, sizeof buf);
     set_buffers(m, buf);
+    // every step made one training forward through each BN layer
+    syncbn_set_num_batches_tracked(m->bn1, h.next_step);
+    syncbn_set_num_batches_tracked(m->bn2, h.next_step);
     *next_step = h.next_step;
     free(data);
     return 0;

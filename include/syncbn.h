@@ -128,6 +128,10 @@ SYNCBN_EXTERN float *syncbn_bias(syncbn_layer *layer);         /* [C]; NULL when
 SYNCBN_EXTERN float *syncbn_running_mean(syncbn_layer *layer); /* [C]; NULL when !track_running_stats */
 SYNCBN_EXTERN float *syncbn_running_var(syncbn_layer *layer);  /* [C]; NULL when !track_running_stats */
 SYNCBN_EXTERN int64_t syncbn_num_batches_tracked(const syncbn_layer *layer); /* -1 if layer is NULL */
+/* Sets num_batches_tracked (e.g. when restoring training state kept elsewhere; it is
+ * the divisor of the cumulative average when momentum is NAN). n >= 0, else
+ * SYNCBN_EINVAL. Not collective: give every rank the same value. */
+SYNCBN_EXTERN int syncbn_set_num_batches_tracked(syncbn_layer *layer, int64_t n);
 /* The configuration the layer was created with; SYNCBN_EINVAL if either pointer is NULL. */
 SYNCBN_EXTERN int syncbn_get_config(const syncbn_layer *layer, syncbn_config *cfg);
 

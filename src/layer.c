@@ -199,6 +199,14 @@ float *syncbn_running_mean(syncbn_layer *l) { return l ? l->running_mean : NULL;
 float *syncbn_running_var(syncbn_layer *l) { return l ? l->running_var : NULL; }
 int64_t syncbn_num_batches_tracked(const syncbn_layer *l) { return l ? l->num_batches_tracked : -1; }
 
+int syncbn_set_num_batches_tracked(syncbn_layer *l, int64_t n)
+{
+    if (!l || n < 0)
+        return SYNCBN_EINVAL;
+    l->num_batches_tracked = n;
+    return SYNCBN_OK;
+}
+
 int syncbn_get_config(const syncbn_layer *l, syncbn_config *cfg)
 {
     if (!l || !cfg)

@@ -490,6 +490,21 @@ START_TEST(errors_collective)
     syncbn_destroy(l);
     syncbn_destroy(NULL);
 
+    /* num_batches_tracked setter: it is the divisor of the cumulative average */
+    cfg.affine = 1, cfg.momentum = NAN;
+    EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
+    EXPECT_CODE(syncbn_set_num_batches_tracked(l, -1), SYNCBN_EINVAL);
+    EXPECT_CODE(syncbn_set_num_batches_tracked(NULL, 3), SYNCBN_EINVAL);
+    EXPECT_CODE(syncbn_set_num_batches_tracked(l, 3), SYNCBN_OK);
+    for (int e = 0; e < 32; e++)
+        x[e] = 8.0f; /* batch mean 8 in every channel */
+    EXPECT_CODE(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
+    TU_EXPECT(syncbn_num_batches_tracked(l) == 4, "num_batches_tracked %lld", (long long)syncbn_num_batches_tracked(l));
+    /* running_mean = (1 - 1/4) * 0 + (1/4) * 8 */
+    TU_EXPECT(syncbn_running_mean(l)[0] == 2.0f, "cumulative average after setter: %g", syncbn_running_mean(l)[0]);
+    syncbn_destroy(l);
+    cfg.momentum = 0.1;
+
     /* untracked eval on an empty rank: nothing to normalize with */
     cfg.track_running_stats = 0;
     EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
