@@ -114,7 +114,8 @@ SYNCBN_EXTERN syncbn_config syncbn_config_default(int64_t channels);
  * configuration (else SYNCBN_EMISMATCH on every rank), and attaches the layer to the
  * library's private duplicate of comm (created on first use, MPI_ERRORS_RETURN).
  * On success *out owns the layer; free it with syncbn_destroy. On failure *out is
- * set to NULL. Any intracommunicator works; sub-communicators give group-wise sync. */
+ * set to NULL. Any intracommunicator works; sub-communicators give group-wise sync.
+ * MPI_COMM_NULL and intercommunicators: SYNCBN_EINVAL. */
 SYNCBN_EXTERN int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out);
 
 /* Collective (it may free the private communicator). NULL is a no-op. */

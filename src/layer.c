@@ -126,8 +126,9 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
         *out = NULL;
     if (MPI_Initialized(&inited) != MPI_SUCCESS || !inited)
         return SYNCBN_ESTATE;
-    if (comm == MPI_COMM_NULL)
-        return SYNCBN_EINVAL;
+    int inter = 0;
+    if (comm == MPI_COMM_NULL || MPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS || inter)
+        return SYNCBN_EINVAL; /* an intercommunicator's allreduce mixes the two groups */
 
     const int bad = !out || !cfg || !config_valid(cfg);
     syncbn_layer *l = bad ? NULL : layer_alloc(cfg);

@@ -544,6 +544,14 @@ START_TEST(errors_out_of_step)
     TU_EXPECT(tu_close(syncbn_running_mean(a)[0], 0.1 * ((tu_rank % 2 ? 100 : 0) + 3.5), 1e-6, 1),
               "group mean %g", syncbn_running_mean(a)[0]);
     syncbn_destroy(a);
+    if (tu_nranks > 1) { /* intercommunicators are refused on every rank */
+        MPI_Comm inter;
+        MPI_Intercomm_create(half, 0, MPI_COMM_WORLD, tu_rank % 2 ? 0 : 1, 77, &inter);
+        a = (syncbn_layer *)&cfg;
+        EXPECT_CODE(syncbn_create(&cfg, inter, &a), SYNCBN_EINVAL);
+        TU_EXPECT(a == NULL, "refused create must set *out to NULL");
+        MPI_Comm_free(&inter);
+    }
     MPI_Comm_free(&half);
     TU_EXPECT(strcmp(syncbn_strerror(SYNCBN_EMISMATCH), syncbn_strerror(SYNCBN_EINVAL)) != 0 &&
                   strcmp(syncbn_strerror(12345), "unknown error code") == 0,
