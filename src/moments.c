@@ -210,6 +210,92 @@ static inline int xs_mbits(int src)
 
 typedef uint64_t sbn_v8u __attribute__((vector_size(64)));
 
+/* Pass 1 step: the largest magnitude and the smallest nonzero magnitude (minus one, so
+ * that a zero wraps to the top) of each lane, on the bit patterns (NaN > Inf > finite). */
+static inline __attribute__((always_inline)) void track(sbn_v8d v, sbn_v8u *mx, sbn_v8u *mn)
+{
+    const uint64_t big = INT64_MAX;
+    const sbn_v8u absmask = {big, big, big, big, big, big, big, big}, one = absmask & 1;
+    sbn_v8u b = (sbn_v8u)v & absmask, bm = b - one;
+#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
+    *mx = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)*mx);
+    *mn = (sbn_v8u)_mm512_min_epu64((__m512i)bm, (__m512i)*mn);
+#else
+    sbn_v8u gt = (sbn_v8u)(b > *mx), lt = (sbn_v8u)(bm < *mn);
+    *mx = (b & gt) | (*mx & ~gt);
+    *mn = (bm & lt) | (*mn & ~lt);
+#endif
+}
+
+/* Per-lane plan of one sum from pass 1 (see above): e0 = log2 u0, e1 = log2 u1, the
+ * extraction constants sigma, and whether the lane is taken at all. Returns 1 if every
+ * taken lane needs one level only. */
+typedef struct {
+    double s0[32];
+    int32_t E0[32], E1[32];
+    int ok[32];
+} xplan;
+
+static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
+                                                            int mbits, sbx_format f, xplan *pl)
+{
+    const int B = SBN_XB_BITS;
+    int one_level = 1;
+    for (int q = 0; q < nv; q++)
+        for (int j = 0; j < 8; j++) {
+            const int l = 8 * q + j;
+            int32_t eb = (int32_t)(mx[q][j] >> 52), e = (eb ? eb : 1) - 1022; /* every |v| < 2^e */
+            int32_t e1 = e + 2 * B - 103 > f.lsb_exp ? e + 2 * B - 103 : f.lsb_exp, e0 = e1 + 52 - B;
+            int32_t lo = e0; /* every value is a multiple of 2^lo; all zero: of anything */
+            if (mn[q][j] != ~UINT64_C(0)) {
+                int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
+                lo = (ebm ? ebm : 1) - 1023 - mbits;
+            }
+            pl->ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
+            if (!pl->ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
+            else if (lo < e0) one_level = 0;
+            pl->E0[l] = e0, pl->E1[l] = e1;
+            pl->s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
+        }
+    return one_level;
+}
+
+/* Pass 2 step: T0 += q0, T1 += v - q0 (or T0 += v with one level). */
+static inline __attribute__((always_inline)) void extract(sbn_v8d v, sbn_v8d s0, int one_level, sbn_v8d *T0,
+                                                          sbn_v8d *T1)
+{
+    if (one_level) {
+        *T0 += v;
+    } else {
+        sbn_v8d q0 = (v + s0) - s0;
+        *T0 += q0, *T1 += v - q0;
+    }
+}
+
+/* Deposits each taken lane's exact total; the other lanes' partials one by one. */
+static inline __attribute__((always_inline)) void deposit_lanes(int src, int nv, const sbn_v8d *T0,
+                                                                const sbn_v8d *T1, const xplan *pl,
+                                                                const double *p, const float *x,
+                                                                const float *dy, const double *m, int64_t ld,
+                                                                int64_t K, sbx_format f, int64_t *acc)
+{
+    const int B = SBN_XB_BITS;
+    const int64_t W = sbx_words(f);
+    for (int q = 0; q < nv; q++)
+        for (int j = 0; j < 8; j++) {
+            const int l = 8 * q + j;
+            int64_t *a = acc + l * W;
+            if (pl->ok[l]) {
+                __int128 v = (__int128)scaled_int(T0[q][j], pl->E0[l]) * ((__int128)1 << (52 - B)) +
+                             scaled_int(T1[q][j], pl->E1[l]);
+                sbx_add_scaled(a, f, v, pl->E1[l]);
+            } else {
+                for (int64_t k = 0; k < K; k++)
+                    sbx_add(a, f, xs_scalar(src, p, x, dy, m, k * ld + l, l));
+            }
+        }
+}
+
 /* Deposits the partials (k, j), k < K <= SBN_XB, of 8*nv channels j (nv <= 4, a
  * compile-time constant; several lane groups at once hide the latency of the
  * accumulation chains) into acc + j * sbx_words(f). */
@@ -217,78 +303,79 @@ static inline __attribute__((always_inline)) void xblock(int src, int nv, const 
                                                          const float *dy, const double *m, int64_t ld,
                                                          int64_t K, sbx_format f, int64_t *acc)
 {
-    const int B = SBN_XB_BITS;
-    const int64_t W = sbx_words(f);
-    const uint64_t big = INT64_MAX;
-    const sbn_v8u absmask = {big, big, big, big, big, big, big, big}, one = absmask & 1;
-    /* Pass 1: largest magnitude and smallest nonzero magnitude (minus one, so that a
-     * zero wraps to the top) per lane, on the bit patterns (NaN > Inf > finite). */
     sbn_v8u mx[4] = {{0}}, mn[4];
     for (int q = 0; q < nv; q++)
         mn[q] = ~(sbn_v8u){0};
     for (int64_t k = 0; k < K; k++)
-        for (int q = 0; q < nv; q++) {
-            sbn_v8u b = (sbn_v8u)xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q) & absmask;
-            sbn_v8u bm = b - one;
-#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
-            mx[q] = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)mx[q]);
-            mn[q] = (sbn_v8u)_mm512_min_epu64((__m512i)bm, (__m512i)mn[q]);
-#else
-            sbn_v8u gt = (sbn_v8u)(b > mx[q]), lt = (sbn_v8u)(bm < mn[q]);
-            mx[q] = (b & gt) | (mx[q] & ~gt);
-            mn[q] = (bm & lt) | (mn[q] & ~lt);
-#endif
-        }
-    /* Per lane (see above): e, e1 = log2 u1, e0 = log2 u0; lo: every value is a
-     * multiple of 2^lo. One level for the whole group if every lane allows it. */
-    double s0[32];
-    int32_t E0[32], E1[32];
-    int ok[32], one_level = 1;
-    for (int q = 0; q < nv; q++)
-        for (int j = 0; j < 8; j++) {
-            const int l = 8 * q + j;
-            int32_t eb = (int32_t)(mx[q][j] >> 52), e = (eb ? eb : 1) - 1022;
-            int32_t e1 = e + 2 * B - 103 > f.lsb_exp ? e + 2 * B - 103 : f.lsb_exp, e0 = e1 + 52 - B;
-            int32_t lo = e0; /* all zero: multiples of anything */
-            if (mn[q][j] != ~UINT64_C(0)) {
-                int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
-                lo = (ebm ? ebm : 1) - 1023 - xs_mbits(src);
-            }
-            ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
-            if (!ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
-            else if (lo < e0) one_level = 0;
-            E0[l] = e0, E1[l] = e1;
-            s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
-        }
-    /* Pass 2: T0 += q0, T1 += v - q0 (or T0 += v with one level). */
-    sbn_v8d T0[4] = {{0}}, T1[4] = {{0}};
-    if (one_level) {
+        for (int q = 0; q < nv; q++)
+            track(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), &mx[q], &mn[q]);
+    xplan pl;
+    const int one = plan_lanes(nv, mx, mn, xs_mbits(src), f, &pl);
+    sbn_v8d S0[4], T0[4] = {{0}}, T1[4] = {{0}};
+    memcpy(S0, pl.s0, (size_t)nv * sizeof S0[0]);
+    if (one) {
         for (int64_t k = 0; k < K; k++)
             for (int q = 0; q < nv; q++)
-                T0[q] += xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q);
+                extract(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), S0[q], 1, &T0[q], &T1[q]);
     } else {
-        sbn_v8d S0[4];
-        memcpy(S0, s0, (size_t)nv * sizeof S0[0]);
         for (int64_t k = 0; k < K; k++)
-            for (int q = 0; q < nv; q++) {
-                sbn_v8d v = xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q);
-                sbn_v8d q0 = (v + S0[q]) - S0[q];
-                T0[q] += q0, T1[q] += v - q0;
-            }
+            for (int q = 0; q < nv; q++)
+                extract(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), S0[q], 0, &T0[q], &T1[q]);
     }
+    deposit_lanes(src, nv, T0, T1, &pl, p, x, dy, m, ld, K, f, acc);
+}
+
+/* Both sums of an S == 1 block at once (kind 0: x and x^2; kind 1: dy and dy*(x-m)),
+ * sharing the loads and, for x^2, pass 1: squaring is exact and monotonic in |x|, so
+ * the extreme magnitudes of x^2 are the squares of those of x. */
+static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, const float *x, const float *dy,
+                                                              const double *m, int64_t ld, int64_t K,
+                                                              int64_t *acc1, int64_t *acc2)
+{
+    const int sa = kind ? XS_DY : XS_X, sb = kind ? XS_DYXM : XS_XX;
+    sbn_v8u mxa[4] = {{0}}, mna[4], mxb[4] = {{0}}, mnb[4];
     for (int q = 0; q < nv; q++)
-        for (int j = 0; j < 8; j++) {
-            const int l = 8 * q + j;
-            int64_t *a = acc + l * W;
-            if (ok[l]) {
-                __int128 v = (__int128)scaled_int(T0[q][j], E0[l]) * ((__int128)1 << (52 - B)) +
-                             scaled_int(T1[q][j], E1[l]);
-                sbx_add_scaled(a, f, v, E1[l]);
-            } else {
-                for (int64_t k = 0; k < K; k++)
-                    sbx_add(a, f, xs_scalar(src, p, x, dy, m, k * ld + l, l));
-            }
+        mna[q] = mnb[q] = ~(sbn_v8u){0};
+    for (int64_t k = 0; k < K; k++)
+        for (int q = 0; q < nv; q++) {
+            const int64_t o = k * ld + 8 * q;
+            track(xs_load(sa, NULL, x, dy, m, o, 8 * q), &mxa[q], &mna[q]);
+            if (kind)
+                track(xs_load(sb, NULL, x, dy, m, o, 8 * q), &mxb[q], &mnb[q]);
         }
+    if (!kind)
+        for (int q = 0; q < nv; q++)
+            for (int j = 0; j < 8; j++) {
+                double hi = dbl_of_bits(mxa[q][j]), lo = dbl_of_bits(mna[q][j] + 1);
+                uint64_t bh, bl;
+                hi *= hi, lo *= lo; /* NaN and Inf stay NaN and Inf */
+                memcpy(&bh, &hi, sizeof bh), memcpy(&bl, &lo, sizeof bl);
+                mxb[q][j] = bh;
+                mnb[q][j] = mna[q][j] == ~UINT64_C(0) ? mna[q][j] : bl - 1;
+            }
+    xplan pa, pb;
+    const int onea = plan_lanes(nv, mxa, mna, xs_mbits(sa), SBX_LINEAR, &pa);
+    const int oneb = plan_lanes(nv, mxb, mnb, xs_mbits(sb), SBX_QUADRATIC, &pb);
+    sbn_v8d Sa[4], Sb[4], Ta0[4] = {{0}}, Ta1[4] = {{0}}, Tb0[4] = {{0}}, Tb1[4] = {{0}};
+    memcpy(Sa, pa.s0, (size_t)nv * sizeof Sa[0]);
+    memcpy(Sb, pb.s0, (size_t)nv * sizeof Sb[0]);
+    /* The common case (one level for the linear sum, two for the quadratic one) gets its
+     * own loop; the others share a generic one. */
+#define SBN_XPAIR_LOOP(ONEA, ONEB)                                                                    \
+    for (int64_t k = 0; k < K; k++)                                                                \
+        for (int q = 0; q < nv; q++) {                                                             \
+            const int64_t o = k * ld + 8 * q;                                                      \
+            extract(xs_load(sa, NULL, x, dy, m, o, 8 * q), Sa[q], ONEA, &Ta0[q], &Ta1[q]);         \
+            extract(xs_load(sb, NULL, x, dy, m, o, 8 * q), Sb[q], ONEB, &Tb0[q], &Tb1[q]);         \
+        }
+    if (onea && !oneb) {
+        SBN_XPAIR_LOOP(1, 0)
+    } else {
+        SBN_XPAIR_LOOP(onea, oneb)
+    }
+#undef SBN_XPAIR_LOOP
+    deposit_lanes(sa, nv, Ta0, Ta1, &pa, NULL, x, dy, m, ld, K, SBX_LINEAR, acc1);
+    deposit_lanes(sb, nv, Tb0, Tb1, &pb, NULL, x, dy, m, ld, K, SBX_QUADRATIC, acc2);
 }
 
 /* Partials (k, j) of channels j < nc of one source into acc (channel 0's first). */
@@ -332,8 +419,19 @@ static void deposit_block(int src1, int src2, const double *p1, const double *p2
                           int64_t *acc2, int64_t done)
 {
     const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
-    xblock_any(src1, p1, x, dy, m, ld, K, nc, SBX_LINEAR, acc1);
-    xblock_any(src2, p2, x, dy, m, ld, K, nc, SBX_QUADRATIC, acc2);
+    int64_t j = 0;
+    if (src1 != XS_BUF) { /* S == 1: both sums in one pass over the rows */
+        const int kind = src1 == XS_DY;
+        for (; j + 16 <= nc; j += 16) /* 16 lanes: the 12 vectors of sums and constants stay in registers */
+            if (kind)
+                xblock_pair(1, 2, x + j, dy + j, m + j, ld, K, acc1 + j * W1, acc2 + j * W2);
+            else
+                xblock_pair(0, 2, x + j, NULL, NULL, ld, K, acc1 + j * W1, acc2 + j * W2);
+    }
+    xblock_any(src1, p1 ? p1 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
+               SBX_LINEAR, acc1 + j * W1);
+    xblock_any(src2, p2 ? p2 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
+               SBX_QUADRATIC, acc2 + j * W2);
     if ((done + K) / SBN_RENORM_EVERY != done / SBN_RENORM_EVERY)
         for (int64_t j = 0; j < nc; j++) {
             sbx_normalize(acc1 + j * W1, SBX_LINEAR);
