@@ -325,24 +325,49 @@ static inline __attribute__((always_inline)) void xblock(int src, int nv, const 
     deposit_lanes(src, nv, T0, T1, &pl, p, x, dy, m, ld, K, f, acc);
 }
 
-/* Both sums of an S == 1 block at once (kind 0: x and x^2; kind 1: dy and dy*(x-m)),
+/* Both sums of an S == 1 block of 16 channels (nv must be 2) at once (kind 0: x and
+ * x^2; kind 1: dy and dy*(x-m)),
  * sharing the loads and, for x^2, pass 1: squaring is exact and monotonic in |x|, so
  * the extreme magnitudes of x^2 are the squares of those of x. */
+typedef uint32_t sbn_v16u __attribute__((vector_size(64)));
+
 static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, const float *x, const float *dy,
                                                               const double *m, int64_t ld, int64_t K,
                                                               int64_t *acc1, int64_t *acc2)
 {
     const int sa = kind ? XS_DY : XS_X, sb = kind ? XS_DYXM : XS_XX;
-    sbn_v8u mxa[4] = {{0}}, mna[4], mxb[4] = {{0}}, mnb[4];
+    sbn_v8u mxa[2], mna[2], mxb[2] = {{0}}, mnb[2];
     for (int q = 0; q < nv; q++)
-        mna[q] = mnb[q] = ~(sbn_v8u){0};
-    for (int64_t k = 0; k < K; k++)
-        for (int q = 0; q < nv; q++) {
-            const int64_t o = k * ld + 8 * q;
-            track(xs_load(sa, NULL, x, dy, m, o, 8 * q), &mxa[q], &mna[q]);
-            if (kind)
-                track(xs_load(sb, NULL, x, dy, m, o, 8 * q), &mxb[q], &mnb[q]);
-        }
+        mnb[q] = ~(sbn_v8u){0};
+    /* Pass 1 of the linear sum on the float bit patterns themselves, 16 lanes a vector
+     * and no conversion (widening to double is exact and keeps the order). */
+    const float *fa = kind ? dy : x;
+    sbn_v16u fmx = {0}, fmn = ~(sbn_v16u){0};
+    for (int64_t k = 0; k < K; k++) {
+        sbn_v16u b;
+        memcpy(&b, fa + k * ld, sizeof b);
+        b &= 0x7FFFFFFFu;
+#ifdef __AVX512F__
+        fmx = (sbn_v16u)_mm512_max_epu32((__m512i)b, (__m512i)fmx);
+        fmn = (sbn_v16u)_mm512_min_epu32((__m512i)(b - 1u), (__m512i)fmn);
+#else
+        sbn_v16u gt = (sbn_v16u)(b > fmx), bm = b - 1u, lt = (sbn_v16u)(bm < fmn);
+        fmx = (b & gt) | (fmx & ~gt);
+        fmn = (bm & lt) | (fmn & ~lt);
+#endif
+        if (kind)
+            for (int q = 0; q < nv; q++)
+                track(xs_load(sb, NULL, x, dy, m, k * ld + 8 * q, 8 * q), &mxb[q], &mnb[q]);
+    }
+    for (int l = 0; l < 16; l++) {
+        float hi, lo;
+        uint32_t bl = fmn[l] + 1u;
+        memcpy(&hi, &fmx[l], sizeof hi), memcpy(&lo, &bl, sizeof lo);
+        double dh = hi, dl = lo;
+        memcpy(&mxa[l / 8][l % 8], &dh, sizeof dh);
+        memcpy(&mna[l / 8][l % 8], &dl, sizeof dl);
+        mna[l / 8][l % 8] = fmn[l] == ~0u ? ~UINT64_C(0) : mna[l / 8][l % 8] - 1;
+    }
     if (!kind)
         for (int q = 0; q < nv; q++)
             for (int j = 0; j < 8; j++) {
