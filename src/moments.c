@@ -143,7 +143,7 @@ static inline void take_partial(int64_t c, int64_t i, double p1, double p2, doub
  * whatever the blocking, so block edges and thread splits cannot change a bit. */
 #define SBN_XB_BITS 7
 #define SBN_XB (1 << SBN_XB_BITS) /* partials per block (K <= 2^B) */
-#define SBN_XC 32                 /* channels per block: [SBN_XB][SBN_XC] doubles x 2 = 64 KiB */
+#define SBN_XC 32                 /* S == 1: channels per block; buffers of SBN_XB * SBN_XC doubles (32 KiB) */
 
 /* t / 2^e2 for a double t that is an integer multiple of 2^e2, |t| < 2^53 * 2^e2. */
 static inline int64_t scaled_int(double t, int32_t e2)
@@ -627,25 +627,28 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
     }
 
     if (acc1) {
-        /* REPRODUCIBLE: blocks of [SBN_XB samples][SBN_XC channels] of partials, each
-         * deposited exactly as a whole (see deposit_block). */
+        /* REPRODUCIBLE: blocks of K samples x nc channels of partials, each deposited
+         * exactly as a whole (see deposit_block). S > 1 keeps FAST's channel chunks (a
+         * narrower chunk would read each row more than once) with fewer samples per
+         * block; each partial there covers S elements anyway. */
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
         {
             int64_t t0, t1;
             thread_channels(C, &t0, &t1);
             double b1[SBN_XB * SBN_XC], b2[SBN_XB * SBN_XC];
-            for (int64_t c0 = t0; c0 < t1; c0 += SBN_XC) {
-                int64_t c1 = c0 + SBN_XC < t1 ? c0 + SBN_XC : t1;
-                for (int64_t i0 = 0; i0 < n; i0 += SBN_XB) {
-                    int64_t K = n - i0 < SBN_XB ? n - i0 : SBN_XB;
-                    int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
+            const int64_t cstep = S == 1 ? SBN_XC : SBN_CBLOCK;
+            for (int64_t c0 = t0; c0 < t1; c0 += cstep) {
+                const int64_t c1 = c0 + cstep < t1 ? c0 + cstep : t1, nc = c1 - c0;
+                const int64_t kmax = S == 1 || nc <= SBN_XC ? SBN_XB : SBN_XB * SBN_XC / nc;
+                int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
+                for (int64_t i0 = 0; i0 < n; i0 += kmax) {
+                    const int64_t K = n - i0 < kmax ? n - i0 : kmax;
                     if (S == 1) {
                         /* The partials are the elements' terms themselves. The block's
                          * rows are first packed contiguously: read in place, rows C
                          * floats apart would alias in the L1 sets (C is often a power
-                         * of two) and be fetched from L2 on each of the four passes. */
+                         * of two) and be fetched from L2 on each pass. */
                         float *xb = (float *)b1, *gb = (float *)b2;
-                        const int64_t nc = c1 - c0;
                         for (int64_t k = 0; k < K; k++) {
                             const float *xr = x + (i0 + k) * C + c0, *gr = kind ? dy + (i0 + k) * C + c0 : NULL;
                             if (nc == SBN_XC) { /* constant size: inlined, no libc call per row */
@@ -664,10 +667,10 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
                     }
                     for (int64_t k = 0; k < K; k++) {
                         const int64_t off = (i0 + k) * S * C;
-                        nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1,
-                                      b1 + k * SBN_XC, b2 + k * SBN_XC);
+                        nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1, b1 + k * nc,
+                                      b2 + k * nc);
                     }
-                    deposit_block(XS_BUF, XS_BUF, b1, b2, NULL, NULL, NULL, SBN_XC, K, c1 - c0, a1, a2, i0);
+                    deposit_block(XS_BUF, XS_BUF, b1, b2, NULL, NULL, NULL, nc, K, nc, a1, a2, i0);
                 }
             }
         }
