@@ -141,9 +141,11 @@ static inline void take_partial(int64_t c, int64_t i, double p1, double p2, doub
  * same integer as from the per-partial sbx_adds. Otherwise that lane's partials go
  * through sbx_add one by one. Either way the words after sbx_normalize are the same,
  * whatever the blocking, so block edges and thread splits cannot change a bit. */
-#define SBN_XB_BITS 7
-#define SBN_XB (1 << SBN_XB_BITS) /* partials per block (K <= 2^B) */
-#define SBN_XC 32                 /* S == 1: channels per block; buffers of SBN_XB * SBN_XC doubles (32 KiB) */
+#define SBN_XB_BITS 8
+#define SBN_XB (1 << SBN_XB_BITS) /* partials per block at most (K <= 2^B) */
+#define SBN_XC 32                 /* S == 1: channels per block (SBN_XB x SBN_XC floats per buffer) */
+#define SBN_XBUF 4096             /* S > 1: doubles per buffer of partials (32 KiB) */
+_Static_assert(SBN_XB * SBN_XC * sizeof(float) <= SBN_XBUF * sizeof(double), "S == 1 rows fit the buffers");
 
 /* t / 2^e2 for a double t that is an integer multiple of 2^e2, |t| < 2^53 * 2^e2. */
 static inline int64_t scaled_int(double t, int32_t e2)
@@ -635,11 +637,11 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
         {
             int64_t t0, t1;
             thread_channels(C, &t0, &t1);
-            double b1[SBN_XB * SBN_XC], b2[SBN_XB * SBN_XC];
+            double b1[SBN_XBUF], b2[SBN_XBUF]; /* partials, or (S == 1) packed rows as floats */
             const int64_t cstep = S == 1 ? SBN_XC : SBN_CBLOCK;
             for (int64_t c0 = t0; c0 < t1; c0 += cstep) {
                 const int64_t c1 = c0 + cstep < t1 ? c0 + cstep : t1, nc = c1 - c0;
-                const int64_t kmax = S == 1 || nc <= SBN_XC ? SBN_XB : SBN_XB * SBN_XC / nc;
+                const int64_t kmax = S == 1 || nc * SBN_XB <= SBN_XBUF ? SBN_XB : SBN_XBUF / nc;
                 int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
                 for (int64_t i0 = 0; i0 < n; i0 += kmax) {
                     const int64_t K = n - i0 < kmax ? n - i0 : kmax;
