@@ -103,6 +103,30 @@ void sbx_add(int64_t *acc, sbx_format f, double v)
     add_slow(acc, f, bits);
 }
 
+void sbx_add_scaled(int64_t *acc, sbx_format f, __int128 v, int32_t exp2)
+{
+    if (!v) return;
+    int64_t neg = v < 0 ? -1 : 0;
+    /* Unsigned negation is defined for every value, including the most negative. */
+    unsigned __int128 m = (unsigned __int128)v;
+    if (neg) m = -m;
+    uint64_t mhi = (uint64_t)(m >> 64);
+    int32_t len = mhi ? 64 + bitlen64(mhi) : bitlen64((uint64_t)m);
+    /* 64-bit arithmetic: exp2 may be anything, and s + len must not wrap. */
+    int64_t s = (int64_t)exp2 - f.lsb_exp;
+    if (s + len > window_bits(f)) {
+        acc[f.ndigits + (neg ? 2 : 1)] += 1;
+        return;
+    }
+    /* s >= 0 by contract and the top bit is below the window, so the digits touched,
+     * k .. k + ceil((o + len) / 32) - 1, all lie below ndigits - 1. */
+    int32_t k = (int32_t)(s >> 5), o = (int32_t)(s & 31);
+    acc[k] += ((int64_t)(((uint64_t)m << o) & SBX_MASK32) ^ neg) - neg;
+    m >>= 32 - o; /* o <= 31: never a shift by the full width */
+    for (int32_t i = k + 1; m; i++, m >>= 32)
+        acc[i] += ((int64_t)((uint64_t)m & SBX_MASK32) ^ neg) - neg;
+}
+
 /* One float, directly into the digits. */
 static inline void add_float_direct(int64_t *acc, sbx_format f, uint32_t b)
 {

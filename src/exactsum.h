@@ -55,6 +55,13 @@ void sbx_zero(int64_t *acc, sbx_format f);
  * deposits may be made between two calls of sbx_normalize. */
 void sbx_add(int64_t *acc, sbx_format f, double v);
 
+/* Adds v * 2^exp2 exactly, for exp2 >= f.lsb_exp (so no rounding is ever needed):
+ * the way to deposit a sum that the caller formed exactly in a wider integer. It
+ * counts as ONE deposit towards the 2^30 contract (each digit gets less than 2^32).
+ * A value whose magnitude does not fit below 2^(lsb_exp + 32*ndigits - 32) is
+ * counted as +Inf or -Inf, exactly as sbx_add treats an out-of-window double. */
+void sbx_add_scaled(int64_t *acc, sbx_format f, __int128 v, int32_t exp2);
+
 /* Adds n floats (a convenience for gradients; same as n calls of sbx_add). */
 void sbx_add_floats(int64_t *acc, sbx_format f, const float *v, int64_t n);
 

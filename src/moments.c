@@ -117,6 +117,355 @@ static inline void take_partial(int64_t c, int64_t i, double p1, double p2, doub
     }
 }
 
+/* ---- exact block deposits (REPRODUCIBLE) ----
+ * One sbx_add per partial costs about as much as streaming a whole row, so when a
+ * partial covers few elements (small S) the deposits dominate. Instead, a block of up
+ * to SBN_XB partials of one channel is summed EXACTLY in double arithmetic and the
+ * total deposited once with sbx_add_scaled.
+ *
+ * Exactness. Let |v| < 2^e for every partial v of a block of K <= 2^B, and let every
+ * v be a multiple of u1 = 2^e1, with e1 = max(e + 2B - 103, lsb) and u0 = 2^(52-B) u1
+ * (so u0 >= 2^(e+B-51)). With sigma = 1.5 * 2^(log2 u0 + 52), |v| <= 2^(e) keeps
+ * sigma + v in sigma's binade, so q0 = fl(fl(sigma + v) - sigma) is v rounded to the
+ * grid u0 (Rump's error-free extraction: one rounding, then an exact subtraction),
+ * and r0 = v - q0 is exact, a multiple of u1, |r0| <= u0/2. Every partial sum of the
+ * q0 stays below K (2^e + u0/2) < 2^53 u0, and of the r0 below K u0/2 = 2^51 u1, so
+ * the double accumulations T0 += q0, T1 += r0 are exact: T0 + T1 is exactly the
+ * block's sum. (If every v is a multiple of u0, r0 = 0 and T0 += v alone is exact.)
+ * The multiple-of-u1 condition is read off the smallest nonzero |v|: a value with
+ * 2^f <= |v| is a multiple of 2^(f - mbits) for the source's significand width.
+ * A lane (channel) is taken this way only if, in addition, no partial is NaN or Inf
+ * and K 2^e fits the window. Each partial is then a multiple of 2^lsb (so sbx_add
+ * would not have rounded it) and in the window (so sbx_add would not have counted it
+ * as Inf, nor does sbx_add_scaled count the total), so the accumulator receives the
+ * same integer as from the per-partial sbx_adds. Otherwise that lane's partials go
+ * through sbx_add one by one. Either way the words after sbx_normalize are the same,
+ * whatever the blocking, so block edges and thread splits cannot change a bit. */
+#define SBN_XB_BITS 8
+#define SBN_XB (1 << SBN_XB_BITS) /* partials per block at most (K <= 2^B) */
+#define SBN_XC 32                 /* S == 1: channels per block (SBN_XB x SBN_XC floats per buffer) */
+#define SBN_XBUF 4096             /* S > 1: doubles per buffer of partials (32 KiB) */
+_Static_assert(SBN_XB * SBN_XC * sizeof(float) <= SBN_XBUF * sizeof(double), "S == 1 rows fit the buffers");
+
+/* t / 2^e2 for a double t that is an integer multiple of 2^e2, |t| < 2^53 * 2^e2. */
+static inline int64_t scaled_int(double t, int32_t e2)
+{
+    uint64_t b;
+    memcpy(&b, &t, sizeof b);
+    uint32_t eb = (uint32_t)(b >> 52) & 0x7FF;
+    if (!eb) return 0; /* zero (t is never subnormal: 2^e2 >= 2^lsb is normal) */
+    int64_t m = (int64_t)((b & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52));
+    int32_t sh = (int32_t)eb - 1075 - e2;
+    m = sh >= 0 ? m << sh : m >> -sh; /* |t/2^e2| < 2^53: no bit is lost either way */
+    return b >> 63 ? -m : m;
+}
+
+static inline double dbl_of_bits(uint64_t b)
+{
+    double d;
+    memcpy(&d, &b, sizeof d);
+    return d;
+}
+
+/* Where a block's partials come from. XS_BUF: doubles p[k*ld + j]. With S == 1 the
+ * partial of (sample k, channel j) is one element's term, computed on the fly from
+ * the input rows (k*ld + j) instead of being stored first: x, x^2, dy, dy*(x - m[j]).
+ * (The NHWC partial is 0 + term; adding +0 changes only the sign of a zero, which
+ * no deposit sees.) */
+enum { XS_BUF, XS_X, XS_XX, XS_DY, XS_DYXM };
+
+static inline __attribute__((always_inline)) sbn_v8d xs_load(int src, const double *p, const float *x,
+                                                             const float *dy, const double *m, int64_t o,
+                                                             int64_t j)
+{
+    sbn_v8d v;
+    switch (src) {
+    case XS_BUF: memcpy(&v, p + o, sizeof v); return v;
+    case XS_X: return load8(x + o);
+    case XS_XX: v = load8(x + o); return v * v;
+    case XS_DY: return load8(dy + o);
+    default: memcpy(&v, m + j, sizeof v); return load8(dy + o) * (load8(x + o) - v);
+    }
+}
+
+static inline __attribute__((always_inline)) double xs_scalar(int src, const double *p, const float *x,
+                                                              const float *dy, const double *m, int64_t o,
+                                                              int64_t j)
+{
+    switch (src) {
+    case XS_BUF: return p[o];
+    case XS_X: return x[o];
+    case XS_XX: return (double)x[o] * x[o];
+    case XS_DY: return dy[o];
+    default: return (double)dy[o] * ((double)x[o] - m[j]);
+    }
+}
+
+/* Each value of a source is a multiple of 2^(e - xs_mbits) where 2^e <= |v| (or
+ * |v| < 2^-1022 and e = -1022): floats carry 24 significant bits, squares of floats
+ * 48 (x = m 2^(f-23) with m < 2^24 gives x^2 a multiple of 2^(2f-46), 2^(2f) <= x^2),
+ * doubles 53. Denormal floats are multiples of 2^-149, coarser than the rule says. */
+static inline int xs_mbits(int src)
+{
+    return src == XS_X || src == XS_DY ? 23 : src == XS_XX ? 47 : 52;
+}
+
+typedef uint64_t sbn_v8u __attribute__((vector_size(64)));
+
+/* Pass 1 step: the largest magnitude and the smallest nonzero magnitude (minus one, so
+ * that a zero wraps to the top) of each lane, on the bit patterns (NaN > Inf > finite). */
+static inline __attribute__((always_inline)) void track(sbn_v8d v, sbn_v8u *mx, sbn_v8u *mn)
+{
+    const uint64_t big = INT64_MAX;
+    const sbn_v8u absmask = {big, big, big, big, big, big, big, big}, one = absmask & 1;
+    sbn_v8u b = (sbn_v8u)v & absmask, bm = b - one;
+#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
+    *mx = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)*mx);
+    *mn = (sbn_v8u)_mm512_min_epu64((__m512i)bm, (__m512i)*mn);
+#else
+    sbn_v8u gt = (sbn_v8u)(b > *mx), lt = (sbn_v8u)(bm < *mn);
+    *mx = (b & gt) | (*mx & ~gt);
+    *mn = (bm & lt) | (*mn & ~lt);
+#endif
+}
+
+/* Per-lane plan of one sum from pass 1 (see above): e0 = log2 u0, e1 = log2 u1, the
+ * extraction constants sigma, and whether the lane is taken at all. Returns 1 if every
+ * taken lane needs one level only. */
+typedef struct {
+    double s0[32];
+    int32_t E0[32], E1[32];
+    int ok[32];
+} xplan;
+
+static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
+                                                            int mbits, sbx_format f, xplan *pl)
+{
+    const int B = SBN_XB_BITS;
+    int one_level = 1;
+    for (int q = 0; q < nv; q++)
+        for (int j = 0; j < 8; j++) {
+            const int l = 8 * q + j;
+            int32_t eb = (int32_t)(mx[q][j] >> 52), e = (eb ? eb : 1) - 1022; /* every |v| < 2^e */
+            int32_t e1 = e + 2 * B - 103 > f.lsb_exp ? e + 2 * B - 103 : f.lsb_exp, e0 = e1 + 52 - B;
+            int32_t lo = e0; /* every value is a multiple of 2^lo; all zero: of anything */
+            if (mn[q][j] != ~UINT64_C(0)) {
+                int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
+                lo = (ebm ? ebm : 1) - 1023 - mbits;
+            }
+            pl->ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
+            if (!pl->ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
+            else if (lo < e0) one_level = 0;
+            pl->E0[l] = e0, pl->E1[l] = e1;
+            pl->s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
+        }
+    return one_level;
+}
+
+/* Pass 2 step: T0 += q0, T1 += v - q0 (or T0 += v with one level). */
+static inline __attribute__((always_inline)) void extract(sbn_v8d v, sbn_v8d s0, int one_level, sbn_v8d *T0,
+                                                          sbn_v8d *T1)
+{
+    if (one_level) {
+        *T0 += v;
+    } else {
+        sbn_v8d q0 = (v + s0) - s0;
+        *T0 += q0, *T1 += v - q0;
+    }
+}
+
+/* Deposits each taken lane's exact total; the other lanes' partials one by one. */
+static inline __attribute__((always_inline)) void deposit_lanes(int src, int nv, const sbn_v8d *T0,
+                                                                const sbn_v8d *T1, const xplan *pl,
+                                                                const double *p, const float *x,
+                                                                const float *dy, const double *m, int64_t ld,
+                                                                int64_t K, sbx_format f, int64_t *acc)
+{
+    const int B = SBN_XB_BITS;
+    const int64_t W = sbx_words(f);
+    for (int q = 0; q < nv; q++)
+        for (int j = 0; j < 8; j++) {
+            const int l = 8 * q + j;
+            int64_t *a = acc + l * W;
+            if (pl->ok[l]) {
+                __int128 v = (__int128)scaled_int(T0[q][j], pl->E0[l]) * ((__int128)1 << (52 - B)) +
+                             scaled_int(T1[q][j], pl->E1[l]);
+                sbx_add_scaled(a, f, v, pl->E1[l]);
+            } else {
+                for (int64_t k = 0; k < K; k++)
+                    sbx_add(a, f, xs_scalar(src, p, x, dy, m, k * ld + l, l));
+            }
+        }
+}
+
+/* Deposits the partials (k, j), k < K <= SBN_XB, of 8*nv channels j (nv <= 4, a
+ * compile-time constant; several lane groups at once hide the latency of the
+ * accumulation chains) into acc + j * sbx_words(f). */
+static inline __attribute__((always_inline)) void xblock(int src, int nv, const double *p, const float *x,
+                                                         const float *dy, const double *m, int64_t ld,
+                                                         int64_t K, sbx_format f, int64_t *acc)
+{
+    sbn_v8u mx[4] = {{0}}, mn[4];
+    for (int q = 0; q < nv; q++)
+        mn[q] = ~(sbn_v8u){0};
+    for (int64_t k = 0; k < K; k++)
+        for (int q = 0; q < nv; q++)
+            track(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), &mx[q], &mn[q]);
+    xplan pl;
+    const int one = plan_lanes(nv, mx, mn, xs_mbits(src), f, &pl);
+    sbn_v8d S0[4], T0[4] = {{0}}, T1[4] = {{0}};
+    memcpy(S0, pl.s0, (size_t)nv * sizeof S0[0]);
+    if (one) {
+        for (int64_t k = 0; k < K; k++)
+            for (int q = 0; q < nv; q++)
+                extract(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), S0[q], 1, &T0[q], &T1[q]);
+    } else {
+        for (int64_t k = 0; k < K; k++)
+            for (int q = 0; q < nv; q++)
+                extract(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), S0[q], 0, &T0[q], &T1[q]);
+    }
+    deposit_lanes(src, nv, T0, T1, &pl, p, x, dy, m, ld, K, f, acc);
+}
+
+/* Both sums of an S == 1 block of 16 channels (nv must be 2) at once (kind 0: x and
+ * x^2; kind 1: dy and dy*(x-m)),
+ * sharing the loads and, for x^2, pass 1: squaring is exact and monotonic in |x|, so
+ * the extreme magnitudes of x^2 are the squares of those of x. */
+typedef uint32_t sbn_v16u __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, const float *x, const float *dy,
+                                                              const double *m, int64_t ld, int64_t K,
+                                                              int64_t *acc1, int64_t *acc2)
+{
+    const int sa = kind ? XS_DY : XS_X, sb = kind ? XS_DYXM : XS_XX;
+    sbn_v8u mxa[2], mna[2], mxb[2] = {{0}}, mnb[2];
+    for (int q = 0; q < nv; q++)
+        mnb[q] = ~(sbn_v8u){0};
+    /* Pass 1 of the linear sum on the float bit patterns themselves, 16 lanes a vector
+     * and no conversion (widening to double is exact and keeps the order). */
+    const float *fa = kind ? dy : x;
+    sbn_v16u fmx = {0}, fmn = ~(sbn_v16u){0};
+    for (int64_t k = 0; k < K; k++) {
+        sbn_v16u b;
+        memcpy(&b, fa + k * ld, sizeof b);
+        b &= 0x7FFFFFFFu;
+#ifdef __AVX512F__
+        fmx = (sbn_v16u)_mm512_max_epu32((__m512i)b, (__m512i)fmx);
+        fmn = (sbn_v16u)_mm512_min_epu32((__m512i)(b - 1u), (__m512i)fmn);
+#else
+        sbn_v16u gt = (sbn_v16u)(b > fmx), bm = b - 1u, lt = (sbn_v16u)(bm < fmn);
+        fmx = (b & gt) | (fmx & ~gt);
+        fmn = (bm & lt) | (fmn & ~lt);
+#endif
+        if (kind)
+            for (int q = 0; q < nv; q++)
+                track(xs_load(sb, NULL, x, dy, m, k * ld + 8 * q, 8 * q), &mxb[q], &mnb[q]);
+    }
+    for (int l = 0; l < 16; l++) {
+        float hi, lo;
+        uint32_t bl = fmn[l] + 1u;
+        memcpy(&hi, &fmx[l], sizeof hi), memcpy(&lo, &bl, sizeof lo);
+        double dh = hi, dl = lo;
+        memcpy(&mxa[l / 8][l % 8], &dh, sizeof dh);
+        memcpy(&mna[l / 8][l % 8], &dl, sizeof dl);
+        mna[l / 8][l % 8] = fmn[l] == ~0u ? ~UINT64_C(0) : mna[l / 8][l % 8] - 1;
+    }
+    if (!kind)
+        for (int q = 0; q < nv; q++)
+            for (int j = 0; j < 8; j++) {
+                double hi = dbl_of_bits(mxa[q][j]), lo = dbl_of_bits(mna[q][j] + 1);
+                uint64_t bh, bl;
+                hi *= hi, lo *= lo; /* NaN and Inf stay NaN and Inf */
+                memcpy(&bh, &hi, sizeof bh), memcpy(&bl, &lo, sizeof bl);
+                mxb[q][j] = bh;
+                mnb[q][j] = mna[q][j] == ~UINT64_C(0) ? mna[q][j] : bl - 1;
+            }
+    xplan pa, pb;
+    const int onea = plan_lanes(nv, mxa, mna, xs_mbits(sa), SBX_LINEAR, &pa);
+    const int oneb = plan_lanes(nv, mxb, mnb, xs_mbits(sb), SBX_QUADRATIC, &pb);
+    sbn_v8d Sa[4], Sb[4], Ta0[4] = {{0}}, Ta1[4] = {{0}}, Tb0[4] = {{0}}, Tb1[4] = {{0}};
+    memcpy(Sa, pa.s0, (size_t)nv * sizeof Sa[0]);
+    memcpy(Sb, pb.s0, (size_t)nv * sizeof Sb[0]);
+    /* The common case (one level for the linear sum, two for the quadratic one) gets its
+     * own loop; the others share a generic one. */
+#define SBN_XPAIR_LOOP(ONEA, ONEB)                                                                    \
+    for (int64_t k = 0; k < K; k++)                                                                \
+        for (int q = 0; q < nv; q++) {                                                             \
+            const int64_t o = k * ld + 8 * q;                                                      \
+            extract(xs_load(sa, NULL, x, dy, m, o, 8 * q), Sa[q], ONEA, &Ta0[q], &Ta1[q]);         \
+            extract(xs_load(sb, NULL, x, dy, m, o, 8 * q), Sb[q], ONEB, &Tb0[q], &Tb1[q]);         \
+        }
+    if (onea && !oneb) {
+        SBN_XPAIR_LOOP(1, 0)
+    } else {
+        SBN_XPAIR_LOOP(onea, oneb)
+    }
+#undef SBN_XPAIR_LOOP
+    deposit_lanes(sa, nv, Ta0, Ta1, &pa, NULL, x, dy, m, ld, K, SBX_LINEAR, acc1);
+    deposit_lanes(sb, nv, Tb0, Tb1, &pb, NULL, x, dy, m, ld, K, SBX_QUADRATIC, acc2);
+}
+
+/* Partials (k, j) of channels j < nc of one source into acc (channel 0's first). */
+static void xblock_any(int src, const double *p, const float *x, const float *dy, const double *m,
+                       int64_t ld, int64_t K, int64_t nc, sbx_format f, int64_t *acc)
+{
+    const int64_t W = sbx_words(f);
+    int64_t j = 0;
+#define SBN_XSRC(nv)                                                                                   \
+    switch (src) {                                                                                 \
+    case XS_BUF: xblock(XS_BUF, nv, p + j, NULL, NULL, NULL, ld, K, f, acc + j * W); break;          \
+    case XS_X: xblock(XS_X, nv, NULL, x + j, NULL, NULL, ld, K, f, acc + j * W); break;              \
+    case XS_XX: xblock(XS_XX, nv, NULL, x + j, NULL, NULL, ld, K, f, acc + j * W); break;            \
+    case XS_DY: xblock(XS_DY, nv, NULL, NULL, dy + j, NULL, ld, K, f, acc + j * W); break;           \
+    default: xblock(XS_DYXM, nv, NULL, x + j, dy + j, m + j, ld, K, f, acc + j * W); break;          \
+    }
+    for (; j + 32 <= nc; j += 32)
+        SBN_XSRC(4)
+    for (; j + 8 <= nc; j += 8)
+        SBN_XSRC(1)
+#undef SBN_XSRC
+    if (j < nc) { /* fewer than 8 channels: through a zero-padded copy (zeros deposit nothing) */
+        double pad[SBN_XB * 8] = {0};
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t l = 0; l < nc - j; l++)
+                pad[8 * k + l] = xs_scalar(src, p + j, x + j, dy + j, m + j, k * ld + l, l);
+        int64_t tmp[8 * (64 + SBX_SPECIALS)];
+        memset(tmp, 0, (size_t)(8 * W) * sizeof *tmp);
+        memcpy(tmp, acc + j * W, (size_t)((nc - j) * W) * sizeof *tmp);
+        xblock(XS_BUF, 1, pad, NULL, NULL, NULL, 8, K, f, tmp);
+        memcpy(acc + j * W, tmp, (size_t)((nc - j) * W) * sizeof *tmp);
+    }
+}
+
+/* Deposits a block (K <= SBN_XB samples, nc channels) of both sums into acc1, acc2
+ * (channel 0's accumulators first). src1/src2 and p1/p2 as in xblock; `done` counts
+ * the partials already deposited per channel, for the renormalization contract: a
+ * block makes at most K deposits per accumulator. */
+static void deposit_block(int src1, int src2, const double *p1, const double *p2, const float *x,
+                          const float *dy, const double *m, int64_t ld, int64_t K, int64_t nc, int64_t *acc1,
+                          int64_t *acc2, int64_t done)
+{
+    const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+    int64_t j = 0;
+    if (src1 != XS_BUF) { /* S == 1: both sums in one pass over the rows */
+        const int kind = src1 == XS_DY;
+        for (; j + 16 <= nc; j += 16) /* 16 lanes: the 12 vectors of sums and constants stay in registers */
+            if (kind)
+                xblock_pair(1, 2, x + j, dy + j, m + j, ld, K, acc1 + j * W1, acc2 + j * W2);
+            else
+                xblock_pair(0, 2, x + j, NULL, NULL, ld, K, acc1 + j * W1, acc2 + j * W2);
+    }
+    xblock_any(src1, p1 ? p1 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
+               SBX_LINEAR, acc1 + j * W1);
+    xblock_any(src2, p2 ? p2 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
+               SBX_QUADRATIC, acc2 + j * W2);
+    if ((done + K) / SBN_RENORM_EVERY != done / SBN_RENORM_EVERY)
+        for (int64_t j = 0; j < nc; j++) {
+            sbx_normalize(acc1 + j * W1, SBX_LINEAR);
+            sbx_normalize(acc2 + j * W2, SBX_QUADRATIC);
+        }
+}
+
 /* This thread's share [*c0, *c1) of C channels; chunk edges on vector boundaries. */
 static void thread_channels(int64_t C, int64_t *c0, int64_t *c1)
 {
@@ -265,9 +614,68 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
             nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, 0, C, part + i * C,
                           part + (n + i) * C);
         }
+        if (acc1) {
+            for (int64_t c = 0; c < C; c += 8)
+                for (int64_t i = 0; i < n; i += SBN_XB)
+                    deposit_block(XS_BUF, XS_BUF, part + i * C + c, part + (n + i) * C + c, NULL, NULL, NULL,
+                                  C, n - i < SBN_XB ? n - i : SBN_XB, C - c < 8 ? C - c : 8,
+                                  acc1 + c * sbx_words(SBX_LINEAR), acc2 + c * sbx_words(SBX_QUADRATIC), i);
+            return;
+        }
         for (int64_t c = 0; c < C; c++)
             for (int64_t i = 0; i < n; i++)
                 take_partial(c, i, part[i * C + c], part[(n + i) * C + c], s1, s2, acc1, acc2);
+        return;
+    }
+
+    if (acc1) {
+        /* REPRODUCIBLE: blocks of K samples x nc channels of partials, each deposited
+         * exactly as a whole (see deposit_block). S > 1 keeps FAST's channel chunks (a
+         * narrower chunk would read each row more than once) with fewer samples per
+         * block; each partial there covers S elements anyway. */
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+        {
+            int64_t t0, t1;
+            thread_channels(C, &t0, &t1);
+            double b1[SBN_XBUF], b2[SBN_XBUF]; /* partials, or (S == 1) packed rows as floats */
+            const int64_t cstep = S == 1 ? SBN_XC : SBN_CBLOCK;
+            for (int64_t c0 = t0; c0 < t1; c0 += cstep) {
+                const int64_t c1 = c0 + cstep < t1 ? c0 + cstep : t1, nc = c1 - c0;
+                const int64_t kmax = S == 1 || nc * SBN_XB <= SBN_XBUF ? SBN_XB : SBN_XBUF / nc;
+                int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
+                for (int64_t i0 = 0; i0 < n; i0 += kmax) {
+                    const int64_t K = n - i0 < kmax ? n - i0 : kmax;
+                    if (S == 1) {
+                        /* The partials are the elements' terms themselves. The block's
+                         * rows are first packed contiguously: read in place, rows C
+                         * floats apart would alias in the L1 sets (C is often a power
+                         * of two) and be fetched from L2 on each pass. */
+                        float *xb = (float *)b1, *gb = (float *)b2;
+                        for (int64_t k = 0; k < K; k++) {
+                            const float *xr = x + (i0 + k) * C + c0, *gr = kind ? dy + (i0 + k) * C + c0 : NULL;
+                            if (nc == SBN_XC) { /* constant size: inlined, no libc call per row */
+                                memcpy(xb + k * SBN_XC, xr, SBN_XC * sizeof *xb);
+                                if (kind)
+                                    memcpy(gb + k * SBN_XC, gr, SBN_XC * sizeof *gb);
+                            } else {
+                                memcpy(xb + k * SBN_XC, xr, (size_t)nc * sizeof *xb);
+                                if (kind)
+                                    memcpy(gb + k * SBN_XC, gr, (size_t)nc * sizeof *gb);
+                            }
+                        }
+                        deposit_block(kind ? XS_DY : XS_X, kind ? XS_DYXM : XS_XX, NULL, NULL, xb, gb,
+                                      kind ? mean + c0 : NULL, SBN_XC, K, nc, a1, a2, i0);
+                        continue;
+                    }
+                    for (int64_t k = 0; k < K; k++) {
+                        const int64_t off = (i0 + k) * S * C;
+                        nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1, b1 + k * nc,
+                                      b2 + k * nc);
+                    }
+                    deposit_block(XS_BUF, XS_BUF, b1, b2, NULL, NULL, NULL, nc, K, nc, a1, a2, i0);
+                }
+            }
+        }
         return;
     }
 

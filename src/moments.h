@@ -10,7 +10,9 @@
  *     only on S and the layout (never on the thread count).
  *   - FAST: per-sample partials are added to a per-channel double in sample order.
  *   - REPRODUCIBLE: per-sample partials are deposited into exact accumulators
- *     (exactsum.h), so the total is independent of how samples are grouped.
+ *     (exactsum.h), so the total is independent of how samples are grouped. Blocks
+ *     of partials whose exact sum can be formed in double are deposited as that one
+ *     sum; the accumulated integer, hence every bit, is the same (moments.c).
  *   - Threads split CHANNELS, never samples, so no result depends on OMP_NUM_THREADS.
  *
  * Shapes: x, dy: [n][C][S] (NCHW) or [n][S][C] (NHWC). Per-channel arrays: [C].

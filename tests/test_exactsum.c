@@ -169,6 +169,41 @@ static double ref_sum(const double *v, int64_t n)
     return ref_round(&r);
 }
 
+/* r += v * 2^exp2 for an __int128 v, through the magnitude's two 64-bit halves. */
+static void ref_add_i128(ref_t *r, __int128 v, int exp2)
+{
+    unsigned __int128 m = (unsigned __int128)v;
+    int neg = v < 0;
+    if (neg) m = -m;
+    ref_add_int(r, (uint64_t)m, neg, exp2 - REF_LSB);
+    ref_add_int(r, (uint64_t)(m >> 64), neg, exp2 + 64 - REF_LSB);
+}
+
+/* The normalized accumulator words that hold the reference's value: digits are the
+ * reference's words from the format's lsb on, the top digit the signed rest. */
+static void ref_words(const ref_t *r, sbx_format f, int64_t *want)
+{
+    int off = (f.lsb_exp - REF_LSB) / 32;
+    ck_assert(off >= 0 && off + f.ndigits + 1 < REF_N);
+    for (int i = 0; i < f.ndigits - 1; i++) want[i] = r->w[off + i];
+    want[f.ndigits - 1] =
+        (int64_t)((uint64_t)r->w[off + f.ndigits - 1] | (uint64_t)r->w[off + f.ndigits] << 32);
+}
+
+/* Random __int128 of 1..128 significant bits (the sign included in the count). */
+static __int128 rand_i128(uint64_t *s, int maxbits)
+{
+    int bits = (int)rng_range(s, 1, maxbits);
+    unsigned __int128 m = ((unsigned __int128)rng_next(s) << 64) | rng_next(s);
+    m >>= 128 - bits;
+    switch (rng_next(s) % 4) { /* long runs of ones and zeros: carries across digits */
+    case 0: m = bits >= 128 ? ~(unsigned __int128)0 : (((unsigned __int128)1 << bits) - 1); break;
+    case 1: m = (unsigned __int128)1 << (bits - 1); break;
+    default: break;
+    }
+    return (__int128)m; /* bits == 128: may be negative (INT128_MIN included) */
+}
+
 /* ---------------------------------------------------------------- local tests */
 
 START_TEST(test_zero_and_simple)
@@ -244,6 +279,91 @@ START_TEST(test_exact_bigint)
             ASSERT_SAME(sum_with(cases[c].f, v, n), ref_sum(v, n));
             free(v);
         }
+}
+END_TEST
+
+/* sbx_add_scaled against the big-integer reference, word for word: random 128-bit
+ * values of either sign at every offset of the window (mixed with sbx_add deposits),
+ * then the edge of the window, the specials, and agreement with sbx_add. */
+START_TEST(test_add_scaled)
+{
+    const sbx_format fmts[] = {SBX_LINEAR, SBX_QUADRATIC, FMT_WIDE, FMT_TINY};
+    uint64_t s = 4242;
+    for (size_t c = 0; c < sizeof fmts / sizeof fmts[0]; c++) {
+        const sbx_format f = fmts[c];
+        const int W = 32 * (f.ndigits - 1);
+        for (int rep = 0; rep < 200; rep++) {
+            int64_t acc[MAXW], want[MAXW];
+            ref_t r;
+            memset(&r, 0, sizeof r);
+            sbx_zero(acc, f);
+            int n = 1 + (int)rng_range(&s, 0, 40);
+            for (int i = 0; i < n; i++) {
+                __int128 v = rand_i128(&s, W < 128 ? W : 128);
+                unsigned __int128 m = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
+                int len = 0;
+                while (len < 128 && (m >> len)) len++;
+                int e = f.lsb_exp + (int)rng_range(&s, 0, W - len); /* fits the window */
+                if (rng_next(&s) % 4 == 0) /* the lowest digits, every bit offset */
+                    e = f.lsb_exp + (int)rng_range(&s, 0, W - len < 31 ? W - len : 31);
+                sbx_add_scaled(acc, f, v, e);
+                ref_add_i128(&r, v, e);
+                if (i % 3 == 0 && W >= 53) { /* interleave ordinary deposits */
+                    int qhi = f.lsb_exp + W - 53 - 2 < 1023 - 52 ? f.lsb_exp + W - 53 - 2 : 1023 - 52;
+                    double x = rand_dyadic(&s, f.lsb_exp, qhi);
+                    sbx_add(acc, f, x);
+                    ref_add(&r, x);
+                }
+            }
+            sbx_normalize(acc, f);
+            ref_words(&r, f, want);
+            for (int i = 0; i < f.ndigits; i++)
+                ck_assert_msg(acc[i] == want[i], "fmt %zu rep %d digit %d: %lld != %lld", c, rep, i,
+                              (long long)acc[i], (long long)want[i]);
+            for (int i = 0; i < SBX_SPECIALS; i++) ck_assert_int_eq(acc[f.ndigits + i], 0);
+        }
+    }
+
+    /* The window's edge: magnitudes below 2^W (in lsb units) fit, 2^W and above count
+     * as +-Inf, as sbx_add counts a double of 2^(lsb + W). */
+    const sbx_format f = SBX_LINEAR;
+    const int W = 32 * (f.ndigits - 1);
+    int64_t acc[MAXW], ref[MAXW];
+    __int128 top = ((__int128)1 << 100) - 1;
+    sbx_zero(acc, f);
+    sbx_add_scaled(acc, f, top, f.lsb_exp + W - 100);  /* all ones up to the last bit */
+    sbx_add_scaled(acc, f, -top, f.lsb_exp + W - 100); /* and back to zero, exactly */
+    sbx_add_scaled(acc, f, 0, f.lsb_exp + 100000);     /* zero: nothing, wherever */
+    sbx_normalize(acc, f);
+    for (int i = 0; i < (int)sbx_words(f); i++) ck_assert_int_eq(acc[i], 0);
+    sbx_add_scaled(acc, f, top + 1, f.lsb_exp + W - 100);
+    sbx_add_scaled(acc, f, -(top + 1), f.lsb_exp + W - 100);
+    sbx_add_scaled(acc, f, -(top + 1), f.lsb_exp + W - 100);
+    sbx_add_scaled(acc, f, 1, f.lsb_exp + W);
+    sbx_add_scaled(acc, f, -(__int128)((~(unsigned __int128)0) >> 1) - 1, f.lsb_exp); /* INT128_MIN: fits */
+    sbx_zero(ref, f);
+    sbx_add(ref, f, ldexp(1.0, f.lsb_exp + W));
+    sbx_add(ref, f, -ldexp(1.0, f.lsb_exp + W));
+    sbx_add(ref, f, -ldexp(1.0, f.lsb_exp + W));
+    sbx_add(ref, f, ldexp(1.0, f.lsb_exp + W));
+    sbx_add(ref, f, -ldexp(1.0, f.lsb_exp + 127));
+    sbx_normalize(acc, f);
+    sbx_normalize(ref, f);
+    for (int i = 0; i < (int)sbx_words(f); i++) ck_assert_int_eq(acc[i], ref[i]);
+    ck_assert_int_eq(acc[f.ndigits + 1], 2); /* +Inf */
+    ck_assert_int_eq(acc[f.ndigits + 2], 2); /* -Inf */
+
+    /* Same words as sbx_add for every double that needs no rounding. */
+    for (int rep = 0; rep < 2000; rep++) {
+        int64_t a[MAXW], b[MAXW];
+        sbx_zero(a, f), sbx_zero(b, f);
+        int64_t m = (int64_t)(rng_next(&s) >> 11) - (INT64_C(1) << 52);
+        int e = f.lsb_exp + (int)rng_range(&s, 0, W + 10);
+        sbx_add_scaled(a, f, m, e);
+        sbx_add(b, f, ldexp((double)m, e));
+        sbx_normalize(a, f), sbx_normalize(b, f);
+        ck_assert_msg(!memcmp(a, b, sizeof(int64_t) * (size_t)sbx_words(f)), "m %lld e %d", (long long)m, e);
+    }
 }
 END_TEST
 
@@ -890,6 +1010,7 @@ static Suite *exactsum_suite(void)
     tcase_add_test(tl, test_zero_and_simple);
     tcase_add_test(tl, test_exact_int128);
     tcase_add_test(tl, test_exact_bigint);
+    tcase_add_test(tl, test_add_scaled);
     tcase_add_test(tl, test_cancellation);
     tcase_add_test(tl, test_ties);
     tcase_add_test(tl, test_subnormal_results);
