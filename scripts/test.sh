@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds, and runs the whole CTest suite
-# twice - the Release build, then an AddressSanitizer + UBSan build.
+# twice - the Release build, then an AddressSanitizer + UBSan build - and then 30 s
+# of libFuzzer on the checkpoint loader (scripts/fuzz.sh; 60 s by hand).
 #   scripts/test.sh            both builds
 #   scripts/test.sh --quick    Release build only
 set -euo pipefail
@@ -30,4 +31,7 @@ if [ "${1:-}" != "--quick" ]; then
   # scripts/valgrind.sh with Open MPI's suppression file instead.
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan -DSYNCBN_SANITIZE=ON
+
+  echo "== libFuzzer on syncbn_load (clang build of the library) =="
+  scripts/fuzz.sh 30
 fi

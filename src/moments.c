@@ -362,13 +362,15 @@ static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, 
                 track(xs_load(sb, NULL, x, dy, m, k * ld + 8 * q, 8 * q), &mxb[q], &mnb[q]);
     }
     for (int l = 0; l < 16; l++) {
+        /* element by value: clang refuses the address of a vector element */
         float hi, lo;
-        uint32_t bl = fmn[l] + 1u;
-        memcpy(&hi, &fmx[l], sizeof hi), memcpy(&lo, &bl, sizeof lo);
+        const uint32_t bh = fmx[l], bl = fmn[l] + 1u;
+        memcpy(&hi, &bh, sizeof hi), memcpy(&lo, &bl, sizeof lo);
         double dh = hi, dl = lo;
-        memcpy(&mxa[l / 8][l % 8], &dh, sizeof dh);
-        memcpy(&mna[l / 8][l % 8], &dl, sizeof dl);
-        mna[l / 8][l % 8] = fmn[l] == ~0u ? ~UINT64_C(0) : mna[l / 8][l % 8] - 1;
+        uint64_t uh, ul;
+        memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
+        mxa[l / 8][l % 8] = uh;
+        mna[l / 8][l % 8] = fmn[l] == ~0u ? ~UINT64_C(0) : ul - 1;
     }
     if (!kind)
         for (int q = 0; q < nv; q++)
