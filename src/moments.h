@@ -13,7 +13,9 @@
  *     (exactsum.h), so the total is independent of how samples are grouped. Blocks
  *     of partials whose exact sum can be formed in double are deposited as that one
  *     sum; the accumulated integer, hence every bit, is the same (moments.c).
- *   - Threads split CHANNELS, never samples, so no result depends on OMP_NUM_THREADS.
+ *   - A partial is always computed whole by one thread: threads split CHANNELS, or
+ *     (narrow NHWC rows) whole SAMPLES whose partials are stored and combined per
+ *     channel in sample order afterwards. No result depends on OMP_NUM_THREADS.
  *
  * Shapes: x, dy: [n][C][S] (NCHW) or [n][S][C] (NHWC). Per-channel arrays: [C].
  */
