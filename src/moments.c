@@ -3,7 +3,7 @@
  *
  * Memory-bound by design: each kernel streams its inputs once. Inner loops keep
  * SBN_LANES independent double accumulators as GNU vectors of 8 doubles (one AVX-512
- * register), so nothing is reassociated (no -ffast-math needed), and the lanes are
+ * register), so nothing is reassociated (no reassociating compiler flags needed), and the lanes are
  * combined in a fixed order; vector bodies and scalar tails round identically. Large
  * outputs are written with streaming stores. None of this changes a result bit; see
  * moments.h for the reduction order and examples/bench.c to measure (issue 5).
