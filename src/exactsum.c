@@ -269,50 +269,26 @@ static int sticky_below(const uint32_t *d, int32_t pos)
     return o && (d[i] & ((UINT32_C(1) << o) - 1)) != 0;
 }
 
-double sbx_round(const int64_t *acc, sbx_format f)
+static double dbl_of(uint64_t bits)
 {
-    int32_t nd = f.ndigits;
-    int64_t nan = acc[nd], pinf = acc[nd + 1], ninf = acc[nd + 2];
+    double r;
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+
+/* The general rounding of a magnitude given as uint32 digits d[lo..top] (weights
+ * 2^(lsb + 32 i); d is zeroed here outside that range, up to index nd + 2), with
+ * the given sign bit: any exponent, subnormal and overflowing results included. */
+__attribute__((noinline, cold)) static double round_general(uint32_t *d, int32_t lo, int32_t top, sbx_format f,
+                                                            uint64_t sign)
+{
+    for (int32_t i = 0; i < lo; i++) d[i] = 0;
+    for (int32_t i = top + 1; i <= f.ndigits + 2; i++) d[i] = 0;
     uint64_t out;
-    if (nan || (pinf && ninf)) {
-        out = UINT64_C(0x7FF8000000000000);
-        double r;
-        memcpy(&r, &out, sizeof r);
-        return r;
-    }
-    if (pinf || ninf) {
-        out = UINT64_C(0x7FF0000000000000) | (ninf ? UINT64_C(1) << 63 : 0);
-        double r;
-        memcpy(&r, &out, sizeof r);
-        return r;
-    }
-
-    int64_t t[64];
-    memcpy(t, acc, (size_t)nd * sizeof *t);
-    sbx_normalize(t, f);
-    uint64_t sign = 0;
-    if (t[nd - 1] < 0) {
-        /* Negate the value digit-wise; the re-normalized top digit is then >= 0.
-         * No digit is INT64_MIN here: low digits are < 2^32 and a top digit of
-         * -2^63 would mean a sum of about 2^(63 + W) deposits' worth. */
-        sign = UINT64_C(1) << 63;
-        for (int32_t i = 0; i < nd; i++) t[i] = -t[i];
-        sbx_normalize(t, f);
-    }
-
-    /* Magnitude as uint32 digits: the top int64 digit (< 2^63) takes two. */
-    uint32_t d[64 + 2 + 3] = {0};
-    for (int32_t i = 0; i < nd - 1; i++) d[i] = (uint32_t)t[i];
-    d[nd - 1] = (uint32_t)((uint64_t)t[nd - 1] & SBX_MASK32);
-    d[nd] = (uint32_t)((uint64_t)t[nd - 1] >> 32);
-    int32_t h = nd;
+    int32_t h = top;
     while (h >= 0 && d[h] == 0) h--;
-    if (h < 0) {
-        out = sign; /* exact zero: +0 (a negated zero never occurs: t[nd-1] < 0 above) */
-        double r;
-        memcpy(&r, &out, sizeof r);
-        return r;
-    }
+    if (h < 0)
+        return dbl_of(sign); /* exact zero: +0 (a negated zero never occurs, see sbx_round) */
     int32_t p = 32 * h + 31 - __builtin_clz(d[h]); /* msb position */
     if ((int64_t)p + f.lsb_exp > 1023) {
         out = sign | UINT64_C(0x7FF0000000000000);
@@ -335,7 +311,85 @@ double sbx_round(const int64_t *acc, sbx_format f)
          * on the Inf pattern. */
         out = (((uint64_t)(int64_t)(pos + f.lsb_exp + 1074) << 52) + m) | sign;
     }
-    double r;
-    memcpy(&r, &out, sizeof r);
-    return r;
+    return dbl_of(out);
+}
+
+/* Rounding reads only the occupied words: an accumulator of float-derived sums has
+ * nonzero words on a few digits of its window (data near 1 and 2^-24 resolution
+ * fill about 2 of the 12 LINEAR digits), and the words below the lowest nonzero one
+ * neither carry nor round. The words lo..hi are normalized once, bottom up, into
+ * uint32 magnitude digits, negating on the way when the carry out of hi says the
+ * value is negative; rounding then looks at the top three digits and, for the sticky
+ * bit, at whether anything below them is nonzero. */
+double sbx_round(const int64_t *acc, sbx_format f)
+{
+    int32_t nd = f.ndigits;
+    int64_t nan = acc[nd], pinf = acc[nd + 1], ninf = acc[nd + 2];
+    if (nan || (pinf && ninf))
+        return dbl_of(UINT64_C(0x7FF8000000000000));
+    if (pinf || ninf)
+        return dbl_of(UINT64_C(0x7FF0000000000000) | (ninf ? UINT64_C(1) << 63 : 0));
+
+    /* Occupied words, found without a branch per word. */
+    uint64_t occ = 0;
+    for (int32_t i = 0; i < nd; i++) occ |= (uint64_t)(acc[i] != 0) << i;
+    if (!occ)
+        return 0.0; /* exact zero is +0 */
+    const int32_t lo = __builtin_ctzll(occ), hi = 63 - __builtin_clzll(occ);
+
+    /* value = c 2^(32(hi+1)) + sum_{lo <= i <= hi} d_i 2^(32 i), d_i in [0, 2^32). The
+     * words are below 2^62 + 2^32 in magnitude and carries below 2^31, so x cannot
+     * overflow and |c| < 2^31. nz marks the nonzero digits of the magnitude. */
+    uint32_t d[64 + 3 + 1];
+    uint64_t nz = 0;
+    int64_t c = 0;
+    for (int32_t i = lo; i <= hi; i++) {
+        int64_t x = acc[i] + c;
+        d[i] = (uint32_t)((uint64_t)x & SBX_MASK32);
+        nz |= (uint64_t)(d[i] != 0) << i;
+        c = carry_of(x);
+    }
+    uint64_t sign = 0;
+    if (c < 0) {
+        /* |value| = -c 2^(32(hi+1)) - L: negate L digit-wise with borrows (b is 0 or -1),
+         * and the top digit -c + b >= 0 takes the final borrow. */
+        sign = UINT64_C(1) << 63;
+        int64_t b = 0;
+        nz = 0;
+        for (int32_t i = lo; i <= hi; i++) {
+            int64_t x = b - (int64_t)d[i];
+            d[i] = (uint32_t)((uint64_t)x & SBX_MASK32);
+            nz |= (uint64_t)(d[i] != 0) << i;
+            b = carry_of(x);
+        }
+        c = -c + b;
+    }
+    int32_t top = hi;
+    if (c > 0) {
+        d[++top] = (uint32_t)c; /* c < 2^31; top <= nd */
+        if (top == 64)
+            return round_general(d, lo, top, f, sign);
+        nz |= UINT64_C(1) << top;
+    }
+    if (!nz)
+        return 0.0; /* the words cancelled: exact zero */
+
+    /* The common case, a normal result: the top nonzero digit h and the two below it
+     * hold the leading 65 to 96 bits as an integer u (bit 0 weighs 2^(lsb + 32(h-2)));
+     * the digits further down only decide the sticky bit. */
+    const int32_t h = 63 - __builtin_clzll(nz);
+    const uint64_t d1 = h - 1 >= lo ? d[h - 1] : 0, d2 = h - 2 >= lo ? d[h - 2] : 0;
+    const unsigned __int128 u = (unsigned __int128)d[h] << 64 | (unsigned __int128)(d1 << 32 | d2);
+    const int32_t p = 64 + 31 - __builtin_clz(d[h]);         /* msb of u, >= 64 */
+    const int64_t E = (int64_t)p + 32 * (h - 2) + f.lsb_exp; /* 2^E <= |value| < 2^(E+1) */
+    if (E < -1022 || E > 1023)
+        return round_general(d, lo, top, f, sign);
+    const int sticky = h > 2 && (nz & ((UINT64_C(1) << (h - 2)) - 1)) != 0;
+    const int32_t sh = p - 52; /* in [12, 43] */
+    uint64_t m = (uint64_t)(u >> sh);
+    const uint64_t rem = (uint64_t)u & ((UINT64_C(1) << sh) - 1), half = UINT64_C(1) << (sh - 1);
+    if (rem > half || (rem == half && (sticky || (m & 1)))) m += 1;
+    /* m in [2^52, 2^53]: its hidden bit adds one to the biased exponent E + 1022, and a
+     * carry to 2^53 moves to the next binade (from E = 1023: the Inf pattern). */
+    return dbl_of((((uint64_t)(E + 1022) << 52) + m) | sign);
 }

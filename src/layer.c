@@ -261,11 +261,19 @@ static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy,
             else
                 sbn_backward_sums(x, dy, l->mean, sh, NULL, NULL, acc1, acc2);
         }
-        /* Carries normalized so that summing over ranks cannot overflow a word. */
-        for (int64_t c = 0; c < C; c++) {
-            sbx_normalize(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
-            sbx_normalize(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
-        }
+        /* Summing over ranks must not overflow a word. The kernels make at most n
+         * deposits per accumulator (one per sample, or one per block of samples),
+         * each adding less than 2^32 to a word, so |word| < n 2^32 here. A rank
+         * whose (n + 1) P <= 2^30 therefore contributes less than 2^62 / P per word
+         * and need not propagate carries; any other rank normalizes (|word| <= 2^32).
+         * Either way the P contributions sum to less than 2^62 + 2^32: no overflow,
+         * whatever each rank decided, and the exact value is the same. sbx_round
+         * takes unnormalized words. */
+        if (contribute && sh.n > 0 && sh.n + 1 > (INT64_C(1) << 30) / l->nranks)
+            for (int64_t c = 0; c < C; c++) {
+                sbx_normalize(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+                sbx_normalize(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+            }
         return;
     }
     double *s1 = (double *)l->msg + SBN_HDR, *s2 = s1 + C;
