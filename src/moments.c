@@ -117,6 +117,64 @@ static inline void take_partial(int64_t c, int64_t i, double p1, double p2, doub
     }
 }
 
+/* The partials of four rows at once (rows r of x, and of dy for kind 1; m[r] their
+ * channels' means), each with exactly the operations of row_x_x2 / row_dy_dyxm: four
+ * independent chains hide the latency of the additions, which bounds one short row
+ * (S = 196: 12 vector steps, then 2 x 16 lane additions in series). kind is a
+ * compile-time constant at every call. */
+static inline __attribute__((always_inline)) void rows4(int kind, const float *const *xr, const float *const *gr,
+                                                        const double *m, int64_t S, double *p1, double *p2)
+{
+    sbn_v8d a[4][2], b[4][2], mv[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        a[r][0] = a[r][1] = b[r][0] = b[r][1] = (sbn_v8d){0};
+        mv[r] = (sbn_v8d){m[r], m[r], m[r], m[r], m[r], m[r], m[r], m[r]};
+    }
+    int64_t s = 0;
+    for (; s + SBN_LANES <= S; s += SBN_LANES) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            if (kind == 0) {
+                sbn_v8d u = load8(xr[r] + s), w = load8(xr[r] + s + 8);
+                a[r][0] += u, a[r][1] += w;
+                b[r][0] += u * u, b[r][1] += w * w;
+            } else {
+                sbn_v8d g = load8(gr[r] + s), h = load8(gr[r] + s + 8);
+                a[r][0] += g, a[r][1] += h;
+                b[r][0] += g * (load8(xr[r] + s) - mv[r]), b[r][1] += h * (load8(xr[r] + s + 8) - mv[r]);
+            }
+        }
+    }
+    /* lanes_sum, the four rows interleaved: through memory, as extracting 128 lanes
+     * from registers would queue on the one shuffle port. */
+    double la[4][16], lb[4][16], t1[4] = {0, 0, 0, 0}, t2[4] = {0, 0, 0, 0};
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        memcpy(la[r], a[r], sizeof la[r]);
+        memcpy(lb[r], b[r], sizeof lb[r]);
+    }
+    for (int j = 0; j < 16; j++) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            t1[r] += la[r][j], t2[r] += lb[r][j];
+    }
+    for (; s < S; s++) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            if (kind == 0) {
+                const double v = xr[r][s];
+                t1[r] += v, t2[r] += v * v;
+            } else {
+                const double g = gr[r][s];
+                t1[r] += g, t2[r] += g * ((double)xr[r][s] - m[r]);
+            }
+        }
+    }
+    memcpy(p1, t1, sizeof t1);
+    memcpy(p2, t2, sizeof t2);
+}
+
 /* ---- exact block deposits (REPRODUCIBLE) ----
  * One sbx_add per partial costs about as much as streaming a whole row, so when a
  * partial covers few elements (small S) the deposits dominate. Instead, a block of up
@@ -549,6 +607,67 @@ static void nhwc_partials(int kind, const float *x, const float *dy, const doubl
     }
 }
 
+/* NCHW sums. The rows (sample i, channel c) are read in memory order, a chunk of
+ * K samples x cw channels at a time: a channel-major walk would jump C*S floats from
+ * row to row, and with short rows (S = 196 is 12 cache lines) the hardware
+ * prefetcher never gets going. The chunk's partials go to a buffer, then each
+ * channel's are combined in sample order, by adding (FAST: the same additions, in the
+ * same order, as one channel at a time) or as exact blocks (REPRODUCIBLE: the same
+ * accumulated integer). Threads split the chunk's rows (each partial computed whole
+ * by one thread) and then its channels. */
+static void nchw_sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
+                      double *s2, int64_t *acc1, int64_t *acc2)
+{
+    const int64_t n = sh.n, C = sh.C, S = sh.S;
+    const int64_t cw = C < SBN_PART_MAX ? C : SBN_PART_MAX;
+    const int64_t kw = SBN_PART_MAX / cw < SBN_XB ? SBN_PART_MAX / cw : SBN_XB;
+    double part[2 * SBN_PART_MAX]; /* p1 [kw][cw], then p2 */
+    double *q1 = part, *q2 = part + SBN_PART_MAX;
+#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
+    for (int64_t c0 = 0; c0 < C; c0 += cw)
+        for (int64_t i0 = 0; i0 < n; i0 += kw) {
+            const int64_t nc = C - c0 < cw ? C - c0 : cw, K = n - i0 < kw ? n - i0 : kw;
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < (K * nc + 3) / 4; g++) {
+                const int64_t r0 = 4 * g;
+                if (r0 + 4 <= K * nc) {
+                    const float *xr[4], *gr[4] = {NULL, NULL, NULL, NULL};
+                    double m[4] = {0, 0, 0, 0};
+                    for (int j = 0; j < 4; j++) {
+                        const int64_t k = (r0 + j) / nc, c = c0 + (r0 + j) % nc, off = ((i0 + k) * C + c) * S;
+                        xr[j] = x + off;
+                        if (kind)
+                            gr[j] = dy + off, m[j] = mean[c];
+                    }
+                    if (kind == 0)
+                        rows4(0, xr, gr, m, S, q1 + r0, q2 + r0);
+                    else
+                        rows4(1, xr, gr, m, S, q1 + r0, q2 + r0);
+                    continue;
+                }
+                for (int64_t r = r0; r < K * nc; r++) {
+                    const int64_t k = r / nc, c = c0 + r % nc, off = ((i0 + k) * C + c) * S;
+                    if (kind == 0)
+                        row_x_x2(x + off, S, &q1[r], &q2[r]);
+                    else
+                        row_dy_dyxm(x + off, dy + off, mean[c], S, &q1[r], &q2[r]);
+                }
+            }
+            if (acc1) {
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < nc; j += 8)
+                    deposit_block(XS_BUF, XS_BUF, q1 + j, q2 + j, NULL, NULL, NULL, nc, K, nc - j < 8 ? nc - j : 8,
+                                  acc1 + (c0 + j) * sbx_words(SBX_LINEAR),
+                                  acc2 + (c0 + j) * sbx_words(SBX_QUADRATIC), i0);
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < nc; j++)
+                    for (int64_t k = 0; k < K; k++)
+                        s1[c0 + j] += q1[k * nc + j], s2[c0 + j] += q2[k * nc + j];
+            }
+        }
+}
+
 static void sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
                  double *s2, int64_t *acc1, int64_t *acc2)
 {
@@ -616,17 +735,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
     /* S == 1: NCHW and NHWC are the same memory, and a one-element partial is the
      * same value either way; the NHWC path vectorizes over channels. */
     if (sh.layout == SYNCBN_NCHW && S > 1) {
-#pragma omp parallel for schedule(static) if (n * C * S >= SBN_OMP_MIN_WORK)
-        for (int64_t c = 0; c < C; c++)
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t off = (i * C + c) * S;
-                double p1, p2;
-                if (kind == 0)
-                    row_x_x2(x + off, S, &p1, &p2);
-                else
-                    row_dy_dyxm(x + off, dy + off, mean[c], S, &p1, &p2);
-                take_partial(c, i, p1, p2, s1, s2, acc1, acc2);
-            }
+        nchw_sums(kind, x, dy, mean, sh, s1, s2, acc1, acc2);
         return;
     }
 
