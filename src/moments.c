@@ -128,8 +128,9 @@ static inline __attribute__((always_inline)) void rows4(int kind, const float *c
     sbn_v8d a[4][2], b[4][2], mv[4];
 #pragma GCC unroll 4
     for (int r = 0; r < 4; r++) {
-        a[r][0] = a[r][1] = b[r][0] = b[r][1] = (sbn_v8d){0};
-        mv[r] = (sbn_v8d){m[r], m[r], m[r], m[r], m[r], m[r], m[r], m[r]};
+        a[r][0] = a[r][1] = b[r][0] = b[r][1] = mv[r] = (sbn_v8d){0};
+        if (kind)
+            mv[r] = (sbn_v8d){m[r], m[r], m[r], m[r], m[r], m[r], m[r], m[r]};
     }
     int64_t s = 0;
     for (; s + SBN_LANES <= S; s += SBN_LANES) {
@@ -607,65 +608,67 @@ static void nhwc_partials(int kind, const float *x, const float *dy, const doubl
     }
 }
 
-/* NCHW sums. The rows (sample i, channel c) are read in memory order, a chunk of
- * K samples x cw channels at a time: a channel-major walk would jump C*S floats from
- * row to row, and with short rows (S = 196 is 12 cache lines) the hardware
- * prefetcher never gets going. The chunk's partials go to a buffer, then each
- * channel's are combined in sample order, by adding (FAST: the same additions, in the
- * same order, as one channel at a time) or as exact blocks (REPRODUCIBLE: the same
- * accumulated integer). Threads split the chunk's rows (each partial computed whole
- * by one thread) and then its channels. */
+/* NCHW sums. Each thread owns a range of channels and reads its rows in memory
+ * order: for each sample, the run of its channels' rows, a block of SBN_NCHW_CW
+ * channels at a time, four rows at once (rows4). (A walk down one channel would
+ * jump C*S floats from row to row.) The partials of SBN_NCHW_K samples go to a
+ * buffer, and each channel's are then combined in sample order, by adding (FAST:
+ * the same additions, in the same order, as one partial at a time) or as exact
+ * blocks (REPRODUCIBLE: the same accumulated integer). Owning channels, a thread
+ * never waits for another. */
+#define SBN_NCHW_CW 64                      /* channels per block */
+#define SBN_NCHW_K (SBN_XBUF / SBN_NCHW_CW) /* samples per block */
+_Static_assert(SBN_NCHW_K <= SBN_XB, "an NCHW block is one exact deposit");
+
 static void nchw_sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
                       double *s2, int64_t *acc1, int64_t *acc2)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
-    const int64_t cw = C < SBN_PART_MAX ? C : SBN_PART_MAX;
-    const int64_t kw = SBN_PART_MAX / cw < SBN_XB ? SBN_PART_MAX / cw : SBN_XB;
-    double part[2 * SBN_PART_MAX]; /* p1 [kw][cw], then p2 */
-    double *q1 = part, *q2 = part + SBN_PART_MAX;
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
-    for (int64_t c0 = 0; c0 < C; c0 += cw)
-        for (int64_t i0 = 0; i0 < n; i0 += kw) {
-            const int64_t nc = C - c0 < cw ? C - c0 : cw, K = n - i0 < kw ? n - i0 : kw;
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < (K * nc + 3) / 4; g++) {
-                const int64_t r0 = 4 * g;
-                if (r0 + 4 <= K * nc) {
-                    const float *xr[4], *gr[4] = {NULL, NULL, NULL, NULL};
-                    double m[4] = {0, 0, 0, 0};
-                    for (int j = 0; j < 4; j++) {
-                        const int64_t k = (r0 + j) / nc, c = c0 + (r0 + j) % nc, off = ((i0 + k) * C + c) * S;
-                        xr[j] = x + off;
-                        if (kind)
-                            gr[j] = dy + off, m[j] = mean[c];
+    {
+        const int64_t T = omp_get_num_threads(), per = (C + T - 1) / T;
+        const int64_t t0 = omp_get_thread_num() * per < C ? omp_get_thread_num() * per : C;
+        const int64_t t1 = t0 + per < C ? t0 + per : C;
+        double q1[SBN_XBUF], q2[SBN_XBUF]; /* [k][j]: sample i0 + k, channel c0 + j */
+        for (int64_t c0 = t0; c0 < t1; c0 += SBN_NCHW_CW) {
+            const int64_t nc = t1 - c0 < SBN_NCHW_CW ? t1 - c0 : SBN_NCHW_CW;
+            for (int64_t i0 = 0; i0 < n; i0 += SBN_NCHW_K) {
+                const int64_t K = n - i0 < SBN_NCHW_K ? n - i0 : SBN_NCHW_K;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t row0 = (i0 + k) * C + c0; /* row of channel c0 */
+                    double *o1 = q1 + k * nc, *o2 = q2 + k * nc;
+                    int64_t j = 0;
+                    for (; j + 4 <= nc; j += 4) {
+                        const float *xr[4], *gr[4] = {NULL, NULL, NULL, NULL};
+                        for (int r = 0; r < 4; r++) {
+                            xr[r] = x + (row0 + j + r) * S;
+                            if (kind)
+                                gr[r] = dy + (row0 + j + r) * S;
+                        }
+                        if (kind == 0)
+                            rows4(0, xr, gr, NULL, S, o1 + j, o2 + j);
+                        else
+                            rows4(1, xr, gr, mean + c0 + j, S, o1 + j, o2 + j);
                     }
-                    if (kind == 0)
-                        rows4(0, xr, gr, m, S, q1 + r0, q2 + r0);
-                    else
-                        rows4(1, xr, gr, m, S, q1 + r0, q2 + r0);
-                    continue;
+                    for (; j < nc; j++) {
+                        const int64_t off = (row0 + j) * S;
+                        if (kind == 0)
+                            row_x_x2(x + off, S, o1 + j, o2 + j);
+                        else
+                            row_dy_dyxm(x + off, dy + off, mean[c0 + j], S, o1 + j, o2 + j);
+                    }
                 }
-                for (int64_t r = r0; r < K * nc; r++) {
-                    const int64_t k = r / nc, c = c0 + r % nc, off = ((i0 + k) * C + c) * S;
-                    if (kind == 0)
-                        row_x_x2(x + off, S, &q1[r], &q2[r]);
-                    else
-                        row_dy_dyxm(x + off, dy + off, mean[c], S, &q1[r], &q2[r]);
+                if (acc1) {
+                    deposit_block(XS_BUF, XS_BUF, q1, q2, NULL, NULL, NULL, nc, K, nc,
+                                  acc1 + c0 * sbx_words(SBX_LINEAR), acc2 + c0 * sbx_words(SBX_QUADRATIC), i0);
+                } else {
+                    for (int64_t j = 0; j < nc; j++)
+                        for (int64_t k = 0; k < K; k++)
+                            s1[c0 + j] += q1[k * nc + j], s2[c0 + j] += q2[k * nc + j];
                 }
-            }
-            if (acc1) {
-#pragma omp for schedule(static)
-                for (int64_t j = 0; j < nc; j += 8)
-                    deposit_block(XS_BUF, XS_BUF, q1 + j, q2 + j, NULL, NULL, NULL, nc, K, nc - j < 8 ? nc - j : 8,
-                                  acc1 + (c0 + j) * sbx_words(SBX_LINEAR),
-                                  acc2 + (c0 + j) * sbx_words(SBX_QUADRATIC), i0);
-            } else {
-#pragma omp for schedule(static)
-                for (int64_t j = 0; j < nc; j++)
-                    for (int64_t k = 0; k < K; k++)
-                        s1[c0 + j] += q1[k * nc + j], s2[c0 + j] += q2[k * nc + j];
             }
         }
+    }
 }
 
 static void sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
