@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "syncbn.h"
 #include "testutil.h"
 
@@ -309,6 +311,22 @@ START_TEST(core_many_channels_nhwc)
 }
 END_TEST
 
+/* Narrow NHWC rows (the flat elementwise path) on a tensor large enough for
+ * streaming stores on one rank (>= 16 MiB per output; malloc'ed blocks this large are
+ * not 32-byte aligned, so the aligned body starts after a head), with C = 5 so that
+ * vectors straddle rows, and two threads splitting the flat run. */
+START_TEST(core_streaming_narrow_nhwc)
+{
+    omp_set_num_threads(2);
+    for (int red = 0; red < 2; red++) {
+        problem p = make_problem(8, 5, 110000, SYNCBN_NHWC, (syncbn_reduction)red);
+        run_problem(&p, SPLIT_EVEN, 1);
+    }
+    omp_set_num_threads(1);
+    tu_verdict();
+}
+END_TEST
+
 /* ---- finite differences: backward against the forward it differentiates ---- */
 
 /* Collective: L = sum over the global batch of y * dy (dy fixed), in double. */
@@ -573,6 +591,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, core_cumulative_momentum);
     tcase_add_test(tc, core_large_offset);
     tcase_add_test(tc, core_many_channels_nhwc);
+    tcase_add_test(tc, core_streaming_narrow_nhwc);
     tcase_add_test(tc, backward_finite_differences);
     tcase_add_test(tc, errors_collective);
     tcase_add_test(tc, errors_out_of_step);
