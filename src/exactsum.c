@@ -22,6 +22,10 @@
 
 #include <string.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #define SBX_MASK32 UINT64_C(0xFFFFFFFF)
 
 /* floor(x / 2^32) without right-shifting a negative value. */
@@ -332,7 +336,15 @@ double sbx_round(const int64_t *acc, sbx_format f)
 
     /* Occupied words, found without a branch per word. */
     uint64_t occ = 0;
+#ifdef __AVX512F__
+    for (int32_t i = 0; i < nd; i += 8) {
+        const __mmask8 in = (__mmask8)(nd - i >= 8 ? 0xFF : (1u << (nd - i)) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi64(in, acc + i);
+        occ |= (uint64_t)_mm512_test_epi64_mask(v, v) << i;
+    }
+#else
     for (int32_t i = 0; i < nd; i++) occ |= (uint64_t)(acc[i] != 0) << i;
+#endif
     if (!occ)
         return 0.0; /* exact zero is +0 */
     const int32_t lo = __builtin_ctzll(occ), hi = 63 - __builtin_clzll(occ);
