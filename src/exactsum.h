@@ -22,7 +22,10 @@
  * Layout of one accumulator (sbx_words(f) int64 words):
  *   acc[0 .. ndigits-1]   digits, least significant first; digit i weighs
  *                         2^(lsb_exp + 32*i). Between normalizations a digit word
- *                         may hold any int64; after sbx_normalize, digits
+ *                         may hold any int64 of magnitude at most 2^62 + 2^32 (what
+ *                         2^30 deposits, or a sum over ranks of unnormalized words
+ *                         below 2^62 / P, can reach); sbx_normalize, sbx_merge and
+ *                         sbx_round rely on that bound. After sbx_normalize, digits
  *                         0..ndigits-2 are in [0, 2^32) and the top digit carries the sign.
  *   acc[ndigits + 0]      count of NaN deposits
  *   acc[ndigits + 1]      count of +Inf deposits (incl. out-of-window positives)

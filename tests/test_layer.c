@@ -311,18 +311,19 @@ START_TEST(core_many_channels_nhwc)
 }
 END_TEST
 
-/* Narrow NHWC rows (the flat elementwise path) on a tensor large enough for
- * streaming stores on one rank (>= 16 MiB per output; malloc'ed blocks this large are
- * not 32-byte aligned, so the aligned body starts after a head), with C = 5 so that
- * vectors straddle rows, and two threads splitting the flat run. */
+/* NHWC rows of 13 channels (an alignment head, at most one vector step, a tail)
+ * on a tensor large enough for streaming stores when one rank holds it all
+ * (>= 16 MiB per output at P = 1; malloc'ed blocks this large are not 32-byte
+ * aligned, so the head is not empty), with two threads splitting the rows. */
 START_TEST(core_streaming_narrow_nhwc)
 {
+    const int threads = omp_get_max_threads();
     omp_set_num_threads(2);
     for (int red = 0; red < 2; red++) {
-        problem p = make_problem(8, 5, 110000, SYNCBN_NHWC, (syncbn_reduction)red);
+        problem p = make_problem(8, 13, 41000, SYNCBN_NHWC, (syncbn_reduction)red);
         run_problem(&p, SPLIT_EVEN, 1);
     }
-    omp_set_num_threads(1);
+    omp_set_num_threads(threads);
     tu_verdict();
 }
 END_TEST
