@@ -915,6 +915,29 @@ static inline void nt_fence(int nt)
 #endif
 }
 
+/* The first k < 8 floats at p as one masked vector step: the same double operations
+ * per element as the scalar tails (masked-off lanes compute on zeros and are neither
+ * stored nor seen), for rows whose length is not a multiple of 8 (S = 196). */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define SBN_HAVE_MASKED 1
+static inline sbn_v8d load8_first(const float *p, int64_t k)
+{
+    return (sbn_v8d)_mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << k) - 1), p));
+}
+static inline void put8_first(float *p, const sbn_v8d *v, int64_t k)
+{
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << k) - 1), _mm512_cvtpd_ps((__m512d)*v));
+}
+#else
+#define SBN_HAVE_MASKED 0
+static inline sbn_v8d load8_first(const float *p, int64_t k)
+{
+    (void)p, (void)k;
+    return (sbn_v8d){0};
+}
+static inline void put8_first(float *p, const sbn_v8d *v, int64_t k) { (void)p, (void)v, (void)k; }
+#endif
+
 void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
                    sbn_shape sh)
 {
@@ -936,6 +959,11 @@ void sbn_normalize(float *y, const float *x, const double *mean, const double *s
                     for (; s + 8 <= S; s += 8) {
                         const sbn_v8d v = (load8(xr + s) - mv) * kv + bv;
                         put8(yr + s, &v, nt);
+                    }
+                    if (SBN_HAVE_MASKED && s < S) {
+                        const sbn_v8d v = (load8_first(xr + s, S - s) - mv) * kv + bv;
+                        put8_first(yr + s, &v, S - s);
+                        s = S;
                     }
                     for (; s < S; s++)
                         yr[s] = (float)(((double)xr[s] - m) * k + b);
@@ -986,6 +1014,12 @@ void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *m
                     for (; s + 8 <= S; s += 8) {
                         const sbn_v8d v = kv * (load8(gr + s) - av - (load8(xr + s) - mv) * bv);
                         put8(dr + s, &v, nt);
+                    }
+                    if (SBN_HAVE_MASKED && s < S) {
+                        const sbn_v8d v =
+                            kv * (load8_first(gr + s, S - s) - av - (load8_first(xr + s, S - s) - mv) * bv);
+                        put8_first(dr + s, &v, S - s);
+                        s = S;
                     }
                     for (; s < S; s++)
                         dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
