@@ -6,8 +6,12 @@
 # (fast and reproducible, NCHW and NHWC), oneDNN (NCHW, NHWC) and PyTorch
 # (contiguous = NCHW, channels_last = NHWC) on the same shapes, float32, at the same
 # OMP_NUM_THREADS (1 and 2 by default). Every program reports the median over
-# --reps repetitions; the script repeats each program --runs times and prints the
-# median of those medians in ONE table, plus a check of the issue-5 targets.
+# --reps repetitions; the script repeats each program --runs times (default 5,
+# interleaved: ours, oneDNN, PyTorch, ours, ...) and prints the median of those
+# medians in ONE table, plus a check of the issue-5 targets on PAIRED ratios: each
+# ratio is taken within one run, and the median over runs is shown with its range,
+# which is far less sensitive to this machine's slow swings in load than a ratio of
+# two medians.
 #
 # Peers are optional: without libdnnl-dev or python3-torch their rows say SKIP.
 # --install runs scripts/install_deps.sh peers first (needs apt and root/sudo).
@@ -24,7 +28,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build="$root/build-bench"
 threads_list="1 2"
-runs=3
+runs=5
 reps=15
 install=0
 np2=1
@@ -38,7 +42,7 @@ while [ $# -gt 0 ]; do
     --shape) shapes+=("$2"); shift ;;
     --build-dir) build="$2"; shift ;;
     --no-np2) np2=0 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -95,15 +99,15 @@ for t in $threads_list; do
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
     OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
-      --reps "$reps" "${shape_args[@]}" | sed -n -e "s/^RESULT /RESULT threads=$t /p" \
+      --reps "$reps" "${shape_args[@]}" | sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" \
       -e "s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
     if [ -n "$dnnl_bin" ]; then
       OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${shape_args[@]}" |
-        sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+        sed -n "s/^RESULT /RESULT threads=$t run=$k /p" >>"$results"
     fi
     if [ "$torch_ok" = 1 ]; then
       OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench_torch.py" --reps "$reps" "${shape_args[@]}" |
-        sed -n "s/^RESULT /RESULT threads=$t /p" >>"$results"
+        sed -n "s/^RESULT /RESULT threads=$t run=$k /p" >>"$results"
     fi
   done
 done
@@ -147,9 +151,23 @@ function put(key, x) { cnt[key]++; val[key, cnt[key]] = x }
   for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
   k = f["threads"] SUBSEP f["shape"] SUBSEP f["impl"] SUBSEP f["layout"]
   put(k SUBSEP "fwd", f["fwd_ms"] + 0); put(k SUBSEP "fb", f["fwdbwd_ms"] + 0)
+  if (f["run"] != "") { byrun[k, f["run"]] = f["fwdbwd_ms"] + 0; if (f["run"] + 0 > maxrun) maxrun = f["run"] + 0 }
   if (f["local_fwdbwd_ms"] != "") put(k SUBSEP "ratio", (f["fwdbwd_ms"] + 0) / (f["local_fwdbwd_ms"] + 0))
 }
 function cell(t, s, impl, lay, what) { return median(t SUBSEP s SUBSEP impl SUBSEP lay SUBSEP what) }
+# Paired ratio a/b of fwd+bwd: one ratio per run (both measured in that run, minutes
+# apart at most), then their median; rlo/rhi get the smallest and largest.
+function pratio(t, s, ia, la, ib, lb,   ka, kb, r, key) {
+  ka = t SUBSEP s SUBSEP ia SUBSEP la; kb = t SUBSEP s SUBSEP ib SUBSEP lb
+  key = "pr" SUBSEP ka SUBSEP kb; cnt[key] = 0; rlo = 1e300; rhi = -1
+  for (r = 1; r <= maxrun; r++)
+    if (((ka, r) in byrun) && ((kb, r) in byrun) && byrun[kb, r] > 0) {
+      x = byrun[ka, r] / byrun[kb, r]; put(key, x)
+      if (x < rlo) rlo = x; if (x > rhi) rhi = x
+    }
+  return median(key)
+}
+function span() { return rhi > rlo ? sprintf(" [%.2f-%.2f]", rlo, rhi) : "" }
 function row(t, s, impl, lay, label, avail,   fw, fb, ours) {
   if (!avail) { printf "%3s  %-16s %-14s %-5s %10s %10s %8s\n", t, s, label, lay, "SKIP", "SKIP", "-"; return }
   fw = cell(t, s, impl, lay, "fwd"); fb = cell(t, s, impl, lay, "fb")
@@ -174,19 +192,19 @@ END {
     printf "Reference loops at %s thread(s), 128 MiB buffers: copy %.1f GB/s (8 B/elem), read %.1f GB/s\n",
            T[a], median(T[a] SUBSEP "copy"), median(T[a] SUBSEP "read")
   print ""
-  print "Targets (issue 5), fwd+bwd medians:"
+  print "Targets (issue 5): median over runs of the ratio measured within each run [min-max]:"
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
-    t = T[a]; s = S[b]; line = sprintf("  %s thr %-16s", t, s)
-    dn = cell(t, s, "onednn", "nhwc", "fb")
+    t = T[a]; s = S[b]
     for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
-      o = cell(t, s, "syncbn-fast", lay, "fb"); r = cell(t, s, "syncbn-repro", lay, "fb")
-      tc = cell(t, s, "torch", lay, "fb")
-      line = line sprintf(" %s: ", lay)
-      if (dn > 0) line = line sprintf("%s/oneDNN-nhwc %.2f%s ", "ours", o / dn, o <= dn ? " ok" : " MISS")
-      if (tc > 0) line = line sprintf("torch/ours %.1fx%s ", tc / o, tc / o >= 3 ? " ok" : " MISS")
-      if (r > 0) line = line sprintf("repro/fast %.2f%s ", r / o, r / o <= 1.2 ? " ok" : " MISS")
+      line = sprintf("  %s thr %-15s %s:", t, s, lay)
+      x = pratio(t, s, "syncbn-fast", lay, "onednn", "nhwc")
+      if (x > 0) line = line sprintf(" ours/oneDNN-nhwc %.2f%s%s;", x, span(), x <= 1 ? " ok" : " MISS")
+      x = pratio(t, s, "torch", lay, "syncbn-fast", lay)
+      if (x > 0) line = line sprintf(" torch/ours %.1fx%s%s;", x, span(), x >= 3 ? " ok" : " MISS")
+      x = pratio(t, s, "syncbn-repro", lay, "syncbn-fast", lay)
+      if (x > 0) line = line sprintf(" repro/fast %.2f%s%s", x, span(), x <= 1.2 ? " ok" : " MISS")
+      print line
     }
-    print line
   }
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
     split(S[b], d, ","); el = d[1] * d[2] * d[3] * d[4]
