@@ -306,6 +306,11 @@ START_TEST(core_many_channels_nhwc)
     for (int k = 0; k < NSPLITS; k++) {
         problem p = make_problem(11, 257, 3, SYNCBN_NHWC, SYNCBN_FAST);
         run_problem(&p, k, 1);
+        /* both reductions, with S > 1 and 131 = 2 x 64 + 3 channels (register blocks and a scalar tail) */
+        for (int red = 0; red < 2; red++) {
+            problem q = make_problem(5, 131, 9, SYNCBN_NHWC, (syncbn_reduction)red);
+            run_problem(&q, k, 1);
+        }
     }
     tu_verdict();
 }
