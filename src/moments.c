@@ -49,85 +49,21 @@ static inline sbn_v8d load8(const float *p)
 
 /* ---- per-sample partials of one (sample, channel) row, NCHW ---- */
 
-/* Combines the SBN_LANES (= 16) lanes held in two vectors in lane order 0..15. */
-static inline double lanes_sum(const sbn_v8d *lo, const sbn_v8d *hi)
-{
-    double t = 0;
-    for (int j = 0; j < 8; j++)
-        t += (*lo)[j];
-    for (int j = 0; j < 8; j++)
-        t += (*hi)[j];
-    return t;
-}
-
-/* p1 = sum x, p2 = sum x^2 over a contiguous row of S floats. Lane j of the 16
- * accumulators takes positions s = j (mod 16); lanes are combined in order 0..15,
- * then the tail is added in order. */
-static void row_x_x2(const float *x, int64_t S, double *p1, double *p2)
-{
-    sbn_v8d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
-    int64_t s = 0;
-    for (; s + SBN_LANES <= S; s += SBN_LANES) {
-        sbn_v8d u = load8(x + s), w = load8(x + s + 8);
-        a0 += u, a1 += w;
-        b0 += u * u, b1 += w * w; /* exact: a float squared fits in a double */
-    }
-    double t1 = lanes_sum(&a0, &a1), t2 = lanes_sum(&b0, &b1);
-    for (; s < S; s++) {
-        double v = x[s];
-        t1 += v, t2 += v * v;
-    }
-    *p1 = t1, *p2 = t2;
-}
-
-/* p1 = sum dy, p2 = sum dy*(x - m) over a contiguous row; same lane order. */
-static void row_dy_dyxm(const float *x, const float *dy, double m, int64_t S, double *p1, double *p2)
-{
-    sbn_v8d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
-    const sbn_v8d mv = {m, m, m, m, m, m, m, m};
-    int64_t s = 0;
-    for (; s + SBN_LANES <= S; s += SBN_LANES) {
-        sbn_v8d g = load8(dy + s), h = load8(dy + s + 8);
-        a0 += g, a1 += h;
-        b0 += g * (load8(x + s) - mv), b1 += h * (load8(x + s + 8) - mv);
-    }
-    double t1 = lanes_sum(&a0, &a1), t2 = lanes_sum(&b0, &b1);
-    for (; s < S; s++) {
-        double g = dy[s];
-        t1 += g, t2 += g * ((double)x[s] - m);
-    }
-    *p1 = t1, *p2 = t2;
-}
-
-/* Adds one sample's partials of channel c to the channel totals (FAST) or deposits
- * them exactly (REPRODUCIBLE). `i` counts deposits made so far into this channel. */
-static inline void take_partial(int64_t c, int64_t i, double p1, double p2, double *s1, double *s2,
-                                int64_t *acc1, int64_t *acc2)
-{
-    if (!acc1) {
-        s1[c] += p1, s2[c] += p2;
-        return;
-    }
-    int64_t *a1 = acc1 + c * sbx_words(SBX_LINEAR), *a2 = acc2 + c * sbx_words(SBX_QUADRATIC);
-    sbx_add(a1, SBX_LINEAR, p1);
-    sbx_add(a2, SBX_QUADRATIC, p2);
-    if ((i + 1) % SBN_RENORM_EVERY == 0) {
-        sbx_normalize(a1, SBX_LINEAR);
-        sbx_normalize(a2, SBX_QUADRATIC);
-    }
-}
-
-/* The partials of four rows at once (rows r of x, and of dy for kind 1; m[r] their
- * channels' means), each with exactly the operations of row_x_x2 / row_dy_dyxm: four
- * independent chains hide the latency of the additions, which bounds one short row
- * (S = 196: 12 vector steps, then 2 x 16 lane additions in series). kind is a
- * compile-time constant at every call. */
-static inline __attribute__((always_inline)) void rows4(int kind, const float *const *xr, const float *const *gr,
-                                                        const double *m, int64_t S, double *p1, double *p2)
+/* p1 = sum x, p2 = sum x^2 (kind 0) or p1 = sum dy, p2 = sum dy*(x - m) (kind 1) over
+ * each of nr contiguous rows of S floats (rows xr[r], gr[r]; m[r] their channels'
+ * means). Lane j of a row's 16 accumulators takes positions s = j (mod 16); the lanes
+ * are combined in order 0..15, starting from 0, then the tail is added in order.
+ * nr = 4 runs four independent chains, which hides the latency of the additions that
+ * bounds one short row (S = 196: 12 vector steps, then 2 x 16 lane additions in
+ * series); each row still gets exactly its own operations. kind and nr (1 or 4) are
+ * compile-time constants at every call. */
+static inline __attribute__((always_inline)) void rows_partials(int kind, int nr, const float *const *xr,
+                                                                const float *const *gr, const double *m,
+                                                                int64_t S, double *p1, double *p2)
 {
     sbn_v8d a[4][2], b[4][2], mv[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < nr; r++) {
         a[r][0] = a[r][1] = b[r][0] = b[r][1] = mv[r] = (sbn_v8d){0};
         if (kind)
             mv[r] = (sbn_v8d){m[r], m[r], m[r], m[r], m[r], m[r], m[r], m[r]};
@@ -135,11 +71,11 @@ static inline __attribute__((always_inline)) void rows4(int kind, const float *c
     int64_t s = 0;
     for (; s + SBN_LANES <= S; s += SBN_LANES) {
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < nr; r++) {
             if (kind == 0) {
                 sbn_v8d u = load8(xr[r] + s), w = load8(xr[r] + s + 8);
                 a[r][0] += u, a[r][1] += w;
-                b[r][0] += u * u, b[r][1] += w * w;
+                b[r][0] += u * u, b[r][1] += w * w; /* exact: a float squared fits in a double */
             } else {
                 sbn_v8d g = load8(gr[r] + s), h = load8(gr[r] + s + 8);
                 a[r][0] += g, a[r][1] += h;
@@ -147,22 +83,22 @@ static inline __attribute__((always_inline)) void rows4(int kind, const float *c
             }
         }
     }
-    /* lanes_sum, the four rows interleaved: through memory, as extracting 128 lanes
-     * from registers would queue on the one shuffle port. */
+    /* The lanes, rows interleaved: through memory, as extracting 128 lanes from
+     * registers would queue on the one shuffle port. */
     double la[4][16], lb[4][16], t1[4] = {0, 0, 0, 0}, t2[4] = {0, 0, 0, 0};
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < nr; r++) {
         memcpy(la[r], a[r], sizeof la[r]);
         memcpy(lb[r], b[r], sizeof lb[r]);
     }
     for (int j = 0; j < 16; j++) {
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < nr; r++)
             t1[r] += la[r][j], t2[r] += lb[r][j];
     }
     for (; s < S; s++) {
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < nr; r++) {
             if (kind == 0) {
                 const double v = xr[r][s];
                 t1[r] += v, t2[r] += v * v;
@@ -172,8 +108,8 @@ static inline __attribute__((always_inline)) void rows4(int kind, const float *c
             }
         }
     }
-    memcpy(p1, t1, sizeof t1);
-    memcpy(p2, t2, sizeof t2);
+    memcpy(p1, t1, (size_t)nr * sizeof *t1);
+    memcpy(p2, t2, (size_t)nr * sizeof *t2);
 }
 
 /* ---- exact block deposits (REPRODUCIBLE) ----
@@ -527,12 +463,13 @@ static void deposit_block(int src1, int src2, const double *p1, const double *p2
         }
 }
 
-/* This thread's share [*c0, *c1) of C channels; chunk edges on vector boundaries. */
-static void thread_channels(int64_t C, int64_t *c0, int64_t *c1)
+/* This thread's share [*c0, *c1) of C channels; chunk edges on multiples of `granule`
+ * (SBN_LANES where channels are vector lanes, 1 where each channel is a row). */
+static void thread_channels(int64_t C, int64_t granule, int64_t *c0, int64_t *c1)
 {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int64_t per = (C + T - 1) / T;
-    per = (per + SBN_LANES - 1) / SBN_LANES * SBN_LANES;
+    per = (per + granule - 1) / granule * granule;
     *c0 = t * per < C ? t * per : C;
     *c1 = *c0 + per < C ? *c0 + per : C;
 }
@@ -610,7 +547,7 @@ static void nhwc_partials(int kind, const float *x, const float *dy, const doubl
 
 /* NCHW sums. Each thread owns a range of channels and reads its rows in memory
  * order: for each sample, the run of its channels' rows, a block of SBN_NCHW_CW
- * channels at a time, four rows at once (rows4). (A walk down one channel would
+ * channels at a time, four rows at once (rows_partials). (A walk down one channel would
  * jump C*S floats from row to row.) The partials of SBN_NCHW_K samples go to a
  * buffer, and each channel's are then combined in sample order, by adding (FAST:
  * the same additions, in the same order, as one partial at a time) or as exact
@@ -626,9 +563,8 @@ static void nchw_sums(int kind, const float *x, const float *dy, const double *m
     const int64_t n = sh.n, C = sh.C, S = sh.S;
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
     {
-        const int64_t T = omp_get_num_threads(), per = (C + T - 1) / T;
-        const int64_t t0 = omp_get_thread_num() * per < C ? omp_get_thread_num() * per : C;
-        const int64_t t1 = t0 + per < C ? t0 + per : C;
+        int64_t t0, t1;
+        thread_channels(C, 1, &t0, &t1);
         double q1[SBN_XBUF], q2[SBN_XBUF]; /* [k][j]: sample i0 + k, channel c0 + j */
         for (int64_t c0 = t0; c0 < t1; c0 += SBN_NCHW_CW) {
             const int64_t nc = t1 - c0 < SBN_NCHW_CW ? t1 - c0 : SBN_NCHW_CW;
@@ -637,25 +573,24 @@ static void nchw_sums(int kind, const float *x, const float *dy, const double *m
                 for (int64_t k = 0; k < K; k++) {
                     const int64_t row0 = (i0 + k) * C + c0; /* row of channel c0 */
                     double *o1 = q1 + k * nc, *o2 = q2 + k * nc;
-                    int64_t j = 0;
-                    for (; j + 4 <= nc; j += 4) {
+                    for (int64_t j = 0; j < nc;) {
+                        const int nr = nc - j >= 4 ? 4 : 1;
                         const float *xr[4], *gr[4] = {NULL, NULL, NULL, NULL};
-                        for (int r = 0; r < 4; r++) {
+                        for (int r = 0; r < nr; r++) {
                             xr[r] = x + (row0 + j + r) * S;
                             if (kind)
                                 gr[r] = dy + (row0 + j + r) * S;
                         }
-                        if (kind == 0)
-                            rows4(0, xr, gr, NULL, S, o1 + j, o2 + j);
+                        const double *m = kind ? mean + c0 + j : NULL;
+                        if (nr == 4 && kind == 0)
+                            rows_partials(0, 4, xr, gr, m, S, o1 + j, o2 + j);
+                        else if (nr == 4)
+                            rows_partials(1, 4, xr, gr, m, S, o1 + j, o2 + j);
+                        else if (kind == 0)
+                            rows_partials(0, 1, xr, gr, m, S, o1 + j, o2 + j);
                         else
-                            rows4(1, xr, gr, mean + c0 + j, S, o1 + j, o2 + j);
-                    }
-                    for (; j < nc; j++) {
-                        const int64_t off = (row0 + j) * S;
-                        if (kind == 0)
-                            row_x_x2(x + off, S, o1 + j, o2 + j);
-                        else
-                            row_dy_dyxm(x + off, dy + off, mean[c0 + j], S, o1 + j, o2 + j);
+                            rows_partials(1, 1, xr, gr, m, S, o1 + j, o2 + j);
+                        j += nr;
                     }
                 }
                 if (acc1) {
@@ -668,6 +603,30 @@ static void nchw_sums(int kind, const float *x, const float *dy, const double *m
                 }
             }
         }
+    }
+}
+
+/* FAST, S == 1: adds R consecutive rows [R][C] (samples in order) into the totals of
+ * channels [t0, t1). The one-element partial of each sample is 0 + term (adding +0
+ * matters only for the sign of a zero). kind and R (1 or 4) are compile-time
+ * constants at every call. */
+static inline __attribute__((always_inline)) void add_rows(int kind, int R, const float *x, const float *dy,
+                                                           const double *mean, int64_t C, int64_t t0,
+                                                           int64_t t1, double *s1, double *s2)
+{
+    for (int64_t c = t0; c < t1; c++) {
+        double a = s1[c], b = s2[c];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            if (kind == 0) {
+                const double v = x[r * C + c];
+                a += 0.0 + v, b += 0.0 + v * v;
+            } else {
+                const double g = dy[r * C + c];
+                a += 0.0 + g, b += 0.0 + g * ((double)x[r * C + c] - mean[c]);
+            }
+        }
+        s1[c] = a, s2[c] = b;
     }
 }
 
@@ -686,51 +645,21 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
 #pragma omp parallel if (n * C >= SBN_OMP_MIN_WORK)
         {
             int64_t t0, t1;
-            thread_channels(C, &t0, &t1);
-            int64_t i = 0;
+            thread_channels(C, SBN_LANES, &t0, &t1);
             /* Four rows per sweep: each channel's total stays in a register across
              * them (the same additions in the same order, a quarter of the loads and
              * stores of the totals). */
-            for (; i + 4 <= n; i += 4) {
-                const float *x0 = x + i * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-                if (kind == 0) {
-                    for (int64_t c = t0; c < t1; c++) {
-                        const double v0 = x0[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
-                        double a = s1[c], b = s2[c];
-                        a += 0.0 + v0, b += 0.0 + v0 * v0;
-                        a += 0.0 + v1, b += 0.0 + v1 * v1;
-                        a += 0.0 + v2, b += 0.0 + v2 * v2;
-                        a += 0.0 + v3, b += 0.0 + v3 * v3;
-                        s1[c] = a, s2[c] = b;
-                    }
-                } else {
-                    const float *g0 = dy + i * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
-                    for (int64_t c = t0; c < t1; c++) {
-                        const double m = mean[c], g0c = g0[c], g1c = g1[c], g2c = g2[c], g3c = g3[c];
-                        double a = s1[c], b = s2[c];
-                        a += 0.0 + g0c, b += 0.0 + g0c * ((double)x0[c] - m);
-                        a += 0.0 + g1c, b += 0.0 + g1c * ((double)x1[c] - m);
-                        a += 0.0 + g2c, b += 0.0 + g2c * ((double)x2[c] - m);
-                        a += 0.0 + g3c, b += 0.0 + g3c * ((double)x3[c] - m);
-                        s1[c] = a, s2[c] = b;
-                    }
-                }
-            }
-            for (; i < n; i++) {
-                const float *xr = x + i * C;
-                if (kind == 0) {
-                    for (int64_t c = t0; c < t1; c++) {
-                        const double v = xr[c];
-                        s1[c] += 0.0 + v, s2[c] += 0.0 + v * v;
-                    }
-                } else {
-                    const float *gr = dy + i * C;
-                    for (int64_t c = t0; c < t1; c++) {
-                        const double g = gr[c];
-                        s1[c] += 0.0 + g, s2[c] += 0.0 + g * ((double)xr[c] - mean[c]);
-                    }
-                }
-            }
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4)
+                if (kind == 0)
+                    add_rows(0, 4, x + i * C, NULL, NULL, C, t0, t1, s1, s2);
+                else
+                    add_rows(1, 4, x + i * C, dy + i * C, mean, C, t0, t1, s1, s2);
+            for (; i < n; i++)
+                if (kind == 0)
+                    add_rows(0, 1, x + i * C, NULL, NULL, C, t0, t1, s1, s2);
+                else
+                    add_rows(1, 1, x + i * C, dy + i * C, mean, C, t0, t1, s1, s2);
         }
         return;
     }
@@ -767,7 +696,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
         }
         for (int64_t c = 0; c < C; c++)
             for (int64_t i = 0; i < n; i++)
-                take_partial(c, i, part[i * C + c], part[(n + i) * C + c], s1, s2, acc1, acc2);
+                s1[c] += part[i * C + c], s2[c] += part[(n + i) * C + c];
         return;
     }
 
@@ -779,7 +708,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
         {
             int64_t t0, t1;
-            thread_channels(C, &t0, &t1);
+            thread_channels(C, SBN_LANES, &t0, &t1);
             double b1[SBN_XBUF], b2[SBN_XBUF]; /* partials, or (S == 1) packed rows as floats */
             const int64_t cstep = S == 1 ? SBN_XC : SBN_CBLOCK;
             for (int64_t c0 = t0; c0 < t1; c0 += cstep) {
@@ -825,7 +754,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
     {
         int64_t t0, t1;
-        thread_channels(C, &t0, &t1);
+        thread_channels(C, SBN_LANES, &t0, &t1);
         double p1[SBN_CBLOCK], p2[SBN_CBLOCK];
         for (int64_t c0 = t0; c0 < t1; c0 += SBN_CBLOCK) {
             int64_t c1 = c0 + SBN_CBLOCK < t1 ? c0 + SBN_CBLOCK : t1;
@@ -833,7 +762,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
                 const int64_t off = i * S * C;
                 nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1, p1, p2);
                 for (int64_t c = c0; c < c1; c++)
-                    take_partial(c, i, p1[c - c0], p2[c - c0], s1, s2, acc1, acc2);
+                    s1[c] += p1[c - c0], s2[c] += p2[c - c0];
             }
         }
     }
