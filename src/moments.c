@@ -49,13 +49,48 @@ static inline sbn_v8d load8(const float *p)
 
 /* ---- per-sample partials of one (sample, channel) row, NCHW ---- */
 
+typedef double sbn_v4d __attribute__((vector_size(32)));
+
+/* The first k floats at p (0 < k < 8), widened to double, zeros after: one masked
+ * load with AVX-512VL, else through a zeroed buffer (the same values either way). */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define SBN_HAVE_MASKED 1
+static inline sbn_v8d load8_first(const float *p, int64_t k)
+{
+    return (sbn_v8d)_mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << k) - 1), p));
+}
+#else
+#define SBN_HAVE_MASKED 0
+static inline sbn_v8d load8_first(const float *p, int64_t k)
+{
+    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(t, p, (size_t)k * sizeof *t);
+    return load8(t);
+}
+#endif
+
+/* The 16 lanes (a0 = lanes 0..7, a1 = lanes 8..15) summed as a fixed tree:
+ * lane j + lane j+8, then j + j+4, then j + j+2, then 0 + 1. */
+static inline __attribute__((always_inline)) double lanes16(sbn_v8d a0, sbn_v8d a1)
+{
+    sbn_v8d v = a0 + a1;
+    sbn_v4d lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    sbn_v4d w = lo + hi;
+    double w0 = w[0] + w[2], w1 = w[1] + w[3];
+    return w0 + w1;
+}
+
 /* p1 = sum x, p2 = sum x^2 (kind 0) or p1 = sum dy, p2 = sum dy*(x - m) (kind 1) over
  * each of nr contiguous rows of S floats (rows xr[r], gr[r]; m[r] their channels'
- * means). Lane j of a row's 16 accumulators takes positions s = j (mod 16); the lanes
- * are combined in order 0..15, starting from 0, then the tail is added in order.
- * nr = 4 runs four independent chains, which hides the latency of the additions that
- * bounds one short row (S = 196: 12 vector steps, then 2 x 16 lane additions in
- * series); each row still gets exactly its own operations. kind and nr (1 or 4) are
+ * means). Lane j of a row's 16 accumulators takes positions s = j (mod 16), the last
+ * S mod 16 positions as one masked step (a zero position adds +-0, which changes no
+ * lane: lanes start at +0 and +0 + -0 = +0); the lanes are then summed as the fixed
+ * tree of lanes16. Every operation is a vector one, so a short row (S = 196: 12 full
+ * steps, one 4-wide step, 4 combining additions) costs little beyond its loads.
+ * nr = 4 runs four independent chains, which hides the latency of the additions;
+ * each row still gets exactly its own operations. kind and nr (1 or 4) are
  * compile-time constants at every call. */
 static inline __attribute__((always_inline)) void rows_partials(int kind, int nr, const float *const *xr,
                                                                 const float *const *gr, const double *m,
@@ -83,33 +118,29 @@ static inline __attribute__((always_inline)) void rows_partials(int kind, int nr
             }
         }
     }
-    /* The lanes, rows interleaved: through memory, as extracting 128 lanes from
-     * registers would queue on the one shuffle port. */
-    double la[4][16], lb[4][16], t1[4] = {0, 0, 0, 0}, t2[4] = {0, 0, 0, 0};
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++) {
-        memcpy(la[r], a[r], sizeof la[r]);
-        memcpy(lb[r], b[r], sizeof lb[r]);
-    }
-    for (int j = 0; j < 16; j++) {
-#pragma GCC unroll 4
-        for (int r = 0; r < nr; r++)
-            t1[r] += la[r][j], t2[r] += lb[r][j];
-    }
-    for (; s < S; s++) {
+    const int64_t t = S - s; /* 0 <= t < 16 positions left */
+    if (t) {
+        const int64_t t0 = t < 8 ? t : 8, t1 = t - t0; /* into lanes 0..7, then 8..15 */
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
+            const float *xs = xr[r] + s;
+            sbn_v8d u = t0 == 8 ? load8(xs) : load8_first(xs, t0);
+            sbn_v8d w = t1 ? load8_first(xs + 8, t1) : (sbn_v8d){0};
             if (kind == 0) {
-                const double v = xr[r][s];
-                t1[r] += v, t2[r] += v * v;
+                a[r][0] += u, a[r][1] += w;
+                b[r][0] += u * u, b[r][1] += w * w;
             } else {
-                const double g = gr[r][s];
-                t1[r] += g, t2[r] += g * ((double)xr[r][s] - m[r]);
+                const float *gs = gr[r] + s;
+                sbn_v8d g = t0 == 8 ? load8(gs) : load8_first(gs, t0);
+                sbn_v8d h = t1 ? load8_first(gs + 8, t1) : (sbn_v8d){0};
+                a[r][0] += g, a[r][1] += h;
+                b[r][0] += g * (u - mv[r]), b[r][1] += h * (w - mv[r]);
             }
         }
     }
-    memcpy(p1, t1, (size_t)nr * sizeof *t1);
-    memcpy(p2, t2, (size_t)nr * sizeof *t2);
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        p1[r] = lanes16(a[r][0], a[r][1]), p2[r] = lanes16(b[r][0], b[r][1]);
 }
 
 /* ---- exact block deposits (REPRODUCIBLE) ----
@@ -844,26 +875,16 @@ static inline void nt_fence(int nt)
 #endif
 }
 
-/* The first k < 8 floats at p as one masked vector step: the same double operations
- * per element as the scalar tails (masked-off lanes compute on zeros and are neither
- * stored nor seen), for rows whose length is not a multiple of 8 (S = 196). */
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define SBN_HAVE_MASKED 1
-static inline sbn_v8d load8_first(const float *p, int64_t k)
-{
-    return (sbn_v8d)_mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << k) - 1), p));
-}
+/* The first k < 8 outputs of v stored to p as one masked vector step (load8_first
+ * reads the matching inputs; masked-off lanes compute on zeros and are neither
+ * stored nor seen), for rows whose length is not a multiple of 8 (S = 196). Without
+ * AVX-512VL the callers take the scalar tail instead (SBN_HAVE_MASKED = 0). */
+#if SBN_HAVE_MASKED
 static inline void put8_first(float *p, const sbn_v8d *v, int64_t k)
 {
     _mm256_mask_storeu_ps(p, (__mmask8)((1u << k) - 1), _mm512_cvtpd_ps((__m512d)*v));
 }
 #else
-#define SBN_HAVE_MASKED 0
-static inline sbn_v8d load8_first(const float *p, int64_t k)
-{
-    (void)p, (void)k;
-    return (sbn_v8d){0};
-}
 static inline void put8_first(float *p, const sbn_v8d *v, int64_t k) { (void)p, (void)v, (void)k; }
 #endif
 
