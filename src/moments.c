@@ -50,6 +50,7 @@ static inline sbn_v8d load8(const float *p)
 /* ---- per-sample partials of one (sample, channel) row, NCHW ---- */
 
 typedef double sbn_v4d __attribute__((vector_size(32)));
+typedef uint64_t sbn_v8u __attribute__((vector_size(64)));
 
 /* The first k floats at p (0 < k < 8), widened to double, zeros after: one masked
  * load with AVX-512VL, else through a zeroed buffer (the same values either way). */
@@ -69,6 +70,13 @@ static inline sbn_v8d load8_first(const float *p, int64_t k)
 }
 #endif
 
+/* v with lanes k..7 set to +0 (0 <= k <= 8). */
+static inline sbn_v8d keep_first(sbn_v8d v, int64_t k)
+{
+    const sbn_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7}, kk = lane * 0 + (uint64_t)k;
+    return (sbn_v8d)((sbn_v8u)v & (sbn_v8u)(lane < kk));
+}
+
 /* The 16 lanes (a0 = lanes 0..7, a1 = lanes 8..15) summed as a fixed tree:
  * lane j + lane j+8, then j + j+4, then j + j+2, then 0 + 1. */
 static inline __attribute__((always_inline)) double lanes16(sbn_v8d a0, sbn_v8d a1)
@@ -85,8 +93,9 @@ static inline __attribute__((always_inline)) double lanes16(sbn_v8d a0, sbn_v8d 
 /* p1 = sum x, p2 = sum x^2 (kind 0) or p1 = sum dy, p2 = sum dy*(x - m) (kind 1) over
  * each of nr contiguous rows of S floats (rows xr[r], gr[r]; m[r] their channels'
  * means). Lane j of a row's 16 accumulators takes positions s = j (mod 16), the last
- * S mod 16 positions as one masked step (a zero position adds +-0, which changes no
- * lane: lanes start at +0 and +0 + -0 = +0); the lanes are then summed as the fixed
+ * S mod 16 positions as one masked step (a masked-off position adds +0, which changes
+ * no lane: its loads are zero, and for dy*(x-m) the factor x-m is zeroed as well, so
+ * that a non-finite mean cannot make it NaN); the lanes are then summed as the fixed
  * tree of lanes16. Every operation is a vector one, so a short row (S = 196: 12 full
  * steps, one 4-wide step, 4 combining additions) costs little beyond its loads.
  * nr = 4 runs four independent chains, which hides the latency of the additions of
@@ -134,7 +143,7 @@ static inline __attribute__((always_inline)) void rows_partials(int kind, int nr
                 sbn_v8d g = t0 == 8 ? load8(gs) : load8_first(gs, t0);
                 sbn_v8d h = t1 ? load8_first(gs + 8, t1) : (sbn_v8d){0};
                 a[r][0] += g, a[r][1] += h;
-                b[r][0] += g * (u - mv[r]), b[r][1] += h * (w - mv[r]);
+                b[r][0] += g * keep_first(u - mv[r], t0), b[r][1] += h * keep_first(w - mv[r], t1);
             }
         }
     }
@@ -235,8 +244,6 @@ static inline int xs_mbits(int src)
 {
     return src == XS_X || src == XS_DY ? 23 : src == XS_XX ? 47 : 52;
 }
-
-typedef uint64_t sbn_v8u __attribute__((vector_size(64)));
 
 /* Pass 1 step: the largest magnitude and the smallest nonzero magnitude (minus one, so
  * that a zero wraps to the top) of each lane, on the bit patterns (NaN > Inf > finite). */
@@ -456,7 +463,7 @@ static void xblock_any(int src, const double *p, const float *x, const float *dy
         double pad[SBN_XB * 8] = {0};
         for (int64_t k = 0; k < K; k++)
             for (int64_t l = 0; l < nc - j; l++)
-                pad[8 * k + l] = xs_scalar(src, p + j, x + j, dy + j, m + j, k * ld + l, l);
+                pad[8 * k + l] = xs_scalar(src, p, x, dy, m, k * ld + j + l, j + l); /* (no offset on NULL) */
         int64_t tmp[8 * (64 + SBX_SPECIALS)];
         memset(tmp, 0, (size_t)(8 * W) * sizeof *tmp);
         memcpy(tmp, acc + j * W, (size_t)((nc - j) * W) * sizeof *tmp);
