@@ -97,7 +97,7 @@ static inline __attribute__((always_inline)) double lanes16(sbn_v8d a0, sbn_v8d 
  * no lane: its loads are zero, and for dy*(x-m) the factor x-m is zeroed as well, so
  * that a non-finite mean cannot make it NaN); the lanes are then summed as the fixed
  * tree of lanes16. Every operation is a vector one, so a short row (S = 196: 12 full
- * steps, one 4-wide step, 4 combining additions) costs little beyond its loads.
+ * steps, one 4-wide step, a tree of 5 additions) costs little beyond its loads.
  * nr = 4 runs four independent chains, which hides the latency of the additions of
  * long rows; each row still gets exactly its own operations. kind and nr (1 or 4) are
  * compile-time constants at every call. */
