@@ -70,18 +70,19 @@ static inline sbn_v8d load8_first(const float *p, int64_t k)
 }
 #endif
 
-/* v with lanes k..7 set to +0 (0 <= k <= 8). */
-static inline sbn_v8d keep_first(sbn_v8d v, int64_t k)
+/* *v with lanes k..7 set to +0 (0 <= k <= 8). (Pointer arguments: GCC notes a psABI
+ * change for 64-byte vectors passed by value where AVX-512 is off.) */
+static inline sbn_v8d keep_first(const sbn_v8d *v, int64_t k)
 {
     const sbn_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7}, kk = lane * 0 + (uint64_t)k;
-    return (sbn_v8d)((sbn_v8u)v & (sbn_v8u)(lane < kk));
+    return (sbn_v8d)((sbn_v8u)*v & (sbn_v8u)(lane < kk));
 }
 
-/* The 16 lanes (a0 = lanes 0..7, a1 = lanes 8..15) summed as a fixed tree:
+/* The 16 lanes (a[0] = lanes 0..7, a[1] = lanes 8..15) summed as a fixed tree:
  * lane j + lane j+8, then j + j+4, then j + j+2, then 0 + 1. */
-static inline __attribute__((always_inline)) double lanes16(sbn_v8d a0, sbn_v8d a1)
+static inline __attribute__((always_inline)) double lanes16(const sbn_v8d *a)
 {
-    sbn_v8d v = a0 + a1;
+    sbn_v8d v = a[0] + a[1];
     sbn_v4d lo, hi;
     memcpy(&lo, &v, sizeof lo);
     memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
@@ -143,13 +144,14 @@ static inline __attribute__((always_inline)) void rows_partials(int kind, int nr
                 sbn_v8d g = t0 == 8 ? load8(gs) : load8_first(gs, t0);
                 sbn_v8d h = t1 ? load8_first(gs + 8, t1) : (sbn_v8d){0};
                 a[r][0] += g, a[r][1] += h;
-                b[r][0] += g * keep_first(u - mv[r], t0), b[r][1] += h * keep_first(w - mv[r], t1);
+                const sbn_v8d du = u - mv[r], dw = w - mv[r];
+                b[r][0] += g * keep_first(&du, t0), b[r][1] += h * keep_first(&dw, t1);
             }
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
-        p1[r] = lanes16(a[r][0], a[r][1]), p2[r] = lanes16(b[r][0], b[r][1]);
+        p1[r] = lanes16(a[r]), p2[r] = lanes16(b[r]);
 }
 
 /* ---- exact block deposits (REPRODUCIBLE) ----
