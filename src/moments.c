@@ -74,8 +74,8 @@ static inline sbn_v8d load8_first(const float *p, int64_t k)
  * change for 64-byte vectors passed by value where AVX-512 is off.) */
 static inline sbn_v8d keep_first(const sbn_v8d *v, int64_t k)
 {
-    const sbn_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7}, kk = lane * 0 + (uint64_t)k;
-    return (sbn_v8d)((sbn_v8u)*v & (sbn_v8u)(lane < kk));
+    const sbn_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return (sbn_v8d)((sbn_v8u)*v & (sbn_v8u)(lane < (uint64_t)k)); /* all ones where lane < k */
 }
 
 /* The 16 lanes (a[0] = lanes 0..7, a[1] = lanes 8..15) summed as a fixed tree:
@@ -592,8 +592,9 @@ static void nhwc_partials(int kind, const float *x, const float *dy, const doubl
  * at once, as four independent chains of additions; shorter rows one at a time, so
  * that the reads stay in address order within each page, which the hardware
  * prefetcher follows (four interleaved short rows measured 1.1-1.15x slower on
- * (32,256,14,14), and one long row at a time 1.12-1.15x slower on 56x56). The partials of SBN_NCHW_K samples go to a
- * buffer, and each channel's are then combined in sample order, by adding (FAST:
+ * (32,256,14,14), and one long row at a time 1.12-1.15x slower on 56x56). The
+ * partials of SBN_NCHW_K samples go to a buffer, and each channel's are then
+ * combined in sample order, by adding (FAST:
  * the same additions, in the same order, as one partial at a time) or as exact
  * blocks (REPRODUCIBLE: the same accumulated integer). Owning channels, a thread
  * never waits for another. */

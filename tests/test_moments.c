@@ -11,21 +11,13 @@
  */
 #include "exactsum.h"
 #include "moments.h"
+#include "testutil.h"
 
 #include <check.h>
 #include <math.h>
-#include <mpi.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
-
-static uint64_t rng(uint64_t *s) /* splitmix64 */
-{
-    uint64_t z = (*s += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
 
 typedef struct {
     double *s1, *s2; /* FAST */
@@ -74,7 +66,7 @@ START_TEST(sums_match_reference)
 {
     const int64_t Ss[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 49, 196, 1023, 1024, 1025, 3136};
     const int64_t Cs[] = {1, 3, 8, 17, 65}, ns[] = {1, 3};
-    uint64_t seed = 7;
+    uint64_t key = 7;
     int cases = 0;
     for (size_t is = 0; is < sizeof Ss / sizeof *Ss; is++)
         for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++)
@@ -87,13 +79,13 @@ START_TEST(sums_match_reference)
                         float *x = malloc(E * sizeof *x), *dy = malloc(E * sizeof *dy);
                         double *mean = malloc(sh.C * sizeof *mean);
                         for (int64_t e = 0; e < E; e++) {
-                            x[e] = integer ? (float)((int64_t)(rng(&seed) % 129) - 64)
-                                           : (float)((double)(rng(&seed) >> 11) * 0x1p-53 * 4 - 1);
-                            dy[e] = integer ? (float)((int64_t)(rng(&seed) % 129) - 64)
-                                            : (float)((double)(rng(&seed) >> 11) * 0x1p-53 * 2 - 1);
+                            x[e] = integer ? (float)((int64_t)(tu_hash(key++) % 129) - 64)
+                                           : (float)(tu_uniform(key++) * 4 - 1);
+                            dy[e] = integer ? (float)((int64_t)(tu_hash(key++) % 129) - 64)
+                                            : (float)(tu_uniform(key++) * 2 - 1);
                         }
                         for (int64_t c = 0; c < sh.C; c++)
-                            mean[c] = integer ? (double)((int64_t)(rng(&seed) % 9) - 4) : 0.25 * (double)c - 0.5;
+                            mean[c] = integer ? (double)((int64_t)(tu_hash(key++) % 9) - 4) : 0.25 * (double)c - 0.5;
                         for (int kind = 0; kind < 2; kind++) {
                             sums_out o1 = run(kind, x, dy, mean, sh, 1), o2 = run(kind, x, dy, mean, sh, 2);
                             ck_assert_msg(same_bits(o1.s1, o2.s1, sh.C) && same_bits(o1.s2, o2.s2, sh.C) &&
@@ -163,20 +155,14 @@ START_TEST(nonfinite_mean_masked_positions)
 }
 END_TEST
 
-int main(int argc, char **argv)
+static Suite *moments_suite(void)
 {
-    MPI_Init(&argc, &argv); /* exactsum.h declares the MPI entry points; nothing here communicates */
     Suite *s = suite_create("moments");
     TCase *tc = tcase_create("sums");
-    tcase_set_timeout(tc, 300);
     tcase_add_test(tc, sums_match_reference);
     tcase_add_test(tc, nonfinite_mean_masked_positions);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, CK_NORMAL);
-    const int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    MPI_Finalize();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return s;
 }
+
+int main(int argc, char **argv) { return tu_main(argc, argv, moments_suite); }
