@@ -42,7 +42,13 @@
  * a unit test asserts on.
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
- *                     [--reduction fast|repro|both] [--reps R] [--machine]
+ *                     [--reduction fast|repro|both] [--reps R] [--offset K] [--aligned]
+ *                     [--machine]
+ *
+ * Buffers: x, y, dy, dx come from plain malloc, as in user code (glibc gives 16-byte
+ * alignment); --aligned takes 64-byte aligned ones instead, and --offset K (0..1024)
+ * starts every buffer K floats later: --aligned --offset 1 is 4 bytes past a cache
+ * line, what a tensor slice or numpy view may give.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -84,15 +90,28 @@ typedef struct {
     int64_t n, C, H, W;
 } shape4;
 
-static float *alloc_floats(int64_t count)
+/* How tensor buffers are allocated: as users do (plain malloc: 16-byte alignment from
+ * glibc, and tensor slices or numpy views start anywhere on a 4-byte boundary), or
+ * 64-byte aligned with --aligned; --offset K then moves every start by K floats. */
+static int g_aligned = 0;
+static int64_t g_offset = 0;
+
+typedef struct {
+    void *base; /* what to free */
+    float *p;   /* the tensor: base + g_offset floats */
+} buffer;
+
+static buffer alloc_floats(int64_t count)
 {
-    size_t bytes = ((size_t)count * sizeof(float) + 63) / 64 * 64;
-    float *p = aligned_alloc(64, bytes ? bytes : 64);
-    if (!p) {
+    size_t bytes = (size_t)(count + g_offset) * sizeof(float);
+    buffer b;
+    b.base = g_aligned ? aligned_alloc(64, (bytes + 63) / 64 * 64 + 64) : malloc(bytes + 64);
+    if (!b.base) {
         fprintf(stderr, "rank %d: out of memory (%zu bytes)\n", g_rank, bytes);
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    return p;
+    b.p = (float *)b.base + g_offset;
+    return b;
 }
 
 /* Fills with offset + uniform(-1.7, 1.7) (variance ~1), xorshift seeded per purpose. */
@@ -178,9 +197,9 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
     for (int j = 0; j < nl; j++)
         CHECK(syncbn_create(&cfg, comms[j], &L[j]));
     const int64_t S = sh.H * sh.W;
-    float *dw = alloc_floats(sh.C), *db = alloc_floats(sh.C);
+    float *dw = malloc((size_t)sh.C * sizeof *dw), *db = malloc((size_t)sh.C * sizeof *db);
     double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
-    if (!t)
+    if (!t || !dw || !db)
         MPI_Abort(MPI_COMM_WORLD, 1);
 
     for (int r = -WARMUP; r < reps; r++)
@@ -221,7 +240,7 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
 static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
-                "[--reduction fast|repro|both] [--reps R] [--machine]\n",
+                "[--reduction fast|repro|both] [--reps R] [--offset K] [--aligned] [--machine]\n",
                 argv0);
 }
 
@@ -261,6 +280,11 @@ int main(int argc, char **argv)
             do_red[0] = !strcmp(v, "fast") || !strcmp(v, "both");
             do_red[1] = !strcmp(v, "repro") || !strcmp(v, "reproducible") || !strcmp(v, "both");
             i++;
+        } else if (!strcmp(a, "--aligned")) {
+            g_aligned = 1;
+        } else if (!strcmp(a, "--offset") && v) {
+            g_offset = atoll(v);
+            i++;
         } else if (!strcmp(a, "--reps") && v) {
             reps = atoi(v);
             i++;
@@ -270,7 +294,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (reps < 1 || !(do_layout[0] || do_layout[1]) || !(do_red[0] || do_red[1])) {
+    if (reps < 1 || g_offset < 0 || g_offset > 1024 || !(do_layout[0] || do_layout[1]) || !(do_red[0] || do_red[1])) {
         usage(argv[0]);
         MPI_Finalize();
         return 2;
@@ -283,8 +307,8 @@ int main(int argc, char **argv)
     }
     /* One set of buffers for everything; the reference loops reuse x and y. */
     int64_t bufel = maxel > REF_FLOATS ? maxel : REF_FLOATS;
-    float *x = alloc_floats(bufel), *y = alloc_floats(bufel);
-    float *dy = alloc_floats(maxel), *dx = alloc_floats(maxel);
+    buffer bx = alloc_floats(bufel), by = alloc_floats(bufel), bdy = alloc_floats(maxel), bdx = alloc_floats(maxel);
+    float *x = bx.p, *y = by.p, *dy = bdy.p, *dx = bdx.p;
     fill(x, bufel, 1000 + (uint64_t)g_rank, 1.0f);
     fill(y, bufel, 2000 + (uint64_t)g_rank, 0.0f);
     fill(dy, maxel, 3000 + (uint64_t)g_rank, 0.0f);
@@ -298,9 +322,12 @@ int main(int argc, char **argv)
     ROOT_PRINTF("reference (128 MiB per buffer, per rank, all ranks at once): copy %.1f GB/s (8 B/elem), "
                 "read %.1f GB/s (4 B/elem)\n",
                 copy_bw, read_bw);
+    ROOT_PRINTF("buffers: %s, offset %lld float(s): x at %u mod 64 bytes\n", g_aligned ? "64-byte aligned" : "malloc",
+                (long long)g_offset, (unsigned)((uintptr_t)x % 64));
     ROOT_PRINTF("traffic model: fwd-train 12 B/elem, fwd-eval 8, bwd 20, fwd+bwd 32 (see bench.c)\n\n");
     if (machine)
-        ROOT_PRINTF("REFERENCE copy_gbs=%.3f read_gbs=%.3f threads=%d np=%d\n", copy_bw, read_bw, threads, g_size);
+        ROOT_PRINTF("REFERENCE copy_gbs=%.3f read_gbs=%.3f threads=%d np=%d alloc=%s offset=%lld\n", copy_bw,
+                    read_bw, threads, g_size, g_aligned ? "aligned" : "malloc", (long long)g_offset);
     ROOT_PRINTF("%-17s %-6s %-5s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
                 "mode", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s", "f+b ms",
                 "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
@@ -344,7 +371,7 @@ int main(int argc, char **argv)
             }
         }
     }
-    free(x), free(y), free(dy), free(dx);
+    free(bx.base), free(by.base), free(bdy.base), free(bdx.base);
     MPI_Finalize();
     return 0;
 }

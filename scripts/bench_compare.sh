@@ -20,6 +20,10 @@
 # (32,64,56,56) for the SyncBN-vs-local-BN ratio (--no-np2 skips that), and checks
 # fwd+bwd bandwidth against the copy loop for tensors larger than the LLC.
 #
+# Our buffers are allocated three ways in every run: plain malloc (what users pass;
+# the "syncbn fast/repro" rows and every comparison with peers), 64-byte aligned,
+# and 64-byte aligned + 1 float (a tensor slice); the issue-11 targets compare them.
+#
 # Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
 #                                 [--shape N,C,H,W]... [--build-dir DIR] [--no-np2]
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
@@ -98,9 +102,16 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for t in $threads_list; do
   for ((k = 1; k <= runs; k++)); do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
-    OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
-      --reps "$reps" "${shape_args[@]}" | sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" \
-      -e "s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
+    # Ours three ways: buffers from plain malloc (as users allocate; the rows named
+    # syncbn-*), 64-byte aligned (syncbn-*-al) and aligned + 1 float (syncbn-*-off1).
+    for alloc in malloc al off1; do
+      case $alloc in malloc) aargs=() ;; al) aargs=(--aligned) ;; off1) aargs=(--aligned --offset 1) ;; esac
+      suffix=""; [ "$alloc" = malloc ] || suffix="-$alloc"
+      OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
+        --reps "$reps" "${aargs[@]}" "${shape_args[@]}" |
+        sed -n -e "s/^RESULT impl=\([a-z-]*\) /RESULT threads=$t run=$k impl=\1$suffix /p" \
+          -e "/alloc=malloc/s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
+    done
     if [ -n "$dnnl_bin" ]; then
       OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${shape_args[@]}" |
         sed -n "s/^RESULT /RESULT threads=$t run=$k /p" >>"$results"
@@ -183,6 +194,10 @@ END {
     for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
       row(T[a], S[b], "syncbn-fast", lay, "syncbn fast", 1)
       row(T[a], S[b], "syncbn-repro", lay, "syncbn repro", 1)
+      row(T[a], S[b], "syncbn-fast-al", lay, "fast 64B-al", 1)
+      row(T[a], S[b], "syncbn-fast-off1", lay, "fast al+1flt", 1)
+      row(T[a], S[b], "syncbn-repro-al", lay, "repro 64B-al", 1)
+      row(T[a], S[b], "syncbn-repro-off1", lay, "repro al+1flt", 1)
       row(T[a], S[b], "onednn", lay, "oneDNN 2.6", have_dnnl)
       row(T[a], S[b], "torch", lay, "PyTorch", have_torch)
     }
@@ -203,6 +218,21 @@ END {
       if (x > 0) line = line sprintf(" torch/ours %.1fx%s%s;", x, span(), x >= 3 ? " ok" : " MISS")
       x = pratio(t, s, "syncbn-repro", lay, "syncbn-fast", lay)
       if (x > 0) line = line sprintf(" repro/fast %.2f%s%s", x, span(), x <= 1.2 ? " ok" : " MISS")
+      print line
+    }
+  }
+  print ""
+  print "Targets (issue 11, any alignment): al+1flt / 64B-aligned <= 1.10; malloc (ours) / oneDNN NHWC <= 1.00:"
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    t = T[a]; s = S[b]
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      line = sprintf("  %s thr %-15s %s:", t, s, lay)
+      for (m = 1; m <= 2; m++) { impl = m == 1 ? "syncbn-fast" : "syncbn-repro"
+        x = pratio(t, s, impl "-off1", lay, impl "-al", lay)
+        if (x > 0) line = line sprintf(" %s off1/al %.2f%s%s;", m == 1 ? "fast" : "repro", x, span(), x <= 1.1 ? " ok" : " MISS")
+        x = pratio(t, s, impl, lay, "onednn", "nhwc")
+        if (x > 0) line = line sprintf(" %s malloc/oneDNN-nhwc %.2f%s%s;", m == 1 ? "fast" : "repro", x, span(), x <= 1 ? " ok" : " MISS")
+      }
       print line
     }
   }
