@@ -99,7 +99,8 @@ static syncbn_layer *layer_alloc(const syncbn_config *cfg)
     l->cfg.affine = cfg->affine != 0;
     l->cfg.track_running_stats = cfg->track_running_stats != 0;
     l->params = malloc(4 * (size_t)C * sizeof(float));
-    l->stats = malloc(6 * (size_t)C * sizeof(double));
+    const int64_t ld = C + SBN_COEF_PAD; /* every per-channel double array, wrapped (moments.h) */
+    l->stats = malloc(6 * (size_t)ld * sizeof(double));
     l->msg_words = SBN_HDR + data_words(cfg);
     l->msg = malloc((size_t)l->msg_words * 8);
     if (!l->params || !l->stats || !l->msg) {
@@ -113,9 +114,9 @@ static syncbn_layer *layer_alloc(const syncbn_config *cfg)
         l->weight = p, l->bias = p + C;
     if (l->cfg.track_running_stats)
         l->running_mean = p + 2 * C, l->running_var = p + 3 * C;
-    l->mean = l->stats, l->invstd = l->stats + C;
-    l->t1 = l->stats + 2 * C, l->t2 = l->stats + 3 * C;
-    l->t3 = l->stats + 4 * C, l->t4 = l->stats + 5 * C;
+    l->mean = l->stats, l->invstd = l->stats + ld;
+    l->t1 = l->stats + 2 * ld, l->t2 = l->stats + 3 * ld;
+    l->t3 = l->stats + 4 * ld, l->t4 = l->stats + 5 * ld;
     return l;
 }
 
@@ -355,8 +356,8 @@ static int batch_moments(const double *s1, const double *s2, double count, int64
 }
 
 /* y from mean and variance: y = (x - mean) * invstd * weight + bias. Stores invstd
- * when asked to (training). Uses t3/t4 as scratch. */
-static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, const double *mean, const double *var,
+ * when asked to (training). Uses t3/t4 as scratch; wraps mean (moments.h). */
+static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, double *mean, const double *var,
                   double *invstd)
 {
     const int64_t C = l->cfg.channels;
@@ -368,8 +369,10 @@ static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, const
         scale[c] = is * (l->weight ? (double)l->weight[c] : 1.0);
         shift[c] = l->bias ? (double)l->bias[c] : 0.0;
     }
-    if (sh.n > 0)
+    if (sh.n > 0) {
+        sbn_coef_wrap(mean, C), sbn_coef_wrap(scale, C), sbn_coef_wrap(shift, C);
         sbn_normalize(y, x, mean, scale, shift, sh);
+    }
 }
 
 static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
@@ -381,10 +384,12 @@ static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
         for (int64_t c = 0; c < C; c++)
             mean[c] = l->running_mean[c], var[c] = l->running_var[c];
     } else {
-        /* Untracked statistics: this rank's own batch, as PyTorch does. */
+        /* Untracked statistics: this rank's own batch, as PyTorch does. A rank that
+         * holds none of the batch has nothing to normalize (PyTorch returns an empty
+         * output), so n == 0 is not an error. */
+        if (sh.n == 0)
+            return SYNCBN_OK;
         const double count = (double)(sh.n * sh.S);
-        if (count < 1)
-            return SYNCBN_EEMPTY;
         sbn_forward_sums(x, sh, l->t3, l->t4, NULL, NULL);
         int rc = batch_moments(l->t3, l->t4, count, C, mean, var);
         if (rc != SYNCBN_OK)
@@ -450,6 +455,7 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
     }
     l->num_batches_tracked++;
     memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean);
+    sbn_coef_wrap(l->mean, C);
     apply(l, x, y, sh, l->mean, l->t2, l->invstd);
     l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count;
     return SYNCBN_OK;
@@ -494,7 +500,9 @@ int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n,
         a[c] = sum_dy / N;                                    /* mean of dy */
         b[c] = is * sum_dy_xhat / N;                          /* invstd * mean of dy*xhat */
     }
-    if (dx && n > 0)
+    if (dx && n > 0) {
+        sbn_coef_wrap(k, C), sbn_coef_wrap(a, C), sbn_coef_wrap(b, C);
         sbn_backward_dx(dx, x, dy, l->mean, k, a, b, sh);
+    }
     return SYNCBN_OK;
 }

@@ -827,8 +827,19 @@ void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_
 
 /* ---- elementwise ----
  * Vector bodies compute every element with the same double operations, in the same
- * order, as the scalar tails, so the output bits do not depend on where a vector
- * boundary falls. */
+ * order, as the scalar steps, so the output bits depend neither on where a vector
+ * boundary falls nor on the alignment of any buffer.
+ *
+ * Alignment. Users pass buffers at any 4-byte alignment (malloc, numpy, tensor
+ * slices), and x, dy and the output may each be aligned differently. Loads are
+ * unaligned vector loads wherever they fall. Large outputs are written with streaming
+ * stores, and a streaming store that fills only part of a cache line, or a line
+ * written partly by streaming and partly by ordinary stores, costs a partial write
+ * to memory (measured 2-3x slower on narrow NHWC rows). So streaming stores are used
+ * for whole 64-byte lines of the output only, located on the output's own address
+ * grid, never on the row grid; the partial lines at either end of a span go through
+ * ordinary stores. NHWC spans run over a thread's whole share of the tensor, with the
+ * channel index wrapping, so only its two ends can be partial lines. */
 
 /* 8 consecutive doubles at p (any alignment). */
 static inline sbn_v8d loadd8(const double *p)
@@ -845,6 +856,7 @@ static inline sbn_v8d bcast8(double v) { return (sbn_v8d){v, v, v, v, v, v, v, v
  * destination line, so a pass moves 8 instead of 12 bytes per element of y (12 instead
  * of 16 for dx). Only the store instruction differs; the values are the same. */
 #define SBN_NT_MIN_BYTES ((int64_t)16 << 20)
+#define SBN_LINE_FLOATS 16 /* one 64-byte cache line */
 
 #ifdef __AVX512F__
 #define SBN_HAVE_NT 1
@@ -869,15 +881,6 @@ static inline void put8(float *p, const sbn_v8d *v, int nt)
 }
 #endif
 
-/* Elements to handle one by one before p + head is 32-byte aligned (0 unless nt). */
-static inline int64_t nt_head(const float *p, int64_t len, int nt)
-{
-    if (!nt)
-        return 0;
-    int64_t h = (int64_t)((32 - ((uintptr_t)p & 31)) & 31) / (int64_t)sizeof(float);
-    return h < len ? h : len;
-}
-
 /* Streaming stores are weakly ordered: each thread fences its own before the
  * region's closing barrier, so the data are visible to whoever reads them next. */
 static inline void nt_fence(int nt)
@@ -892,8 +895,8 @@ static inline void nt_fence(int nt)
 
 /* The first k < 8 outputs of v stored to p as one masked vector step (load8_first
  * reads the matching inputs; masked-off lanes compute on zeros and are neither
- * stored nor seen), for rows whose length is not a multiple of 8 (S = 196). Without
- * AVX-512VL the callers take the scalar tail instead (SBN_HAVE_MASKED = 0). */
+ * stored nor seen). Without AVX-512VL the callers take scalar steps instead
+ * (SBN_HAVE_MASKED = 0). */
 #if SBN_HAVE_MASKED
 static inline void put8_first(float *p, const sbn_v8d *v, int64_t k)
 {
@@ -903,113 +906,154 @@ static inline void put8_first(float *p, const sbn_v8d *v, int64_t k)
 static inline void put8_first(float *p, const sbn_v8d *v, int64_t k) { (void)p, (void)v, (void)k; }
 #endif
 
-void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
-                   sbn_shape sh)
+void sbn_coef_wrap(double *a, int64_t C)
+{
+    for (int64_t j = 0; j < SBN_COEF_PAD; j++)
+        a[C + j] = a[j % C];
+}
+
+/* The two elementwise passes, one body each (op is a compile-time constant):
+ *   EW_NORM  out = (x - m) * k + a                  (y; a is the shift)
+ *   EW_DX    out = k * (dy - a - (x - m) * b)       (dx)
+ * with the per-channel coefficients m, k, a, b. */
+enum { EW_NORM, EW_DX };
+
+typedef struct {
+    float *out;
+    const float *x, *dy;
+    const double *m, *k, *a, *b; /* [C + SBN_COEF_PAD] each (b unused by EW_NORM) */
+    int64_t C;
+} ew_args;
+
+/* Coefficients of 8 consecutive outputs as vectors: the same channel in every lane
+ * (NCHW: one row), or channels c .. c+7 (NHWC; the pad makes the wrap past C - 1 a
+ * plain load). */
+typedef struct {
+    sbn_v8d m, k, a, b;
+} ew_coef;
+
+static inline __attribute__((always_inline)) void ew_coef_row(int op, const ew_args *e, int64_t c, ew_coef *q)
+{
+    q->m = bcast8(e->m[c]), q->k = bcast8(e->k[c]), q->a = bcast8(e->a[c]);
+    q->b = op == EW_DX ? bcast8(e->b[c]) : (sbn_v8d){0};
+}
+
+static inline __attribute__((always_inline)) void ew_coef_lanes(int op, const ew_args *e, int64_t c, ew_coef *q)
+{
+    q->m = loadd8(e->m + c), q->k = loadd8(e->k + c), q->a = loadd8(e->a + c);
+    q->b = op == EW_DX ? loadd8(e->b + c) : (sbn_v8d){0};
+}
+
+/* Outputs f .. f+7 (first t of them when t < 8: masked loads and store). */
+static inline __attribute__((always_inline)) void ew_vec(int op, const ew_args *e, int64_t f, const ew_coef *q,
+                                                          int64_t t, int nt)
+{
+    const sbn_v8d x = t == 8 ? load8(e->x + f) : load8_first(e->x + f, t);
+    sbn_v8d v;
+    if (op == EW_NORM) {
+        v = (x - q->m) * q->k + q->a;
+    } else {
+        const sbn_v8d g = t == 8 ? load8(e->dy + f) : load8_first(e->dy + f, t);
+        v = q->k * (g - q->a - (x - q->m) * q->b);
+    }
+    if (t == 8)
+        put8(e->out + f, &v, nt);
+    else
+        put8_first(e->out + f, &v, t);
+}
+
+static inline __attribute__((always_inline)) void ew_scalar(int op, const ew_args *e, int64_t f, int64_t c)
+{
+    const double x = e->x[f];
+    if (op == EW_NORM)
+        e->out[f] = (float)((x - e->m[c]) * e->k[c] + e->a[c]);
+    else
+        e->out[f] = (float)(e->k[c] * ((double)e->dy[f] - e->a[c] - (x - e->m[c]) * e->b[c]));
+}
+
+/* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
+ * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
+ * cache lines of out only, when nt. Returns the channel after f1 (lanes == 1). */
+static inline __attribute__((always_inline)) int64_t ew_span(int op, int lanes, const ew_args *e, int64_t f0,
+                                                             int64_t f1, int64_t c, int nt)
+{
+    const int64_t C = e->C;
+    ew_coef q;
+    if (!lanes)
+        ew_coef_row(op, e, c, &q);
+    /* [f0, h): ordinary stores up to the first line boundary of out; [h, g): whole
+     * lines; [g, f1): the rest. */
+    int64_t h = f0, g = f0;
+    if (nt) {
+        h = f0 + (int64_t)(((64 - ((uintptr_t)(e->out + f0) & 63)) & 63) / sizeof(float));
+        h = h < f1 ? h : f1;
+        g = h + (f1 - h) / SBN_LINE_FLOATS * SBN_LINE_FLOATS;
+    }
+    int64_t f = f0;
+    for (int part = 0; part < 3; part++) {
+        const int64_t end = part == 0 ? h : part == 1 ? g : f1;
+        const int stream = part == 1;
+        for (; f + 8 <= end; f += 8) {
+            if (lanes)
+                ew_coef_lanes(op, e, c, &q);
+            ew_vec(op, e, f, &q, 8, stream);
+            if (lanes)
+                c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
+        }
+        if (SBN_HAVE_MASKED && f < end) {
+            if (lanes)
+                ew_coef_lanes(op, e, c, &q);
+            ew_vec(op, e, f, &q, end - f, 0);
+            if (lanes)
+                c = (c + (end - f)) % C;
+            f = end;
+        }
+        for (; f < end; f++) {
+            ew_scalar(op, e, f, c);
+            if (lanes && ++c == C)
+                c = 0;
+        }
+    }
+    return c;
+}
+
+/* This thread's share [*r0, *r1) of R rows, contiguous (as a static schedule). */
+static void thread_rows(int64_t R, int64_t *r0, int64_t *r1)
+{
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    *r0 = R / T * t + (t < R % T ? t : R % T);
+    *r1 = *r0 + R / T + (t < R % T);
+}
+
+static inline __attribute__((always_inline)) void ew_run(int op, const ew_args *e, sbn_shape sh)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
     const int nt = SBN_HAVE_NT && n * C * S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
-    if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
-#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
-        {
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t c = 0; c < C; c++) {
-                    const float *xr = x + (i * C + c) * S;
-                    float *yr = y + (i * C + c) * S;
-                    const double m = mean[c], k = scale[c], b = shift[c];
-                    const sbn_v8d mv = bcast8(m), kv = bcast8(k), bv = bcast8(b);
-                    int64_t s = 0;
-                    for (const int64_t h = nt_head(yr, S, nt); s < h; s++)
-                        yr[s] = (float)(((double)xr[s] - m) * k + b);
-                    for (; s + 8 <= S; s += 8) {
-                        const sbn_v8d v = (load8(xr + s) - mv) * kv + bv;
-                        put8(yr + s, &v, nt);
-                    }
-                    if (SBN_HAVE_MASKED && s < S) {
-                        const sbn_v8d v = (load8_first(xr + s, S - s) - mv) * kv + bv;
-                        put8_first(yr + s, &v, S - s);
-                        s = S;
-                    }
-                    for (; s < S; s++)
-                        yr[s] = (float)(((double)xr[s] - m) * k + b);
-                }
-            nt_fence(nt);
-        }
-        return;
-    }
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
     {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * S; r++) {
-            const float *xr = x + r * C;
-            float *yr = y + r * C;
-            int64_t c = 0;
-            for (const int64_t h = nt_head(yr, C, nt); c < h; c++)
-                yr[c] = (float)(((double)xr[c] - mean[c]) * scale[c] + shift[c]);
-            for (; c + 8 <= C; c += 8) {
-                const sbn_v8d v = (load8(xr + c) - loadd8(mean + c)) * loadd8(scale + c) + loadd8(shift + c);
-                put8(yr + c, &v, nt);
-            }
-            for (; c < C; c++)
-                yr[c] = (float)(((double)xr[c] - mean[c]) * scale[c] + shift[c]);
+        int64_t r0, r1;
+        if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
+            thread_rows(n * C, &r0, &r1);
+            for (int64_t r = r0; r < r1; r++)
+                ew_span(op, 0, e, r * S, (r + 1) * S, r % C, nt);
+        } else {
+            thread_rows(n * S, &r0, &r1);
+            ew_span(op, 1, e, r0 * C, r1 * C, 0, nt);
         }
         nt_fence(nt);
     }
 }
 
+void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
+                   sbn_shape sh)
+{
+    const ew_args e = {.out = y, .x = x, .m = mean, .k = scale, .a = shift, .C = sh.C};
+    ew_run(EW_NORM, &e, sh);
+}
+
 void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *mean, const double *k,
                      const double *a, const double *b, sbn_shape sh)
 {
-    const int64_t n = sh.n, C = sh.C, S = sh.S;
-    const int nt = SBN_HAVE_NT && n * C * S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
-    if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
-#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
-        {
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t off = (i * C + c) * S;
-                    const float *xr = x + off, *gr = dy + off;
-                    float *dr = dx + off;
-                    const double m = mean[c], kc = k[c], ac = a[c], bc = b[c];
-                    const sbn_v8d mv = bcast8(m), kv = bcast8(kc), av = bcast8(ac), bv = bcast8(bc);
-                    int64_t s = 0;
-                    for (const int64_t h = nt_head(dr, S, nt); s < h; s++)
-                        dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
-                    for (; s + 8 <= S; s += 8) {
-                        const sbn_v8d v = kv * (load8(gr + s) - av - (load8(xr + s) - mv) * bv);
-                        put8(dr + s, &v, nt);
-                    }
-                    if (SBN_HAVE_MASKED && s < S) {
-                        const sbn_v8d v =
-                            kv * (load8_first(gr + s, S - s) - av - (load8_first(xr + s, S - s) - mv) * bv);
-                        put8_first(dr + s, &v, S - s);
-                        s = S;
-                    }
-                    for (; s < S; s++)
-                        dr[s] = (float)(kc * ((double)gr[s] - ac - ((double)xr[s] - m) * bc));
-                }
-            nt_fence(nt);
-        }
-        return;
-    }
-#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
-    {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * S; r++) {
-            const float *xr = x + r * C, *gr = dy + r * C;
-            float *dr = dx + r * C;
-            int64_t c = 0;
-            for (const int64_t h = nt_head(dr, C, nt); c < h; c++)
-                dr[c] = (float)(k[c] * ((double)gr[c] - a[c] - ((double)xr[c] - mean[c]) * b[c]));
-            for (; c + 8 <= C; c += 8) {
-                const sbn_v8d v =
-                    loadd8(k + c) * (load8(gr + c) - loadd8(a + c) - (load8(xr + c) - loadd8(mean + c)) * loadd8(b + c));
-                put8(dr + c, &v, nt);
-            }
-            for (; c < C; c++)
-                dr[c] = (float)(k[c] * ((double)gr[c] - a[c] - ((double)xr[c] - mean[c]) * b[c]));
-        }
-        nt_fence(nt);
-    }
+    const ew_args e = {.out = dx, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b, .C = sh.C};
+    ew_run(EW_DX, &e, sh);
 }

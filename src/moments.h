@@ -43,13 +43,21 @@ void sbn_forward_sums(const float *x, sbn_shape sh, double *s1, double *s2, int6
 void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
                        double *s2, int64_t *acc1, int64_t *acc2);
 
+/* The elementwise passes read per-channel arrays of C + SBN_COEF_PAD doubles whose
+ * last SBN_COEF_PAD entries continue the first C periodically (entry C + j is entry
+ * j mod C), so that an NHWC vector of channels c .. c+7 is one load even where it
+ * wraps past C - 1. sbn_coef_wrap(a, C) fills them in. */
+#define SBN_COEF_PAD 8
+void sbn_coef_wrap(double *a, int64_t C);
+
 /* y = (x - mean[c]) * scale[c] + shift[c], in double, rounded once to float.
- * y may equal x. */
+ * y may equal x. mean, scale, shift: [C + SBN_COEF_PAD], wrapped. Any alignment of
+ * x and y (multiples of 4 bytes) gives the same bits. */
 void sbn_normalize(float *y, const float *x, const double *mean, const double *scale,
                    const double *shift, sbn_shape sh);
 
 /* dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c]), in double, rounded once.
- * dx may equal dy or x. */
+ * dx may equal dy or x. mean, k, a, b: [C + SBN_COEF_PAD], wrapped. */
 void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *mean, const double *k,
                      const double *a, const double *b, sbn_shape sh);
 
