@@ -238,9 +238,11 @@ static void run_placed(const problem *p, int k, int steps, placement pl, int che
         fill(p, step, lo, n, x, dy);
         if (check)
             reference_step(p, step, w, &r, step + 1);
-        rc = syncbn_forward(l, x, n, p->S, 1, y);
+        /* A rank that holds none of the batch may pass NULL buffers. */
+        rc = syncbn_forward(l, n ? x : NULL, n, p->S, 1, n ? y : NULL);
         TU_EXPECT(rc == SYNCBN_OK, "forward: %s (%s)", syncbn_strerror(rc), what);
-        rc = syncbn_backward(l, x, dy, n, p->S, dx, p->cfg.affine ? dw : NULL, p->cfg.affine ? db : NULL);
+        rc = syncbn_backward(l, n ? x : NULL, n ? dy : NULL, n, p->S, n ? dx : NULL, p->cfg.affine ? dw : NULL,
+                             p->cfg.affine ? db : NULL);
         TU_EXPECT(rc == SYNCBN_OK, "backward: %s (%s)", syncbn_strerror(rc), what);
         if (digest) {
             digest_floats(digest, y, len), digest_floats(digest, dx, len);
