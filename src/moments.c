@@ -974,9 +974,12 @@ static inline __attribute__((always_inline)) void ew_scalar(int op, const ew_arg
 /* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
  * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
  * cache lines of out only, when nt. Returns the channel after f1 (lanes == 1). */
-static inline __attribute__((always_inline)) int64_t ew_span(int op, int lanes, const ew_args *e, int64_t f0,
+static inline __attribute__((always_inline)) int64_t ew_span(int op, int lanes, const ew_args *args, int64_t f0,
                                                              int64_t f1, int64_t c, int nt)
 {
+    /* A local copy: the compiler then knows the output stores cannot change the
+     * pointers, and keeps them in registers instead of reloading them every step. */
+    const ew_args local = *args, *e = &local;
     const int64_t C = e->C;
     ew_coef q;
     if (!lanes)
@@ -1025,35 +1028,42 @@ static void thread_rows(int64_t R, int64_t *r0, int64_t *r1)
     *r1 = *r0 + R / T + (t < R % T);
 }
 
-static inline __attribute__((always_inline)) void ew_run(int op, const ew_args *e, sbn_shape sh)
+/* Whether a pass writes its output with streaming stores (see SBN_NT_MIN_BYTES). */
+static int ew_streams(sbn_shape sh)
 {
-    const int64_t n = sh.n, C = sh.C, S = sh.S;
-    const int nt = SBN_HAVE_NT && n * C * S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
-#pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
-    {
-        int64_t r0, r1;
-        if (sh.layout == SYNCBN_NCHW && S > 1) { /* S == 1: same memory as NHWC */
-            thread_rows(n * C, &r0, &r1);
-            for (int64_t r = r0; r < r1; r++)
-                ew_span(op, 0, e, r * S, (r + 1) * S, r % C, nt);
-        } else {
-            thread_rows(n * S, &r0, &r1);
-            ew_span(op, 1, e, r0 * C, r1 * C, 0, nt);
-        }
-        nt_fence(nt);
+    return SBN_HAVE_NT && sh.n * sh.C * sh.S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
+}
+
+/* This thread's share of a pass. Called inside the parallel region of each public
+ * function, so that the region's outlined body sees op as a constant. */
+static inline __attribute__((always_inline)) void ew_share(int op, const ew_args *e, sbn_shape sh, int nt)
+{
+    int64_t r0, r1;
+    if (sh.layout == SYNCBN_NCHW && sh.S > 1) { /* S == 1: same memory as NHWC */
+        thread_rows(sh.n * sh.C, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++)
+            ew_span(op, 0, e, r * sh.S, (r + 1) * sh.S, r % sh.C, nt);
+    } else {
+        thread_rows(sh.n * sh.S, &r0, &r1);
+        ew_span(op, 1, e, r0 * sh.C, r1 * sh.C, 0, nt);
     }
+    nt_fence(nt);
 }
 
 void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
                    sbn_shape sh)
 {
     const ew_args e = {.out = y, .x = x, .m = mean, .k = scale, .a = shift, .C = sh.C};
-    ew_run(EW_NORM, &e, sh);
+    const int nt = ew_streams(sh);
+#pragma omp parallel if (sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK)
+    ew_share(EW_NORM, &e, sh, nt);
 }
 
 void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *mean, const double *k,
                      const double *a, const double *b, sbn_shape sh)
 {
     const ew_args e = {.out = dx, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b, .C = sh.C};
-    ew_run(EW_DX, &e, sh);
+    const int nt = ew_streams(sh);
+#pragma omp parallel if (sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK)
+    ew_share(EW_DX, &e, sh, nt);
 }
