@@ -181,7 +181,8 @@ class _SyncBNFunction(torch.autograd.Function):
             # redo this one's statistics. Collective, and the same on every rank since
             # all ranks make the same calls. The running statistics it moves are
             # scratch: the next forward copies the module's over them.
-            _lib.check(L.syncbn_forward(h, _ptr(xp), n, ctx.S, 1, _ptr(torch.empty_like(xp))), h)
+            scratch = torch.empty_like(xp)
+            _lib.check(L.syncbn_forward(h, _ptr(xp), n, ctx.S, 1, _ptr(scratch)), h)
             layer.generation += 1
             ctx.generation = layer.generation
 
