@@ -174,13 +174,14 @@ class _SyncBNFunction(torch.autograd.Function):
         L = _lib.lib()
         xp, weight = ctx.saved_tensors
         layer, h, n = ctx.layer, ctx.layer.handle, xp.shape[0]
-        if weight is not None:
-            layer.weight.copy_(weight)
         if layer.generation != ctx.generation:
             # The layer saw a later forward (a module called twice before backward):
-            # redo this one's statistics. Collective, and the same on every rank since
-            # all ranks make the same calls. The running statistics it moves are
-            # scratch: the next forward copies the module's over them.
+            # redo this one's statistics, with this forward's weight. Collective, and
+            # the same on every rank since all ranks make the same calls. The running
+            # statistics it moves are scratch: the next forward copies the module's
+            # over them. (Otherwise the layer still holds this forward's weight.)
+            if weight is not None:
+                layer.weight.copy_(weight)
             scratch = torch.empty_like(xp)
             _lib.check(L.syncbn_forward(h, _ptr(xp), n, ctx.S, 1, _ptr(scratch)), h)
             layer.generation += 1
@@ -196,8 +197,11 @@ class _SyncBNFunction(torch.autograd.Function):
         dx = None if dxp is None else (dxp.movedim(-1, 1) if ctx.nhwc else dxp)
         # The library's dweight/dbias are global sums; /P gives what DDP's average of
         # torch.nn.SyncBatchNorm's per-rank gradients would be.
-        P = ctx.nranks
-        return dx, None if dw is None else dw / P, None if db is None else db / P, None
+        if ctx.nranks > 1:
+            for g in (dw, db):
+                if g is not None:
+                    g.div_(ctx.nranks)
+        return dx, dw, db, None
 
 
 def convert_sync_batchnorm(module, comm=None, reduction="fast"):
