@@ -237,6 +237,27 @@ def test_state_dict_round_trip(comm):
     agree(failures)
 
 
+def test_deepcopy(comm):
+    """A deep copy (e.g. an EMA model) has its own parameters and C layers and trains
+    like the original."""
+    failures = []
+    r = comm.Get_rank()
+    bn = st.SyncBatchNorm(C)
+    x = torch.randn(3, C, 4, generator=torch.Generator().manual_seed(r))
+    bn(x)
+    twin = copy.deepcopy(bn)
+    if twin.comm is not bn.comm or twin.weight is bn.weight or twin._layers:
+        failures.append("deepcopy shares parameters or C layers, or copied the communicator")
+    with torch.no_grad():
+        twin.weight.mul_(2)
+    y, y2 = bn(x), twin(x)
+    if not torch.allclose(y2 - twin.bias[:, None], 2 * (y - bn.bias[:, None]), atol=1e-6):
+        failures.append("the copy's weight is not its own")
+    if not torch.equal(bn.running_mean, twin.running_mean) or bn.num_batches_tracked.item() != 2:
+        failures.append("the copy's running statistics differ from the original's after the same batches")
+    agree(failures)
+
+
 class Block(nn.Module):
     def __init__(self, c):
         super().__init__()

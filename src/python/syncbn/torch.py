@@ -34,6 +34,7 @@ reaches after DDP averages it, so DDP's averaging leaves it unchanged.
 Every rank must make the same calls in the same order (forward of the same
 modules, backward of the same graph), as for any collective.
 """
+import copy
 import os
 import socket
 
@@ -72,6 +73,16 @@ class SyncBatchNorm(_BatchNorm):
         self.reduction = reduction
         self._nranks = self.comm.Get_size()
         self._layers = {}  # (eps, momentum, affine, track) -> (NCHW layer, NHWC layer)
+
+    def __deepcopy__(self, memo):
+        # A copy shares the communicator (mpi4py cannot copy one) and gets no C layers:
+        # it creates its own, collectively, at its first training forward.
+        memo[id(self.comm)] = self.comm
+        memo[id(self._layers)] = {}
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def extra_repr(self):
         return super().extra_repr() + f", reduction={self.reduction}"
