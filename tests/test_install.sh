@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test_install.sh <build dir> <python3> - installs the build into a temporary prefix
+# test_install.sh <build dir> [python3] - installs the build into a temporary prefix
 # and uses it as an outside project would, each run at 2 ranks:
 #   1. tests/install/ built with CMake: find_package(syncbn) -> syncbn::syncbn;
 #   2. tests/install/consumer.c built with cc and `pkg-config --cflags --libs syncbn`;
@@ -8,7 +8,7 @@
 # Env: SYNCBN_MPIEXEC (mpirun). Exit 77 (skip) when python3-torch is missing.
 set -euo pipefail
 build=$(cd "$1" && pwd)
-python=$2
+python=${2:-}
 src=$(cd "$(dirname "$0")/.." && pwd)
 mpirun=(${SYNCBN_MPIEXEC:-mpirun} -np 2 --oversubscribe --allow-run-as-root)
 tmp=$(mktemp -d)
@@ -34,7 +34,7 @@ cc -std=c11 -Wall -Werror "$src/tests/install/consumer.c" -o "$tmp/consumer_pc" 
 
 echo "== installed Python package"
 init=$(find "$prefix" -path '*/syncbn/__init__.py')
-if ! "$python" -c 'import torch, numpy, mpi4py' 2>/dev/null; then
+if [ -z "$python" ] || ! "$python" -c 'import torch, numpy, mpi4py' 2>/dev/null; then
   echo "SKIP: python3-torch, python3-numpy or python3-mpi4py missing"
   exit 77
 fi
