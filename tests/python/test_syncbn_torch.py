@@ -5,6 +5,7 @@ the reference, and compares its own slice).
 Run: mpirun -np P python3 -m pytest tests/python (P = 1..4; CTest does this).
 """
 import copy
+import ctypes
 import os
 import pathlib
 import re
@@ -373,10 +374,20 @@ def test_errors_on_every_rank(comm):
     agree(failures)
 
 
-def test_codes_match_header(comm):
+def test_codes_and_config_match_header(comm):
     header = (pathlib.Path(__file__).resolve().parents[2] / "include" / "syncbn.h").read_text()
     table = {int(v): n for n, v in re.findall(r"X\((\w+), (-?\d+),", header)}
     failures = [] if table == _lib.CODES else [f"header {table} != _lib.CODES {_lib.CODES}"]
+    # The ctypes mirror of syncbn_config: the header's fields, in order, then _tail.
+    body = re.search(r"typedef struct \{(.*?)\} syncbn_config;", header, re.S).group(1)
+    fields = re.findall(r"^\s*(\w+)\s+(\w+);", body, re.M)
+    ctype = {"int64_t": ctypes.c_int64, "double": ctypes.c_double, "int": ctypes.c_int,
+             "syncbn_layout": ctypes.c_int, "syncbn_reduction": ctypes.c_int}
+    want = [(name, ctype.get(t)) for t, name in fields] + [("_tail", ctypes.c_char * 64)]
+    got = [(name, t) for name, t in _lib.Config._fields_]
+    if [n for n, _ in want] != [n for n, _ in got] or any(a is not b and a != b for (_, a), (_, b) in
+                                                          zip(want[:-1], got[:-1])):
+        failures.append(f"_lib.Config {got} does not mirror syncbn_config {fields}")
     L = _lib.lib()
     for code in table:
         if not L.syncbn_strerror(code):

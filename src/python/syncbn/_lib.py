@@ -35,7 +35,12 @@ class SyncBNError(RuntimeError):
 
 class Config(ctypes.Structure):
     """The mirror of syncbn_config. Fields must stay in the header's order: a field
-    added there is added here, and nowhere else."""
+    added there is added here, and nowhere else (before `_tail`).
+
+    `_tail` is room for fields a newer library appends: a Config is always made by
+    syncbn_config_default (which fills them with their defaults) and handed back to
+    syncbn_create unchanged there, so an older mirror stays safe, only unable to set
+    the new fields."""
 
     _fields_ = [
         ("channels", ctypes.c_int64),
@@ -45,6 +50,7 @@ class Config(ctypes.Structure):
         ("track_running_stats", ctypes.c_int),
         ("layout", ctypes.c_int),
         ("reduction", ctypes.c_int),
+        ("_tail", ctypes.c_char * 64),
     ]
 
 
