@@ -203,6 +203,28 @@ def test_module_called_twice_before_backward(comm):
     agree(failures)
 
 
+def test_layouts_without_copies(comm):
+    """channels_last (4d), channels_last_3d (5d) and L-major (N, C, L) go to the NHWC
+    layer and contiguous input to the NCHW one, both reading x in place."""
+    failures = []
+    cases = [(torch.randn(2, C, 3, 4).contiguous(memory_format=torch.channels_last), True),
+             (torch.randn(2, C, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d), True),
+             (torch.randn(2, 7, C).transpose(1, 2), True),
+             (torch.randn(2, C, 3, 4), False), (torch.randn(2, C), False), (torch.randn(2, C, 1, 1), False)]
+    for x, nhwc in cases:
+        bn = st.SyncBatchNorm(C)
+        got, xp, _ = st._layout_view(x, C)
+        if got != nhwc or xp.data_ptr() != x.data_ptr():
+            failures.append(f"{tuple(x.shape)} strides {x.stride()}: nhwc {got}, copied {xp.data_ptr() != x.data_ptr()}")
+        y = bn(x)
+        used = [layer.generation for layer in bn._c_layers()]
+        if used != ([0, 1] if nhwc else [1, 0]):
+            failures.append(f"{tuple(x.shape)}: forwards per layer (NCHW, NHWC) {used}")
+        if y.stride() != x.stride():
+            failures.append(f"{tuple(x.shape)}: y strides {y.stride()} != x strides {x.stride()}")
+    agree(failures)
+
+
 def test_eval_never_communicates(comm):
     """Only rank 0 runs eval forwards; a collective inside would hang (CTest timeout)."""
     failures = []
