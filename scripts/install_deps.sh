@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages syncbn needs, only those that are missing.
-# Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [peers] [net]
+# Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [peers] [net] [python]
 #   build  compiler, CMake, Open MPI, OpenBLAS, Check, zlib (always included)
 #   data   Fashion-MNIST (dataset-fashion-mnist) for the training example
 #   fuzz   clang + libFuzzer runtime for scripts/fuzz.sh
 #   plot   gnuplot for the loss-curve PNG
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
 #   net    iproute2 for the two-host (network namespace) run
+#   python PyTorch, NumPy, mpi4py and pytest for the Python package (src/python/syncbn)
 set -euo pipefail
 
 pkgs=(gcc g++ make cmake pkg-config libopenmpi-dev openmpi-bin libopenblas-dev check zlib1g-dev)
@@ -18,6 +19,7 @@ for group in "$@"; do
     plot) pkgs+=(gnuplot-nox) ;;
     peers) pkgs+=(python3-torch python3-numpy libdnnl-dev) ;;
     net) pkgs+=(iproute2) ;;
+    python) pkgs+=(python3-torch python3-numpy python3-mpi4py python3-pytest) ;;
     *) echo "install_deps.sh: unknown group '$group'" >&2; exit 2 ;;
   esac
 done
