@@ -18,6 +18,7 @@ endif()
 # Everything except main(), so that tests can link the same layers, model and loader.
 add_library(syncbn_train_core STATIC
   ${CMAKE_CURRENT_LIST_DIR}/train_util.c
+  ${CMAKE_CURRENT_LIST_DIR}/train_blas.c
   ${CMAKE_CURRENT_LIST_DIR}/train_data.c
   ${CMAKE_CURRENT_LIST_DIR}/train_layers.c
   ${CMAKE_CURRENT_LIST_DIR}/train_model.c)
