@@ -39,6 +39,7 @@ for rep in $(seq "$reps"); do
     for mode in reproducible fast; do
       OMP_NUM_THREADS=1 run_train "$t" "$tmp/out.txt" --steps "$steps" --no-eval --print-every 1000000 --reduction "$mode"
       R[$mode,$t]+="$(ips "$tmp/out.txt") "
+      blas=$(sed -n 's/^syncbn-train: \(OpenBLAS.*\)$/\1/p' "$tmp/out.txt")
     done
     if [ $have_torch -eq 1 ]; then
       OMP_NUM_THREADS=$t /usr/bin/python3 scripts/train_torch.py --threads "$t" --steps "$steps" --no-eval \
@@ -50,6 +51,7 @@ for rep in $(seq "$reps"); do
 done
 
 echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(getconf _NPROCESSORS_ONLN) cores)"
+echo "CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); syncbn-train ran $blas"
 printf '%-40s' "threads (= MPI ranks for syncbn-train)"
 for t in $threads; do printf '%12s' "$t"; done
 echo
