@@ -68,3 +68,17 @@ for row in reproducible fast torch; do
   for t in $threads; do printf '[%s]' "${R[$row,$t]% }"; done
   echo ')'
 done
+[ $have_torch -eq 1 ] || exit 0
+# The machine's load changes between repetitions: the paired ratio (both sides from
+# the same repetition) is steadier than a ratio of medians.
+echo "ratio to PyTorch, median of the per-repetition ratios [min-max]"
+for row in reproducible fast; do
+  printf '%-40s' "syncbn-train --reduction $row"
+  for t in $threads; do
+    printf '%20s' "$(paste -d' ' <(tr ' ' '\n' <<<"${R[$row,$t]}" | grep .) <(tr ' ' '\n' <<<"${R[torch,$t]}" | grep .) |
+      awk '{ print $1 / $2 }' | sort -g |
+      awk '{ r[NR] = $1 } END { m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+             printf "%.2f [%.2f-%.2f]", m, r[1], r[NR] }')"
+  done
+  echo
+done
