@@ -9,8 +9,12 @@
  * are bitwise identical for any number of ranks; the last lines print a SHA-256
  * of the parameters so that runs can be compared with grep.
  *
- * What it does not do: data augmentation, learning-rate schedules, or any I/O on
- * ranks other than 0 (except error messages and reading the data).
+ * Before MPI_Init it settles which OpenBLAS kernels run (train_blas.h), since the
+ * hash depends on them; the header and every hash line name them.
+ *
+ * What it does not do: data augmentation, learning-rate schedules beyond a linear
+ * warm-up, or any I/O on ranks other than 0 (except error messages and reading the
+ * data).
  */
 #include <cblas.h>
 #include <getopt.h>
