@@ -20,6 +20,7 @@
 #include <getopt.h>
 #include <math.h>
 #include <mpi.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,8 +183,11 @@ int main(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &train_nranks);
     train_blas_check();
     // Parallelism comes from ranks; one BLAS thread also keeps OpenBLAS's results
-    // independent of its threading.
+    // independent of its threading. The BN kernels get one OpenMP thread per rank too
+    // unless OMP_NUM_THREADS asks otherwise: started by hand without it, every rank
+    // ran one thread per core, which spun in libgomp and made training 2-3x slower.
     openblas_set_num_threads(1);
+    if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(1);
     options o = parse_options(argc, argv);
     for (int i = 0; i < 256; i++) pixel_table[i] = ((float)i / 255.0f - TRAIN_PIXEL_MEAN) / TRAIN_PIXEL_STD;
 
