@@ -18,6 +18,7 @@ endif()
 # Everything except main(), so that tests can link the same layers, model and loader.
 add_library(syncbn_train_core STATIC
   ${CMAKE_CURRENT_LIST_DIR}/train_util.c
+  ${CMAKE_CURRENT_LIST_DIR}/train_blas.c
   ${CMAKE_CURRENT_LIST_DIR}/train_data.c
   ${CMAKE_CURRENT_LIST_DIR}/train_layers.c
   ${CMAKE_CURRENT_LIST_DIR}/train_model.c)
@@ -27,4 +28,4 @@ target_compile_definitions(syncbn_train_core PUBLIC _POSIX_C_SOURCE=200809L)
 target_link_libraries(syncbn_train_core PUBLIC syncbn syncbn_exactsum ${SYNCBN_TRAIN_BLAS} ZLIB::ZLIB MPI::MPI_C m)
 
 add_executable(syncbn-train ${CMAKE_CURRENT_LIST_DIR}/train_main.c)
-target_link_libraries(syncbn-train PRIVATE syncbn_train_core)
+target_link_libraries(syncbn-train PRIVATE syncbn_train_core OpenMP::OpenMP_C) # omp_set_num_threads

@@ -9,17 +9,23 @@
  * are bitwise identical for any number of ranks; the last lines print a SHA-256
  * of the parameters so that runs can be compared with grep.
  *
- * What it does not do: data augmentation, learning-rate schedules, or any I/O on
- * ranks other than 0 (except error messages and reading the data).
+ * Before MPI_Init it settles which OpenBLAS kernels run (train_blas.h), since the
+ * hash depends on them; the header and every hash line name them.
+ *
+ * What it does not do: data augmentation, learning-rate schedules beyond a linear
+ * warm-up, or any I/O on ranks other than 0 (except error messages and reading the
+ * data).
  */
 #include <cblas.h>
 #include <getopt.h>
 #include <math.h>
 #include <mpi.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "train_blas.h"
 #include "train_data.h"
 #include "train_model.h"
 #include "train_util.h"
@@ -29,6 +35,7 @@ typedef struct {
     int epochs;
     int64_t batch;
     float lr, momentum, wd;
+    int64_t warmup;     /* steps of linear learning-rate warm-up */
     uint64_t seed;
     int64_t max_steps;  /* 0: no limit */
     int bn_mode, reduction;
@@ -46,6 +53,7 @@ static void usage(void) {
         "  --epochs N            epochs (default 3)\n"
         "  --batch B             global batch size (default 128)\n"
         "  --lr X                learning rate (default 0.05)\n"
+        "  --warmup N            raise the learning rate linearly over the first N steps (default 30)\n"
         "  --momentum X          SGD momentum (default 0.9)\n"
         "  --wd X                weight decay (default 0)\n"
         "  --seed N              seed of the initialization and the shuffle (default 42)\n"
@@ -59,7 +67,9 @@ static void usage(void) {
         "  --train-limit N       use only the first N training images\n"
         "  --test-limit N        evaluate on the first N test images only\n"
         "  --print-every N       progress line period in steps (default 50)\n"
-        "  --no-eval             skip the test-set evaluation\n");
+        "  --no-eval             skip the test-set evaluation\n"
+        "  --blas-core NAME      run these OpenBLAS kernels on every rank, e.g. Haswell (also SYNCBN_BLAS_CORE);\n"
+        "                        default: OpenBLAS's choice, or the widest the CPU runs if OpenBLAS chose older\n");
 }
 
 static int64_t parse_int(const char *opt, const char *s, int64_t lo) {
@@ -77,14 +87,15 @@ static float parse_float(const char *opt, const char *s) {
 
 static options parse_options(int argc, char **argv) {
     options o = {.data_dir = TRAIN_DATA_DEFAULT_DIR, .epochs = 3, .batch = 128, .lr = 0.05f, .momentum = 0.9f,
-                 .wd = 0.0f, .seed = 42, .bn_mode = TRAIN_BN_SYNC, .reduction = TRAIN_REPRODUCIBLE,
+                 .wd = 0.0f, .warmup = 30, .seed = 42, .bn_mode = TRAIN_BN_SYNC, .reduction = TRAIN_REPRODUCIBLE,
                  .print_every = 50, .eval = 1};
     static const struct option longopts[] = {
         {"data", 1, 0, 'd'},        {"epochs", 1, 0, 'e'},     {"batch", 1, 0, 'b'},       {"lr", 1, 0, 'l'},
         {"momentum", 1, 0, 'm'},    {"wd", 1, 0, 'w'},         {"seed", 1, 0, 's'},        {"steps", 1, 0, 'n'},
         {"bn", 1, 0, 'B'},          {"reduction", 1, 0, 'R'},  {"save", 1, 0, 'S'},        {"resume", 1, 0, 'r'},
         {"log", 1, 0, 'L'},         {"save-every", 1, 0, 'E'}, {"train-limit", 1, 0, 'T'}, {"test-limit", 1, 0, 't'},
-        {"print-every", 1, 0, 'p'}, {"no-eval", 0, 0, 'N'},    {"help", 0, 0, 'h'},        {0, 0, 0, 0}};
+        {"print-every", 1, 0, 'p'}, {"no-eval", 0, 0, 'N'},    {"help", 0, 0, 'h'},        {"warmup", 1, 0, 'W'},
+        {"blas-core", 1, 0, 'C'},   {0, 0, 0, 0}};
     int c;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -115,6 +126,8 @@ static options parse_options(int argc, char **argv) {
         case 't': o.test_limit = parse_int("--test-limit", optarg, 1); break;
         case 'p': o.print_every = parse_int("--print-every", optarg, 1); break;
         case 'N': o.eval = 0; break;
+        case 'W': o.warmup = parse_int("--warmup", optarg, 0); break;
+        case 'C': break; // acted on before MPI_Init, by train_blas_select
         case 'h': usage(); MPI_Finalize(); exit(0);
         default:
             usage();
@@ -164,12 +177,17 @@ static double evaluate(train_model *m, const train_dataset *test, float *xbuf) {
 }
 
 int main(int argc, char **argv) {
+    train_blas_select(argc, argv); // may re-execute the program: before MPI_Init
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &train_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &train_nranks);
+    train_blas_check();
     // Parallelism comes from ranks; one BLAS thread also keeps OpenBLAS's results
-    // independent of its threading.
+    // independent of its threading. The BN kernels get one OpenMP thread per rank too
+    // unless OMP_NUM_THREADS asks otherwise: started by hand without it, every rank
+    // ran one thread per core, which spun in libgomp and made training 2-3x slower.
     openblas_set_num_threads(1);
+    if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(1);
     options o = parse_options(argc, argv);
     for (int i = 0; i < 256; i++) pixel_table[i] = ((float)i / 255.0f - TRAIN_PIXEL_MEAN) / TRAIN_PIXEL_STD;
 
@@ -197,11 +215,12 @@ int main(int argc, char **argv) {
     }
 
     train_log0("syncbn-train: %d rank%s, batch %lld, %lld steps/epoch, %lld steps, bn %s, reduction %s, "
-               "lr %g momentum %g wd %g seed %llu, %lld train / %lld test images\n",
+               "lr %g (warm-up %lld steps) momentum %g wd %g seed %llu, %lld train / %lld test images\n"
+               "syncbn-train: %s\n",
                train_nranks, train_nranks == 1 ? "" : "s", (long long)o.batch, (long long)steps_per_epoch,
                (long long)total_steps, o.bn_mode == TRAIN_BN_SYNC ? "sync" : "local",
-               o.reduction == TRAIN_REPRODUCIBLE ? "reproducible" : "fast", o.lr, o.momentum, o.wd,
-               (unsigned long long)o.seed, (long long)train.n, (long long)test.n);
+               o.reduction == TRAIN_REPRODUCIBLE ? "reproducible" : "fast", o.lr, (long long)o.warmup, o.momentum,
+               o.wd, (unsigned long long)o.seed, (long long)train.n, (long long)test.n, train_blas_describe());
 
     FILE *logf = NULL;
     if (o.log && train_rank == 0) {
@@ -242,7 +261,10 @@ int main(int argc, char **argv) {
             lbuf[s - lo] = train.labels[idx];
         }
         double loss = train_model_step(&m, xbuf, lbuf, hi - lo, b);
-        train_model_sgd(&m, o.lr, o.momentum, o.wd);
+        // warm-up: the first steps' large, uncalibrated gradients at the full rate
+        // overshoot (the loss jumped from 2.3 to about 7 without it)
+        float lr = step < o.warmup ? o.lr * (float)(step + 1) / (float)o.warmup : o.lr;
+        train_model_sgd(&m, lr, o.momentum, o.wd);
         double dt = train_now() - t0;
         t_train += dt;
         images += b;
@@ -291,8 +313,8 @@ int main(int argc, char **argv) {
         train_sha256_final(&loss_hash, d);
         train_sha256_hex(d, lhex);
         train_log0("ranks agree on parameters: %s\n", agree ? "yes" : "NO (expected only with --bn local)");
-        train_log0("losses sha256 %s\n", lhex);
-        train_log0("params sha256 %s\n", hex);
+        train_log0("losses sha256 %s  (%s)\n", lhex, train_blas_core());
+        train_log0("params sha256 %s  (%s)\n", hex, train_blas_core());
         free(all);
     }
     free(perm);

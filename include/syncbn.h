@@ -90,9 +90,14 @@ typedef enum { SYNCBN_NCHW = 0, SYNCBN_NHWC = 1 } syncbn_layout;
  *   exact and associative), then rounded once. y, dx, dweight, dbias and the
  *   running statistics are then bitwise identical for any number of ranks, any
  *   split of the global batch (concatenated in rank order) and any OMP_NUM_THREADS.
- *   Limits: the same binary on the same CPU architecture is assumed (libm and
- *   compiler code generation are not portable bit-for-bit); partial sums below
- *   2^-320 in magnitude are rounded to that granularity (deterministically). */
+ *   Across machines (tested by tests/test_repro_builds.sh in scripts/test.sh): the
+ *   same source built for any x86-64 instruction-set level (-march=native with
+ *   AVX-512, x86-64-v3 / AVX2, baseline x86-64 via -DSYNCBN_NATIVE=OFF) gives the
+ *   same bits. Still assumed, not tested: the same compiler and version, and flags
+ *   that keep IEEE semantics (the build enforces -ffp-contract=off, i.e. no FMA
+ *   contraction, and uses no -ffast-math); a correctly rounded sqrt (the only libm
+ *   call; IEEE requires it). Partial sums below 2^-320 in magnitude are rounded to
+ *   that granularity (deterministically). */
 typedef enum { SYNCBN_FAST = 0, SYNCBN_REPRODUCIBLE = 1 } syncbn_reduction;
 
 typedef struct {

@@ -39,6 +39,7 @@ for rep in $(seq "$reps"); do
     for mode in reproducible fast; do
       OMP_NUM_THREADS=1 run_train "$t" "$tmp/out.txt" --steps "$steps" --no-eval --print-every 1000000 --reduction "$mode"
       R[$mode,$t]+="$(ips "$tmp/out.txt") "
+      blas=$(sed -n 's/^syncbn-train: \(OpenBLAS.*\)$/\1/p' "$tmp/out.txt")
     done
     if [ $have_torch -eq 1 ]; then
       OMP_NUM_THREADS=$t /usr/bin/python3 scripts/train_torch.py --threads "$t" --steps "$steps" --no-eval \
@@ -50,6 +51,7 @@ for rep in $(seq "$reps"); do
 done
 
 echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(getconf _NPROCESSORS_ONLN) cores)"
+echo "CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); syncbn-train ran $blas"
 printf '%-40s' "threads (= MPI ranks for syncbn-train)"
 for t in $threads; do printf '%12s' "$t"; done
 echo
@@ -65,4 +67,18 @@ for row in reproducible fast torch; do
   printf '   (runs: '
   for t in $threads; do printf '[%s]' "${R[$row,$t]% }"; done
   echo ')'
+done
+[ $have_torch -eq 1 ] || exit 0
+# The machine's load changes between repetitions: the paired ratio (both sides from
+# the same repetition) is steadier than a ratio of medians.
+echo "ratio to PyTorch, median of the per-repetition ratios [min-max]"
+for row in reproducible fast; do
+  printf '%-40s' "syncbn-train --reduction $row"
+  for t in $threads; do
+    printf '%20s' "$(paste -d' ' <(tr ' ' '\n' <<<"${R[$row,$t]}" | grep .) <(tr ' ' '\n' <<<"${R[torch,$t]}" | grep .) |
+      awk '{ print $1 / $2 }' | sort -g |
+      awk '{ r[NR] = $1 } END { m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+             printf "%.2f [%.2f-%.2f]", m, r[1], r[NR] }')"
+  done
+  echo
 done

@@ -7,7 +7,8 @@
 # Exits non-zero if any reproducible hash differs (or local BN matches sync BN).
 #
 # Usage: scripts/check_invariance.sh [--build DIR] [--steps N] [--out DIR] [extra syncbn-train options]
-#   --build DIR  build directory holding examples/syncbn-train (default build)
+#   --build DIR  build directory holding examples/syncbn-train (default build; built
+#                there, with missing Debian packages installed, if it is not)
 #   --steps N    training steps per run (default 40)
 #   --out DIR    where outputs go (default out/invariance)
 set -euo pipefail
@@ -22,7 +23,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 TRAIN=$build/examples/syncbn-train
-[ -x "$TRAIN" ] || { echo "check_invariance.sh: $TRAIN not found; build first (cmake -S . -B $build && cmake --build $build)" >&2; exit 2; }
+if [ ! -x "$TRAIN" ]; then # as scripts/demo.sh does: install what is missing, build
+  echo "check_invariance.sh: $TRAIN not found; building it"
+  scripts/install_deps.sh build data
+  mkdir -p "$build"
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+  cmake --build "$build" -j "$(nproc)" --target syncbn-train
+fi
 . tests/test_train_common.sh
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
@@ -63,4 +71,4 @@ echo "sync BN, reproducible: identical at 1, 2, 3, 4 ranks (and batch 100 at 1 a
 echo "local BN: differs from sync BN at 2 and 4 ranks, as expected"
 [ "${PARAMS[fast_np1]}" = "${PARAMS[fast_np3]}" ] && echo "--reduction fast: same at 1 and 3 ranks this time (not guaranteed)" ||
   echo "--reduction fast: 1 and 3 ranks differ in the last bits (plain float sums depend on the split), as expected"
-echo "params sha256 ${PARAMS[sync_np1]}"
+echo "params sha256 ${PARAMS[sync_np1]}  ($(sed -n 's/^params sha256 [0-9a-f]*  (\(.*\))$/\1/p' "$out/sync_np1.txt"))"

@@ -4,10 +4,12 @@
 # minus the FIRST run's, step by step: runs that are bitwise identical to it lie
 # exactly on zero.
 #
-# Usage: scripts/plot_loss.sh OUT.png LABEL=FILE.csv [LABEL=FILE.csv ...]
+# Usage: scripts/plot_loss.sh [--title TEXT] OUT.png LABEL=FILE.csv [LABEL=FILE.csv ...]
 #   e.g. scripts/plot_loss.sh out/loss.png "sync P=1=out/s1.csv" "local P=4=out/l4.csv"
-#   (the label is everything before the LAST '=')
+#   (the label is everything before the LAST '='; --title adds a line under the title)
 set -euo pipefail
+subtitle=""
+[ "${1:-}" = --title ] && { subtitle=$2; shift 2; }
 [ $# -ge 2 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
 command -v gnuplot >/dev/null || { echo "plot_loss.sh: gnuplot not found (scripts/install_deps.sh plot)" >&2; exit 2; }
 out=$1
@@ -39,7 +41,7 @@ gnuplot -e "set terminal pngcairo" >/dev/null 2>&1 || term="png size 1000,800"
 gnuplot <<GP
 set terminal $term
 set output '$out'
-set multiplot layout 2,1 title 'syncbn-train on Fashion-MNIST: training loss per step'
+set multiplot layout 2,1 title "syncbn-train on Fashion-MNIST: training loss per step${subtitle:+\\n$subtitle}"
 set grid
 set key top right
 set ylabel 'loss (global batch mean)'

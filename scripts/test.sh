@@ -2,8 +2,12 @@
 # The test command: installs what is missing, builds, and runs the whole CTest suite
 # twice - the Release build, then an AddressSanitizer + UBSan build - and then 30 s
 # of libFuzzer on the checkpoint loader (scripts/fuzz.sh; 60 s by hand).
-#   scripts/test.sh            both builds
-#   scripts/test.sh --quick    Release build only
+# After the Release suite it also builds the library for other x86-64 instruction-set
+# levels (build-portable: -DSYNCBN_NATIVE=OFF; build-avx2: x86-64-v3, when the CPU has
+# AVX2) and requires reproducible-mode outputs to be bitwise equal across the builds
+# (tests/test_repro_builds.sh, about a minute).
+#   scripts/test.sh            both suites
+#   scripts/test.sh --quick    Release suite and the cross-build check only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +28,20 @@ run_suite() { # <build dir> <extra cmake args...>
 
 echo "== Release build =="
 run_suite build
+
+echo "== reproducible mode across builds: native, AVX2-only, portable =="
+# Only the library and tests/repro_dump are built in the extra directories.
+levels=(build)
+extra_build() { # <dir> <extra cmake args...>
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DSYNCBN_NATIVE=OFF -DSYNCBN_BUILD_EXAMPLES=OFF "$@" >/dev/null
+  cmake --build "$dir" -j2 --target repro_dump
+  levels+=("$dir")
+}
+grep -qw avx2 /proc/cpuinfo && extra_build build-avx2 -DCMAKE_C_FLAGS=-march=x86-64-v3
+extra_build build-portable
+tests/test_repro_builds.sh "${levels[@]}"
 
 if [ "${1:-}" != "--quick" ]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build =="

@@ -25,4 +25,4 @@ run_train() {
 }
 
 # hash_of FILE KIND: KIND is params or losses
-hash_of() { sed -n "s/^$2 sha256 \([0-9a-f]*\)$/\1/p" "$1"; }
+hash_of() { sed -n "s/^$2 sha256 \([0-9a-f]*\).*$/\1/p" "$1"; }
