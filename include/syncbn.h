@@ -68,7 +68,8 @@ extern "C" {
     X(EMPI, -6, "an MPI call failed")                                                   \
     X(ESTATE, -7, "call out of order (e.g. backward without matching training forward)") \
     X(EIO, -8, "checkpoint file could not be read or written")                         \
-    X(EFORMAT, -9, "checkpoint file is corrupt, truncated, or of another shape")
+    X(EFORMAT, -9, "checkpoint file is corrupt, truncated, or of another shape")         \
+    X(ETIMEOUT, -10, "other ranks did not join a collective call in time")
 
 enum {
 #define SYNCBN_ERRNO_ENUM(name, value, msg) SYNCBN_##name = value,
@@ -103,6 +104,8 @@ typedef struct {
     int track_running_stats;    /* default 1: running_mean (init 0), running_var (init 1) */
     syncbn_layout layout;       /* default SYNCBN_NCHW */
     syncbn_reduction reduction; /* default SYNCBN_FAST */
+    double timeout;             /* finite, >= 0; default 0 = wait forever. Seconds a collective
+                                   call may wait for the other ranks (see "Deadlines" below) */
 } syncbn_config;
 
 typedef struct syncbn_layer syncbn_layer; /* opaque */
@@ -169,6 +172,15 @@ SYNCBN_EXTERN int syncbn_forward(syncbn_layer *layer, const float *x, int64_t n,
  * training forward, plus SYNCBN_ESTATE. */
 SYNCBN_EXTERN int syncbn_backward(syncbn_layer *layer, const float *x, const float *dy, int64_t n,
                                   int64_t spatial, float *dx, float *dweight, float *dbias);
+
+/* This rank's last error on the layer, as a human-readable sentence naming the call
+ * and the cause, e.g. "backward, call 1234 of layer 3 (C = 64): no answer from the
+ * other ranks after 600.0 s" or "forward: spatial differs between ranks"; "" when
+ * the last call on the layer succeeded. Set by syncbn_forward, syncbn_backward,
+ * syncbn_save, syncbn_load and syncbn_set_num_batches_tracked (not by the
+ * accessors). A static description for a NULL layer. The layer owns the string; it
+ * stays valid until the next call on the layer. Not collective. */
+SYNCBN_EXTERN const char *syncbn_last_error(const syncbn_layer *layer);
 
 /* Checkpoints of configuration, parameters, running statistics and
  * num_batches_tracked. Not collective: each rank may save or load its own copy.
