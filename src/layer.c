@@ -222,6 +222,8 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
     int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS
                  ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_INT64_T, timeout, sbn_now() + timeout)
                  : SYNCBN_EMPI;
+    if (rc == SYNCBN_ETIMEOUT)
+        snprintf(sc->timed_out_in, sizeof sc->timed_out_in, "create of layer %lld", (long long)id);
     if (rc == SYNCBN_OK) {
         int agree = 1;
         for (int k = H_ID; k < H_CALL_END; k += SBN_AGREE_WORDS)
