@@ -11,7 +11,9 @@
  * at the current OMP_NUM_THREADS, and the same-size copy bandwidth for comparison.
  * Under mpirun -np P (P > 1) it also times the same layer created on MPI_COMM_SELF
  * (same kernels, no allreduce: a local, unsynchronized BN), taking turns with the
- * synchronized one within each repetition, and prints sync/local.
+ * synchronized one within each repetition, and prints sync/local. With --timeout S
+ * a third layer, synchronized with syncbn_config.timeout = S, takes turns with them
+ * too, and "timeout/none" is its fwd+bwd time over the one without timeout.
  *
  * Traffic model: "effective GB/s" = bytes below / median time, float32, 4 bytes per
  * element; caches and write-allocate reads are NOT counted, so the numbers compare
@@ -42,7 +44,7 @@
  * a unit test asserts on.
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
- *                     [--reduction fast|repro|both] [--reps R] [--machine]
+ *                     [--reduction fast|repro|both] [--reps R] [--timeout S] [--machine]
  */
 #include <omp.h>
 #include <stdint.h>
@@ -166,17 +168,21 @@ typedef struct {
 } timings;
 
 /* Times nl layers of the same configuration, layer j on comms[j] (MPI_COMM_WORLD:
- * synchronized; MPI_COMM_SELF: local BN), into T[j]. The layers take turns within
- * every repetition, so slow phases of a noisy machine hit all of them alike. */
+ * synchronized; MPI_COMM_SELF: local BN) with timeout timeouts[j], into T[j]. The
+ * layers take turns within every repetition, so slow phases of a noisy machine hit
+ * all of them alike. */
 static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, int nl, const MPI_Comm *comms,
-                        const float *x, const float *dy, float *y, float *dx, int reps, timings *T)
+                        const double *timeouts, const float *x, const float *dy, float *y, float *dx, int reps,
+                        timings *T)
 {
     syncbn_config cfg = syncbn_config_default(sh.C);
     cfg.layout = layout;
     cfg.reduction = red;
-    syncbn_layer *L[2] = {NULL, NULL};
-    for (int j = 0; j < nl; j++)
+    syncbn_layer *L[3] = {NULL, NULL, NULL};
+    for (int j = 0; j < nl; j++) {
+        cfg.timeout = timeouts[j];
         CHECK(syncbn_create(&cfg, comms[j], &L[j]));
+    }
     const int64_t S = sh.H * sh.W;
     float *dw = alloc_floats(sh.C), *db = alloc_floats(sh.C);
     double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
@@ -221,7 +227,7 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
 static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
-                "[--reduction fast|repro|both] [--reps R] [--machine]\n",
+                "[--reduction fast|repro|both] [--reps R] [--timeout S] [--machine]\n",
                 argv0);
 }
 
@@ -234,6 +240,7 @@ int main(int argc, char **argv)
     shape4 shapes[MAX_SHAPES] = {{32, 64, 56, 56}, {32, 256, 14, 14}, {256, 1024, 1, 1}, {8, 32, 224, 224}};
     int nshapes = 4, user_shapes = 0, reps = 20, machine = 0;
     int do_layout[2] = {1, 1}, do_red[2] = {1, 1};
+    double timeout = 0; /* > 0: also time a synchronized layer with this timeout */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--machine")) {
@@ -260,6 +267,9 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--reduction") && v) {
             do_red[0] = !strcmp(v, "fast") || !strcmp(v, "both");
             do_red[1] = !strcmp(v, "repro") || !strcmp(v, "reproducible") || !strcmp(v, "both");
+            i++;
+        } else if (!strcmp(a, "--timeout") && v) {
+            timeout = atof(v);
             i++;
         } else if (!strcmp(a, "--reps") && v) {
             reps = atoi(v);
@@ -304,6 +314,8 @@ int main(int argc, char **argv)
     ROOT_PRINTF("%-17s %-6s %-5s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
                 "mode", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s", "f+b ms",
                 "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
+    if (timeout > 0)
+        ROOT_PRINTF("(last column: fwd+bwd with timeout %g s / without)\n", timeout);
 
     for (int k = 0; k < nshapes; k++) {
         shape4 sh = shapes[k];
@@ -322,10 +334,15 @@ int main(int argc, char **argv)
                     continue;
                 syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
                 syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
-                const MPI_Comm comms[2] = {MPI_COMM_WORLD, MPI_COMM_SELF};
-                timings TT[2];
-                time_layers(sh, lay, red, g_size > 1 ? 2 : 1, comms, x, dy, y, dx, reps, TT);
-                const timings T = TT[0], Lo = TT[1];
+                /* layer 0 synchronized, then local (P > 1), then with a timeout */
+                MPI_Comm comms[3] = {MPI_COMM_WORLD, MPI_COMM_SELF, MPI_COMM_WORLD};
+                double touts[3] = {0, 0, timeout};
+                int nl = g_size > 1 ? 2 : 1;
+                if (timeout > 0)
+                    comms[nl] = MPI_COMM_WORLD, touts[nl] = timeout, nl++;
+                timings TT[3];
+                time_layers(sh, lay, red, nl, comms, touts, x, dy, y, dx, reps, TT);
+                const timings T = TT[0], Lo = TT[1], To = TT[nl - 1];
                 const double gb = (double)el * 4 * 1e-9; /* GB moved per 4 B/elem; see traffic model */
                 double fb_bw = 8 * gb / (T.fwdbwd * 1e-3);
                 ROOT_PRINTF("%-17s %-6s %-5s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f "
@@ -335,7 +352,14 @@ int main(int argc, char **argv)
                             5 * gb / (T.bwd * 1e-3), T.fwdbwd, fb_bw, 100 * fb_bw / size_copy_bw);
                 if (g_size > 1)
                     ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
+                if (timeout > 0)
+                    ROOT_PRINTF(" | timeout/none %.3f", To.fwdbwd / T.fwdbwd);
                 ROOT_PRINTF("\n");
+                if (machine && timeout > 0)
+                    ROOT_PRINTF("TIMEOUT impl=syncbn-%s layout=%s shape=%s np=%d fwdbwd_ms=%.4f "
+                                "timeout_fwdbwd_ms=%.4f ratio=%.4f\n",
+                                ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, g_size, T.fwdbwd, To.fwdbwd,
+                                To.fwdbwd / T.fwdbwd);
                 if (machine)
                     ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
                                 "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f\n",
