@@ -14,6 +14,9 @@
  * synchronized one within each repetition, and prints sync/local. With --timeout S
  * a third layer, synchronized with syncbn_config.timeout = S, takes turns with them
  * too, and "timeout/none" is its fwd+bwd time over the one without timeout.
+ * With --idle-wait W (and --timeout S) it instead measures what waiting costs: every
+ * rank but 0 sleeps W seconds before a training forward, and rank 0 reports the wall
+ * and CPU time (getrusage) of its own forward, without and with the timeout.
  *
  * Traffic model: "effective GB/s" = bytes below / median time, float32, 4 bytes per
  * element; caches and write-allocate reads are NOT counted, so the numbers compare
@@ -45,12 +48,15 @@
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
  *                     [--reduction fast|repro|both] [--reps R] [--timeout S] [--machine]
+ *                     [--idle-wait W]
  */
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 #include <mpi.h>
 
@@ -224,10 +230,42 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
     free(t), free(dw), free(db);
 }
 
+/* CPU seconds (user + system) this process has used. */
+static double cpu_seconds(void)
+{
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_utime.tv_sec + 1e-6 * (double)u.ru_utime.tv_usec + (double)u.ru_stime.tv_sec +
+           1e-6 * (double)u.ru_stime.tv_usec;
+}
+
+/* --idle-wait: rank 0 waits `wait` seconds in a training forward for the others. */
+static void idle_wait(double wait, double timeout, const float *x, float *y)
+{
+    const double touts[2] = {0, timeout};
+    for (int k = 0; k < 2; k++) {
+        syncbn_config cfg = syncbn_config_default(16);
+        cfg.timeout = touts[k];
+        syncbn_layer *l = NULL;
+        CHECK(syncbn_create(&cfg, MPI_COMM_WORLD, &l));
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (g_rank != 0) {
+            struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
+        const double w0 = MPI_Wtime(), c0 = cpu_seconds();
+        CHECK(syncbn_forward(l, x, 8, 64, 1, y));
+        const double wall = MPI_Wtime() - w0, cpu = cpu_seconds() - c0;
+        ROOT_PRINTF("IDLEWAIT np=%d timeout=%g wall_s=%.3f cpu_s=%.3f cpu_pct=%.1f\n", g_size, touts[k], wall, cpu,
+                    100 * cpu / wall);
+        syncbn_destroy(l);
+    }
+}
+
 static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
-                "[--reduction fast|repro|both] [--reps R] [--timeout S] [--machine]\n",
+                "[--reduction fast|repro|both] [--reps R] [--timeout S] [--machine] [--idle-wait W]\n",
                 argv0);
 }
 
@@ -241,6 +279,7 @@ int main(int argc, char **argv)
     int nshapes = 4, user_shapes = 0, reps = 20, machine = 0;
     int do_layout[2] = {1, 1}, do_red[2] = {1, 1};
     double timeout = 0; /* > 0: also time a synchronized layer with this timeout */
+    double idle = 0;    /* > 0: --idle-wait mode */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--machine")) {
@@ -268,6 +307,9 @@ int main(int argc, char **argv)
             do_red[0] = !strcmp(v, "fast") || !strcmp(v, "both");
             do_red[1] = !strcmp(v, "repro") || !strcmp(v, "reproducible") || !strcmp(v, "both");
             i++;
+        } else if (!strcmp(a, "--idle-wait") && v) {
+            idle = atof(v);
+            i++;
         } else if (!strcmp(a, "--timeout") && v) {
             timeout = atof(v);
             i++;
@@ -284,6 +326,15 @@ int main(int argc, char **argv)
         usage(argv[0]);
         MPI_Finalize();
         return 2;
+    }
+
+    if (idle > 0) {
+        float *x = alloc_floats(8 * 16 * 64), *y = alloc_floats(8 * 16 * 64);
+        fill(x, 8 * 16 * 64, 1000 + (uint64_t)g_rank, 1.0f);
+        idle_wait(idle, timeout > 0 ? timeout : 600, x, y);
+        free(x), free(y);
+        MPI_Finalize();
+        return 0;
     }
 
     int64_t maxel = 0;

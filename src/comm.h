@@ -25,9 +25,14 @@
 #define SBN_AGREE_WORDS 8 /* words per agreed value */
 
 /* The fixed-size first message of every collective call made with a timeout (and of
- * every create): the same length and type (int64) whatever the layer, so that calls
- * made out of step always meet a message of their own size. Layout in layer.c. */
-#define SBN_CALL_WORDS (3 + 8 * SBN_AGREE_WORDS)
+ * every create): the same length and type (double) whatever the layer, so that calls
+ * made out of step always meet a message of their own size. A header of
+ * SBN_CALL_HDR words, then SBN_CALL_DATA words: the configuration in a create, the
+ * per-channel sums of a FAST layer with 2C <= SBN_CALL_DATA (C <= 64: one message
+ * per call), else unused. Layout in layer.c. */
+#define SBN_CALL_HDR (3 + 3 * SBN_AGREE_WORDS)
+#define SBN_CALL_DATA 128
+#define SBN_CALL_WORDS (SBN_CALL_HDR + SBN_CALL_DATA)
 
 typedef struct sbn_comm {
     MPI_Comm inner;      /* private duplicate, MPI_ERRORS_RETURN */
@@ -35,7 +40,7 @@ typedef struct sbn_comm {
     int refs;            /* layers using it + 1 while cached on `outer` */
     int cached;          /* still attached to `outer` as an attribute */
     int64_t next_layer;  /* layer ids handed out on this communicator */
-    int64_t call[SBN_CALL_WORDS]; /* buffer of the fixed-size first message */
+    double call[SBN_CALL_WORDS]; /* buffer of the fixed-size first message */
 
     /* Set once a collective call on `inner` timed out. Its request cannot be
      * cancelled (MPI forbids cancelling collectives) and may still complete later,

@@ -10,15 +10,19 @@
  *
  * The header is summed in the same element type as the data (double or int64).
  *
- * With a timeout (cfg.timeout > 0) a call is TWO MPI_Iallreduce, each waited for
- * until the call's deadline (sbn_comm_iallreduce): first the header alone, as int64
- * in the communicator's fixed-size call message (SBN_CALL_WORDS, the same size for
- * every layer, every call and every create), then the data part of the buffer above,
- * only if the headers agree. Calls made out of step therefore only ever meet a message
- * of their own size: MPI leaves mismatched sizes undefined (an error, a hang, or
- * data mixed up), and a deadline alone would not make that safe. The data messages
- * only start once all ranks have agreed they are in the same call of the same layer,
- * hence the same C. The price is a second message per call (README, "Timeouts").
+ * With a timeout (cfg.timeout > 0) a call is MPI_Iallreduce, waited for until the
+ * call's deadline (sbn_comm_iallreduce), of the communicator's fixed-size call
+ * message (comm.h: SBN_CALL_WORDS doubles, the same size for every layer, every call
+ * and every create): the header, as doubles, and for a FAST layer with C <= 64 the
+ * data too. Larger layers (and REPRODUCIBLE ones: int64 data) send their data part of
+ * the buffer above in a second MPI_Iallreduce, only once the headers agree. Calls
+ * made out of step therefore only ever meet a message of their own size and type:
+ * Open MPI, given mismatched counts, fails with MPI_ERR_TRUNCATE (fatal), returns
+ * wrong data, or overflows the receive buffer (scripts/iallreduce_mismatch.c), and a
+ * deadline alone would not make that safe. The data messages only start once all
+ * ranks have agreed they are in the same call of the same layer, hence the same C.
+ * The price: a call message of 155 words, and a second message for large layers
+ * (README, "Timeouts").
  * "invalid"/"state" count the ranks that found a bad argument or an out-of-order
  * call locally: such a rank still joins the allreduce (with zero data), so every rank
  * learns of the error at once and returns the same code, instead of the others
@@ -47,7 +51,7 @@ enum { H_INVALID = 0, H_STATE = 1, H_COUNT = 2, H_ID = 3, H_TAG = H_ID + SBN_AGR
 enum { H_CFG_C = SBN_HDR, H_CFG_EPS = H_CFG_C + SBN_AGREE_WORDS, H_CFG_MOM = H_CFG_EPS + SBN_AGREE_WORDS,
        H_CFG_FLAGS = H_CFG_MOM + SBN_AGREE_WORDS, H_CFG_TIMEOUT = H_CFG_FLAGS + SBN_AGREE_WORDS,
        H_CALL_END = H_CFG_TIMEOUT + SBN_AGREE_WORDS };
-_Static_assert(H_CALL_END == SBN_CALL_WORDS, "comm.h sizes the call message");
+_Static_assert(SBN_HDR == SBN_CALL_HDR && H_CALL_END <= SBN_CALL_WORDS, "comm.h sizes the call message");
 enum { KIND_FORWARD = 0, KIND_BACKWARD = 1 };
 static const char *const kind_name[2] = {"forward", "backward"};
 /* The tag of a create: never 2*seq + kind of a forward or backward. */
@@ -202,33 +206,33 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
      * so that ranks that disagree on the timeout still meet (blocking and nonblocking
      * collectives never match each other). A rank that has no valid timeout of its
      * own waits without limit: it learns of the error when the others arrive. */
-    int64_t *w = sc->call;
+    double *w = sc->call;
     memset(w, 0, sizeof sc->call);
     w[H_INVALID] = bad;
     w[H_STATE] = nomem;
-    sbn_agree_put_i64(w + H_ID, (uint64_t)id);
-    sbn_agree_put_i64(w + H_TAG, TAG_CREATE);
+    sbn_agree_put_f64(w + H_ID, (uint64_t)id);
+    sbn_agree_put_f64(w + H_TAG, TAG_CREATE);
     if (!bad) {
-        sbn_agree_put_i64(w + H_CFG_C, (uint64_t)cfg->channels);
-        sbn_agree_put_i64(w + H_CFG_EPS, double_bits(cfg->eps));
-        sbn_agree_put_i64(w + H_CFG_MOM, double_bits(cfg->momentum));
-        sbn_agree_put_i64(w + H_CFG_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
+        sbn_agree_put_f64(w + H_CFG_C, (uint64_t)cfg->channels);
+        sbn_agree_put_f64(w + H_CFG_EPS, double_bits(cfg->eps));
+        sbn_agree_put_f64(w + H_CFG_MOM, double_bits(cfg->momentum));
+        sbn_agree_put_f64(w + H_CFG_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
                                                        (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3));
-        sbn_agree_put_i64(w + H_CFG_TIMEOUT, double_bits(cfg->timeout));
+        sbn_agree_put_f64(w + H_CFG_TIMEOUT, double_bits(cfg->timeout));
     }
     const double timeout = cfg && isfinite(cfg->timeout) && cfg->timeout > 0 ? cfg->timeout : 0;
 
     int nranks = 1;
     int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS
-                 ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_INT64_T, timeout, sbn_now() + timeout)
+                 ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_DOUBLE, timeout, sbn_now() + timeout)
                  : SYNCBN_EMPI;
     if (rc == SYNCBN_ETIMEOUT)
         snprintf(sc->timed_out_in, sizeof sc->timed_out_in, "create of layer %lld", (long long)id);
     if (rc == SYNCBN_OK) {
         int agree = 1;
         for (int k = H_ID; k < H_CALL_END; k += SBN_AGREE_WORDS)
-            agree &= k == H_S || sbn_agree_ok_i64(w + k, nranks);
-        if (!sbn_agree_ok_i64(w + H_ID, nranks) || !sbn_agree_ok_i64(w + H_TAG, nranks))
+            agree &= k == H_S || sbn_agree_ok_f64(w + k, nranks);
+        if (!sbn_agree_ok_f64(w + H_ID, nranks) || !sbn_agree_ok_f64(w + H_TAG, nranks))
             rc = SYNCBN_EMISMATCH; /* another call than this create: out of step */
         else if (w[H_INVALID])
             rc = SYNCBN_EINVAL;
@@ -379,13 +383,17 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
     const int64_t C = l->cfg.channels;
     const int repro = is_repro(l);
     const int timed = l->cfg.timeout > 0;
+    /* Small FAST layers send their sums inside the call message: one message. */
+    const int inline_data = timed && !repro && 2 * C <= SBN_CALL_DATA;
     const double deadline = timed ? sbn_now() + l->cfg.timeout : 0; /* one for the whole call */
     sbn_comm *sc = l->comm;
     int rc;
     if (timed) {
         memset(sc->call, 0, sizeof sc->call);
-        hdr_put(l, sc->call, 1, invalid, state, count, kind, S);
-        rc = sbn_comm_iallreduce(sc, sc->call, SBN_CALL_WORDS, MPI_INT64_T, l->cfg.timeout, deadline);
+        hdr_put(l, sc->call, 0, invalid, state, count, kind, S);
+        if (inline_data)
+            memcpy(sc->call + SBN_HDR, (double *)l->msg + SBN_HDR, 2 * (size_t)C * sizeof(double));
+        rc = sbn_comm_iallreduce(sc, sc->call, SBN_CALL_WORDS, MPI_DOUBLE, l->cfg.timeout, deadline);
     } else {
         hdr_put(l, l->msg, repro, invalid, state, count, kind, S);
         rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, repro ? MPI_INT64_T : MPI_DOUBLE, MPI_SUM,
@@ -402,13 +410,13 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
 
     int call_ok, s_ok;
     double ninvalid, nstate;
-    if (timed || repro) {
-        const int64_t *h = timed ? sc->call : l->msg;
+    if (!timed && repro) {
+        const int64_t *h = l->msg;
         call_ok = sbn_agree_ok_i64(h + H_ID, l->nranks) && sbn_agree_ok_i64(h + H_TAG, l->nranks);
         s_ok = sbn_agree_ok_i64(h + H_S, l->nranks);
         ninvalid = (double)h[H_INVALID], nstate = (double)h[H_STATE], *gcount = (double)h[H_COUNT];
     } else {
-        const double *h = l->msg;
+        const double *h = timed ? sc->call : l->msg;
         call_ok = sbn_agree_ok_f64(h + H_ID, l->nranks) && sbn_agree_ok_f64(h + H_TAG, l->nranks);
         s_ok = sbn_agree_ok_f64(h + H_S, l->nranks);
         ninvalid = h[H_INVALID], nstate = h[H_STATE], *gcount = h[H_COUNT];
@@ -426,7 +434,7 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
     if (!s_ok)
         return note(l, SYNCBN_EMISMATCH, "%s: spatial differs between ranks", kind_name[kind]);
 
-    if (timed) {
+    if (timed && !inline_data) {
         /* Same layer, same call on every rank: data messages of one size. */
         rc = sbn_comm_iallreduce(sc, (int64_t *)l->msg + SBN_HDR, (int)(l->msg_words - SBN_HDR),
                                  repro ? MPI_INT64_T : MPI_DOUBLE, l->cfg.timeout, deadline);
@@ -450,7 +458,7 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
             l->t2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
         }
     } else {
-        const double *s = (const double *)l->msg + SBN_HDR;
+        const double *s = inline_data ? sc->call + SBN_HDR : (const double *)l->msg + SBN_HDR;
         memcpy(l->t1, s, (size_t)C * sizeof *s);
         memcpy(l->t2, s + C, (size_t)C * sizeof *s);
     }
