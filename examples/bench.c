@@ -11,7 +11,8 @@
  * at the current OMP_NUM_THREADS, and the same-size copy bandwidth for comparison.
  * Under mpirun -np P (P > 1) it also times the same layer created on MPI_COMM_SELF
  * (same kernels, no allreduce: a local, unsynchronized BN), taking turns with the
- * synchronized one within each repetition, and prints sync/local. With --timeout S
+ * synchronized one within each repetition (in alternating order), and prints
+ * sync/local. With --timeout S
  * a third layer, synchronized with syncbn_config.timeout = S, takes turns with them
  * too, and "timeout/none" is its fwd+bwd time over the one without timeout.
  * With --idle-wait W (and --timeout S) it instead measures what waiting costs: every
@@ -196,7 +197,8 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
         MPI_Abort(MPI_COMM_WORLD, 1);
 
     for (int r = -WARMUP; r < reps; r++)
-        for (int j = 0; j < nl; j++) {
+        for (int jj = 0; jj < nl; jj++) {
+            const int j = r & 1 ? nl - 1 - jj : jj; /* alternate the order: no layer always goes first */
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
             CHECK(syncbn_forward(L[j], x, sh.n, S, 1, y));

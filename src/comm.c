@@ -3,7 +3,6 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, nanosleep */
 #include "comm.h"
 
-#include <sched.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -114,18 +113,19 @@ double sbn_now(void)
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* Polling schedule: MPI_Test back to back for the first SPIN seconds, yielding the
- * core between tests (a peer that is on time answers within microseconds, and a sleep
- * costs at least the kernel's timer slack, 50 us by default); then sleeps of 1/8 of
- * the time waited so far, clamped to [NAP_MIN, NAP_MAX]. So a long wait costs about
- * a thousand wake-ups per second instead of a busy core, and a late peer is noticed
+/* Polling schedule: MPI_Test back to back for the first SPIN seconds, as a blocking
+ * MPI call would (the usual wait is a peer a little behind in its compute, and a
+ * sleeping rank on a busy machine gets its core back only after a scheduler slice:
+ * measured, a 1 ms spin cost the training example ~10% throughput under load; so
+ * does sched_yield, which is not used); then sleeps of 1/8 of the time waited so
+ * far, clamped to [NAP_MIN, NAP_MAX]. So a long wait costs about a thousand wake-ups
+ * per second (~2% of a core) instead of a busy core, and a late peer is noticed
  * within ~12% of the time already waited (at most NAP_MAX). Proportional rather than
  * doubling naps matter because an allreduce takes several rounds, each of which
- * needs both ranks to call MPI_Test: with fixed doubling, two napping ranks wake each
+ * needs both ranks to call MPI_Test: with doubling naps, two napping ranks wake each
  * other up a nap at a time (measured: 3 ms for a 0.3 ms call under load). Measured in
  * README.md ("Timeouts"). */
-#define SPIN 1e-3
-#define SPIN_HARD 100e-6
+#define SPIN 5e-3
 #define NAP_MIN 10e-6
 #define NAP_MAX 1e-3
 
@@ -150,11 +150,8 @@ int sbn_comm_iallreduce(sbn_comm *c, void *buf, int count, MPI_Datatype type, do
             c->pending = req;
             return SYNCBN_ETIMEOUT;
         }
-        if (now < start + SPIN) {
-            if (now > start + SPIN_HARD)
-                sched_yield();
+        if (now < start + SPIN)
             continue;
-        }
         double d = (now - start) / 8;
         d = d < NAP_MIN ? NAP_MIN : d > NAP_MAX ? NAP_MAX : d;
         d = d < deadline - now ? d : deadline - now;
