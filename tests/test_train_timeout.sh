@@ -14,17 +14,37 @@ trap 'rm -rf "$tmp"' EXIT
 
 limit=2 # the library's timeout, seconds
 bound=30 # mpirun must have ended this long after the start (steps take well under 1 s)
+fail() { echo "FAIL: $*"; cat "$tmp/out.txt"; exit 1; }
 t0=$(date +%s.%N)
-timeout -k 5 120 "$MPIEXEC" -np "$NP" --oversubscribe --allow-run-as-root "$TRAIN" --data "$DATA" \
-  --train-limit 400 --batch 40 --steps 8 --no-eval --print-every 1 --timeout "$limit" --quit-at 4 >"$tmp/out.txt" 2>&1
-status=$?
+"$MPIEXEC" -np "$NP" --oversubscribe --allow-run-as-root "$TRAIN" --data "$DATA" \
+  --train-limit 400 --batch 40 --steps 8 --no-eval --print-every 1 --timeout "$limit" --quit-at 4 >"$tmp/out.txt" 2>&1 &
+mpirun_pid=$!
+for _ in $(seq $((bound * 10))); do
+  kill -0 "$mpirun_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if kill -0 "$mpirun_pid" 2>/dev/null; then
+  # Still running at the bound. Open MPI 4.1's mpirun itself, rarely (seen once in
+  # ~40 runs of the ASan build under load), never returns after MPI_Abort although
+  # every rank has ended (its children are all zombies it does not reap). That is the
+  # launcher's bug, not a hang of the ranks: tell the two apart.
+  live=0
+  for p in $(pgrep -P "$mpirun_pid"); do
+    [ "$(awk '{print $3}' /proc/"$p"/stat 2>/dev/null)" = Z ] || live=$((live + 1))
+  done
+  kill -KILL "$mpirun_pid" 2>/dev/null
+  wait "$mpirun_pid" 2>/dev/null
+  [ "$live" = 0 ] || fail "the job hung: $live rank process(es) still alive after $bound s"
+  echo "WARNING: all ranks ended, but mpirun did not return (Open MPI launcher); killed it"
+  status=1
+else
+  wait "$mpirun_pid"
+  status=$?
+fi
 t1=$(date +%s.%N)
 took=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
 echo "mpirun exit status $status after $took s"
-fail() { echo "FAIL: $*"; cat "$tmp/out.txt"; exit 1; }
-[ "$status" = 124 ] || [ "$status" = 137 ] && fail "the job hung (killed by the outer timeout)"
 [ "$status" != 0 ] || fail "the job reported success although a rank left early"
-awk -v t="$took" -v b="$bound" 'BEGIN{exit !(t <= b)}' || fail "the job took $took s (bound $bound s)"
 grep -q "rank $((NP - 1)) leaves the training loop before step 4" "$tmp/out.txt" || fail "the last rank did not leave"
 # every other rank that timed out names the call and the wait; at least one must
 # have printed before MPI_Abort took the job down
