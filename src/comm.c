@@ -115,16 +115,16 @@ double sbn_now(void)
 
 /* Polling schedule: MPI_Test back to back for the first SPIN seconds, as a blocking
  * MPI call would (the usual wait is a peer a little behind in its compute, and a
- * sleeping rank on a busy machine gets its core back only after a scheduler slice:
- * measured, a 1 ms spin cost the training example ~10% throughput under load; so
- * does sched_yield, which is not used); then sleeps of 1/8 of the time waited so
- * far, clamped to [NAP_MIN, NAP_MAX]. So a long wait costs about a thousand wake-ups
- * per second (~2% of a core) instead of a busy core, and a late peer is noticed
- * within ~12% of the time already waited (at most NAP_MAX). Proportional rather than
- * doubling naps matter because an allreduce takes several rounds, each of which
- * needs both ranks to call MPI_Test: with doubling naps, two napping ranks wake each
- * other up a nap at a time (measured: 3 ms for a 0.3 ms call under load). Measured in
- * README.md ("Timeouts"). */
+ * sleeping or yielding rank on a busy machine gets its core back only after a
+ * scheduler slice: measured, a 1 ms spin that called sched_yield after 100 us cost
+ * the training example ~10% of its throughput under load); then sleeps of 1/8 of the
+ * time waited so far, clamped to [NAP_MIN, NAP_MAX]. So a long wait costs about a
+ * thousand wake-ups per second (~2% of a core) instead of a busy core, and a late
+ * peer is noticed within ~12% of the time already waited (at most NAP_MAX).
+ * Proportional rather than doubling naps matter because an allreduce takes several
+ * rounds, each of which needs both ranks to call MPI_Test: with doubling naps, two
+ * napping ranks wake each other up a nap at a time (measured: 3 ms for a 0.3 ms call
+ * under load). Measured in README.md ("Timeouts"). */
 #define SPIN 5e-3
 #define NAP_MIN 10e-6
 #define NAP_MAX 1e-3
