@@ -25,7 +25,7 @@
  * one private duplicate of it, so calls made out of step (rank 0 calling layer A
  * while rank 1 calls layer B) meet each other and are reported as
  * SYNCBN_EMISMATCH, provided both allreduces have the same message size and element
- * type (same C and reduction mode). Afterwards the layers stay out of step (every
+ * type (same C and reduction mode; with a timeout, always). Afterwards the layers stay out of step (every
  * later call answers SYNCBN_EMISMATCH): recreate them or reload a checkpoint.
  *
  * Detected when a timeout is set (cfg.timeout > 0 on the layers involved; see
