@@ -11,7 +11,13 @@
  * at the current OMP_NUM_THREADS, and the same-size copy bandwidth for comparison.
  * Under mpirun -np P (P > 1) it also times the same layer created on MPI_COMM_SELF
  * (same kernels, no allreduce: a local, unsynchronized BN), taking turns with the
- * synchronized one within each repetition, and prints sync/local.
+ * synchronized one within each repetition (in alternating order), and prints
+ * sync/local. With --timeout S
+ * a third layer, synchronized with syncbn_config.timeout = S, takes turns with them
+ * too, and "timeout/none" is its fwd+bwd time over the one without timeout.
+ * With --idle-wait W (and --timeout S) it instead measures what waiting costs: every
+ * rank but 0 sleeps W seconds before a training forward, and rank 0 reports the wall
+ * and CPU time (getrusage) of its own forward, without and with the timeout.
  *
  * Traffic model: "effective GB/s" = bytes below / median time, float32, 4 bytes per
  * element; caches and write-allocate reads are NOT counted, so the numbers compare
@@ -43,7 +49,7 @@
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
  *                     [--reduction fast|repro|both] [--reps R] [--offset K] [--aligned]
- *                     [--machine]
+ *                     [--timeout S] [--machine] [--idle-wait W]
  *
  * Buffers: x, y, dy, dx come from plain malloc, as in user code (glibc gives 16-byte
  * alignment); --aligned takes 64-byte aligned ones instead, and --offset K (0..1024)
@@ -55,6 +61,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 #include <mpi.h>
 
@@ -185,17 +193,21 @@ typedef struct {
 } timings;
 
 /* Times nl layers of the same configuration, layer j on comms[j] (MPI_COMM_WORLD:
- * synchronized; MPI_COMM_SELF: local BN), into T[j]. The layers take turns within
- * every repetition, so slow phases of a noisy machine hit all of them alike. */
+ * synchronized; MPI_COMM_SELF: local BN) with timeout timeouts[j], into T[j]. The
+ * layers take turns within every repetition, so slow phases of a noisy machine hit
+ * all of them alike. */
 static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, int nl, const MPI_Comm *comms,
-                        const float *x, const float *dy, float *y, float *dx, int reps, timings *T)
+                        const double *timeouts, const float *x, const float *dy, float *y, float *dx, int reps,
+                        timings *T)
 {
     syncbn_config cfg = syncbn_config_default(sh.C);
     cfg.layout = layout;
     cfg.reduction = red;
-    syncbn_layer *L[2] = {NULL, NULL};
-    for (int j = 0; j < nl; j++)
+    syncbn_layer *L[3] = {NULL, NULL, NULL};
+    for (int j = 0; j < nl; j++) {
+        cfg.timeout = timeouts[j];
         CHECK(syncbn_create(&cfg, comms[j], &L[j]));
+    }
     const int64_t S = sh.H * sh.W;
     float *dw = malloc((size_t)sh.C * sizeof *dw), *db = malloc((size_t)sh.C * sizeof *db);
     double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
@@ -203,7 +215,8 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
         MPI_Abort(MPI_COMM_WORLD, 1);
 
     for (int r = -WARMUP; r < reps; r++)
-        for (int j = 0; j < nl; j++) {
+        for (int jj = 0; jj < nl; jj++) {
+            const int j = r & 1 ? nl - 1 - jj : jj; /* alternate the order: no layer always goes first */
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
             CHECK(syncbn_forward(L[j], x, sh.n, S, 1, y));
@@ -237,10 +250,43 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
     free(t), free(dw), free(db);
 }
 
+/* CPU seconds (user + system) this process has used. */
+static double cpu_seconds(void)
+{
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_utime.tv_sec + 1e-6 * (double)u.ru_utime.tv_usec + (double)u.ru_stime.tv_sec +
+           1e-6 * (double)u.ru_stime.tv_usec;
+}
+
+/* --idle-wait: rank 0 waits `wait` seconds in a training forward for the others. */
+static void idle_wait(double wait, double timeout, const float *x, float *y)
+{
+    const double touts[2] = {0, timeout};
+    for (int k = 0; k < 2; k++) {
+        syncbn_config cfg = syncbn_config_default(16);
+        cfg.timeout = touts[k];
+        syncbn_layer *l = NULL;
+        CHECK(syncbn_create(&cfg, MPI_COMM_WORLD, &l));
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (g_rank != 0) {
+            struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
+        const double w0 = MPI_Wtime(), c0 = cpu_seconds();
+        CHECK(syncbn_forward(l, x, 8, 64, 1, y));
+        const double wall = MPI_Wtime() - w0, cpu = cpu_seconds() - c0;
+        ROOT_PRINTF("IDLEWAIT np=%d timeout=%g wall_s=%.3f cpu_s=%.3f cpu_pct=%.1f\n", g_size, touts[k], wall, cpu,
+                    100 * cpu / wall);
+        syncbn_destroy(l);
+    }
+}
+
 static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
-                "[--reduction fast|repro|both] [--reps R] [--offset K] [--aligned] [--machine]\n",
+                "[--reduction fast|repro|both] [--reps R] [--offset K] [--aligned] [--timeout S] [--machine] "
+                "[--idle-wait W]\n",
                 argv0);
 }
 
@@ -253,6 +299,8 @@ int main(int argc, char **argv)
     shape4 shapes[MAX_SHAPES] = {{32, 64, 56, 56}, {32, 256, 14, 14}, {256, 1024, 1, 1}, {8, 32, 224, 224}};
     int nshapes = 4, user_shapes = 0, reps = 20, machine = 0;
     int do_layout[2] = {1, 1}, do_red[2] = {1, 1};
+    double timeout = 0; /* > 0: also time a synchronized layer with this timeout */
+    double idle = 0;    /* > 0: --idle-wait mode */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--machine")) {
@@ -285,6 +333,12 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--offset") && v) {
             g_offset = atoll(v);
             i++;
+        } else if (!strcmp(a, "--idle-wait") && v) {
+            idle = atof(v);
+            i++;
+        } else if (!strcmp(a, "--timeout") && v) {
+            timeout = atof(v);
+            i++;
         } else if (!strcmp(a, "--reps") && v) {
             reps = atoi(v);
             i++;
@@ -298,6 +352,15 @@ int main(int argc, char **argv)
         usage(argv[0]);
         MPI_Finalize();
         return 2;
+    }
+
+    if (idle > 0) {
+        buffer bx = alloc_floats(8 * 16 * 64), by = alloc_floats(8 * 16 * 64);
+        fill(bx.p, 8 * 16 * 64, 1000 + (uint64_t)g_rank, 1.0f);
+        idle_wait(idle, timeout > 0 ? timeout : 600, bx.p, by.p);
+        free(bx.base), free(by.base);
+        MPI_Finalize();
+        return 0;
     }
 
     int64_t maxel = 0;
@@ -331,6 +394,8 @@ int main(int argc, char **argv)
     ROOT_PRINTF("%-17s %-6s %-5s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
                 "mode", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s", "f+b ms",
                 "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
+    if (timeout > 0)
+        ROOT_PRINTF("(last column: fwd+bwd with timeout %g s / without)\n", timeout);
 
     for (int k = 0; k < nshapes; k++) {
         shape4 sh = shapes[k];
@@ -349,10 +414,15 @@ int main(int argc, char **argv)
                     continue;
                 syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
                 syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
-                const MPI_Comm comms[2] = {MPI_COMM_WORLD, MPI_COMM_SELF};
-                timings TT[2];
-                time_layers(sh, lay, red, g_size > 1 ? 2 : 1, comms, x, dy, y, dx, reps, TT);
-                const timings T = TT[0], Lo = TT[1];
+                /* layer 0 synchronized, then local (P > 1), then with a timeout */
+                MPI_Comm comms[3] = {MPI_COMM_WORLD, MPI_COMM_SELF, MPI_COMM_WORLD};
+                double touts[3] = {0, 0, timeout};
+                int nl = g_size > 1 ? 2 : 1;
+                if (timeout > 0)
+                    comms[nl] = MPI_COMM_WORLD, touts[nl] = timeout, nl++;
+                timings TT[3];
+                time_layers(sh, lay, red, nl, comms, touts, x, dy, y, dx, reps, TT);
+                const timings T = TT[0], Lo = TT[1], To = TT[nl - 1];
                 const double gb = (double)el * 4 * 1e-9; /* GB moved per 4 B/elem; see traffic model */
                 double fb_bw = 8 * gb / (T.fwdbwd * 1e-3);
                 ROOT_PRINTF("%-17s %-6s %-5s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f "
@@ -362,7 +432,14 @@ int main(int argc, char **argv)
                             5 * gb / (T.bwd * 1e-3), T.fwdbwd, fb_bw, 100 * fb_bw / size_copy_bw);
                 if (g_size > 1)
                     ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
+                if (timeout > 0)
+                    ROOT_PRINTF(" | timeout/none %.3f", To.fwdbwd / T.fwdbwd);
                 ROOT_PRINTF("\n");
+                if (machine && timeout > 0)
+                    ROOT_PRINTF("TIMEOUT impl=syncbn-%s layout=%s shape=%s np=%d fwdbwd_ms=%.4f "
+                                "timeout_fwdbwd_ms=%.4f ratio=%.4f\n",
+                                ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, g_size, T.fwdbwd, To.fwdbwd,
+                                To.fwdbwd / T.fwdbwd);
                 if (machine)
                     ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
                                 "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f\n",

@@ -18,3 +18,12 @@ foreach(_t invariance resume blas)
     ENVIRONMENT "OMP_NUM_THREADS=1;SYNCBN_MPIEXEC=${MPIEXEC_EXECUTABLE}"
     PROCESSORS 2 TIMEOUT 180 SKIP_RETURN_CODE 77)
 endforeach()
+
+# --timeout: a rank leaves early on purpose; the others end the job with the message.
+foreach(_np 2 3)
+  add_test(NAME train_timeout_np${_np}
+    COMMAND ${PROJECT_SOURCE_DIR}/tests/test_train_timeout.sh $<TARGET_FILE:syncbn-train> ${_np})
+  set_tests_properties(train_timeout_np${_np} PROPERTIES
+    ENVIRONMENT "OMP_NUM_THREADS=1;SYNCBN_MPIEXEC=${MPIEXEC_EXECUTABLE}"
+    PROCESSORS ${_np} TIMEOUT 180 SKIP_RETURN_CODE 77)
+endforeach()

@@ -44,6 +44,8 @@ typedef struct {
     int64_t train_limit, test_limit; /* 0: whole split */
     int64_t print_every;
     int eval;
+    double timeout;     /* --timeout: seconds a BN call waits for the other ranks */
+    int64_t quit_at;    /* --quit-at: test hook, 0 = off */
 } options;
 
 static void usage(void) {
@@ -69,7 +71,11 @@ static void usage(void) {
         "  --print-every N       progress line period in steps (default 50)\n"
         "  --no-eval             skip the test-set evaluation\n"
         "  --blas-core NAME      run these OpenBLAS kernels on every rank, e.g. Haswell (also SYNCBN_BLAS_CORE);\n"
-        "                        default: OpenBLAS's choice, or the widest the CPU runs if OpenBLAS chose older\n");
+        "                        default: OpenBLAS's choice, or the widest the CPU runs if OpenBLAS chose older\n"
+        "  --timeout SECONDS     a synchronized BN call that waits longer for the other ranks\n"
+        "                        ends the job with a message (default 600; 0 = wait forever)\n"
+        "  --quit-at N           (for tests) the last rank leaves the training loop before\n"
+        "                        step N, as a rank with a bug would\n");
 }
 
 static int64_t parse_int(const char *opt, const char *s, int64_t lo) {
@@ -88,14 +94,14 @@ static float parse_float(const char *opt, const char *s) {
 static options parse_options(int argc, char **argv) {
     options o = {.data_dir = TRAIN_DATA_DEFAULT_DIR, .epochs = 3, .batch = 128, .lr = 0.05f, .momentum = 0.9f,
                  .wd = 0.0f, .warmup = 30, .seed = 42, .bn_mode = TRAIN_BN_SYNC, .reduction = TRAIN_REPRODUCIBLE,
-                 .print_every = 50, .eval = 1};
+                 .print_every = 50, .eval = 1, .timeout = 600};
     static const struct option longopts[] = {
         {"data", 1, 0, 'd'},        {"epochs", 1, 0, 'e'},     {"batch", 1, 0, 'b'},       {"lr", 1, 0, 'l'},
         {"momentum", 1, 0, 'm'},    {"wd", 1, 0, 'w'},         {"seed", 1, 0, 's'},        {"steps", 1, 0, 'n'},
         {"bn", 1, 0, 'B'},          {"reduction", 1, 0, 'R'},  {"save", 1, 0, 'S'},        {"resume", 1, 0, 'r'},
         {"log", 1, 0, 'L'},         {"save-every", 1, 0, 'E'}, {"train-limit", 1, 0, 'T'}, {"test-limit", 1, 0, 't'},
         {"print-every", 1, 0, 'p'}, {"no-eval", 0, 0, 'N'},    {"help", 0, 0, 'h'},        {"warmup", 1, 0, 'W'},
-        {"blas-core", 1, 0, 'C'},   {0, 0, 0, 0}};
+        {"blas-core", 1, 0, 'C'},   {"timeout", 1, 0, 'O'},    {"quit-at", 1, 0, 'Q'},     {0, 0, 0, 0}};
     int c;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -128,6 +134,8 @@ static options parse_options(int argc, char **argv) {
         case 'N': o.eval = 0; break;
         case 'W': o.warmup = parse_int("--warmup", optarg, 0); break;
         case 'C': break; // acted on before MPI_Init, by train_blas_select
+        case 'O': o.timeout = parse_float("--timeout", optarg); break;
+        case 'Q': o.quit_at = parse_int("--quit-at", optarg, 1); break;
         case 'h': usage(); MPI_Finalize(); exit(0);
         default:
             usage();
@@ -202,6 +210,7 @@ int main(int argc, char **argv) {
     int64_t cap = (o.batch + train_nranks - 1) / train_nranks;
     if (cap < 64) cap = 64;
     train_model m;
+    train_bn_timeout = o.timeout;
     train_model_init(&m, o.seed, o.bn_mode, o.reduction, cap, MPI_COMM_WORLD);
 
     int64_t steps_per_epoch = (train.n + o.batch - 1) / o.batch; // the last batch may be smaller
@@ -240,6 +249,11 @@ int main(int argc, char **argv) {
     int64_t images = 0, window_images = 0;
     double last_acc = -1.0;
     for (; step < total_steps; step++) {
+        if (step + 1 == o.quit_at && train_rank == train_nranks - 1 && train_nranks > 1) {
+            fprintf(stderr, "syncbn-train: rank %d leaves the training loop before step %lld (--quit-at)\n",
+                    train_rank, (long long)o.quit_at);
+            break; // and waits in the final MPI_Gather; the others' next BN call times out
+        }
         int64_t epoch = step / steps_per_epoch, k = step % steps_per_epoch;
         if (epoch != perm_epoch) {
             shuffle(perm, train.n, o.seed, epoch);

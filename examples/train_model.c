@@ -20,6 +20,15 @@
         int rc_ = (call);                                                             \
         if (rc_ != SYNCBN_OK) train_die("%s failed: %s", #call, syncbn_strerror(rc_)); \
     } while (0)
+// A call on an existing layer: the message adds the layer's own description of the
+// error (for SYNCBN_ETIMEOUT, which call waited how long). train_die then aborts.
+#define CHECK_BN(layer, call)                                                                          \
+    do {                                                                                               \
+        int rc_ = (call);                                                                              \
+        if (rc_ != SYNCBN_OK) train_die("%s failed: %s", #call, syncbn_last_error(layer));             \
+    } while (0)
+
+double train_bn_timeout = 0;
 
 // Parameter layout (offsets into params/grads), in the order of the model.
 enum {
@@ -77,6 +86,7 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     MPI_Comm bncomm = bn_mode == TRAIN_BN_SYNC ? comm : MPI_COMM_SELF;
     syncbn_config cfg = syncbn_config_default(C1);
     cfg.reduction = reduction == TRAIN_REPRODUCIBLE ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
+    cfg.timeout = bn_mode == TRAIN_BN_SYNC ? train_bn_timeout : 0; // nobody to wait for on MPI_COMM_SELF
     CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn1));
     cfg.channels = C2;
     CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn2));
@@ -135,13 +145,13 @@ static void push_bn_params(train_model *m) {
 static void forward(train_model *m, int64_t n, int training) {
     for (int64_t s = 0; s < n; s++)
         conv3x3_forward(m->c1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->x + s * HW1, m->conv1_w, 1, C1, 28, 28);
-    CHECK_SBN(syncbn_forward(m->bn1, m->c1, n, HW1, training, m->b1));
+    CHECK_BN(m->bn1, syncbn_forward(m->bn1, m->c1, n, HW1, training, m->b1));
     for (int64_t s = 0; s < n; s++) {
         relu_maxpool2_forward(m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->b1 + s * C1 * HW1, C1, 28, 28);
         conv3x3_forward(m->c2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2, m->p1 + s * C1 * HW2, m->conv2_w, C1, C2,
                         14, 14);
     }
-    CHECK_SBN(syncbn_forward(m->bn2, m->c2, n, HW2, training, m->b2));
+    CHECK_BN(m->bn2, syncbn_forward(m->bn2, m->c2, n, HW2, training, m->b2));
     for (int64_t s = 0; s < n; s++)
         relu_maxpool2_forward(m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->b2 + s * C2 * HW2, C2, 14, 14);
     if (m->reduction == TRAIN_FAST) {
@@ -347,7 +357,7 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
     for (int64_t s = 0; s < n; s++)
         relu_maxpool2_backward(m->db2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->p2 + s * FC_IN, m->arg2 + s * FC_IN, C2,
                                14, 14);
-    CHECK_SBN(syncbn_backward(m->bn2, m->c2, m->db2, n, HW2, m->db2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
+    CHECK_BN(m->bn2, syncbn_backward(m->bn2, m->c2, m->db2, n, HW2, m->db2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
 
     // conv2 (weights and input), pool1 + relu1, bn1
     for (int64_t s = 0; s < n; s++) {
@@ -357,7 +367,7 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
         relu_maxpool2_backward(m->db1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->p1 + s * C1 * HW2,
                                m->arg1 + s * C1 * HW2, C1, 28, 28);
     }
-    CHECK_SBN(syncbn_backward(m->bn1, m->c1, m->db1, n, HW1, m->db1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
+    CHECK_BN(m->bn1, syncbn_backward(m->bn1, m->c1, m->db1, n, HW1, m->db1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
 
     // conv1 (weights only: the input needs no gradient)
     for (int64_t s = 0; s < n; s++) {

@@ -95,6 +95,9 @@ typedef struct {
 
 /* Collective over comm (creates the BN layers). Parameters are initialized from
  * seed exactly as every other rank does (PyTorch's default uniform bounds). */
+// Seconds a synchronized BN call may wait for the other ranks (syncbn_config.timeout;
+// 0 = forever). Read by train_model_init; set it before. syncbn-train: --timeout.
+extern double train_bn_timeout;
 void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction, int64_t cap, MPI_Comm comm);
 void train_model_free(train_model *m);
 

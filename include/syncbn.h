@@ -25,17 +25,40 @@
  * one private duplicate of it, so calls made out of step (rank 0 calling layer A
  * while rank 1 calls layer B) meet each other and are reported as
  * SYNCBN_EMISMATCH, provided both allreduces have the same message size and element
- * type (same C and reduction mode). Afterwards the layers stay out of step (every
+ * type (same C and reduction mode; with a timeout, always). Afterwards the layers stay out of step (every
  * later call answers SYNCBN_EMISMATCH): recreate them or reload a checkpoint.
  *
- * What cannot be detected (no extra collective is paid for it):
+ * Detected when a timeout is set (cfg.timeout > 0 on the layers involved; see
+ * "Deadlines" below), undetectable and possibly hanging without:
  *   - out-of-step calls whose messages differ in size or element type (different C,
- *     or FAST meeting REPRODUCIBLE): MPI leaves mismatched collectives undefined
- *     (usually an MPI error, possibly a hang);
+ *     or FAST meeting REPRODUCIBLE): with a timeout, SYNCBN_EMISMATCH (or
+ *     SYNCBN_ETIMEOUT); without, MPI leaves mismatched collectives undefined (Open
+ *     MPI: a fatal MPI_ERR_TRUNCATE, wrong data, or a buffer overflow);
  *   - a rank that skips a collective call altogether, or passes a NULL layer or
- *     MPI_COMM_NULL alone: the others wait in the allreduce (a rank that DIES makes
- *     mpirun end the whole job);
- *   - a backward given other data than its forward, with the same n and spatial.
+ *     MPI_COMM_NULL alone: with a timeout, SYNCBN_ETIMEOUT on the ranks that called;
+ *     without, they wait forever (a rank that DIES makes mpirun end the whole job).
+ * What cannot be detected at all:
+ *   - a backward given other data than its forward, with the same n and spatial;
+ *   - out of step between a layer with a timeout and one without on the same
+ *     communicator (their collectives never match: the rank with the timeout gets
+ *     SYNCBN_ETIMEOUT, the other waits forever).
+ *
+ * Deadlines: with cfg.timeout = T > 0, a collective call (create, training forward,
+ * backward) that has waited T seconds for the other ranks returns SYNCBN_ETIMEOUT on
+ * that rank, with the layer unchanged; syncbn_last_error says which call. MPI cannot
+ * cancel the collective left pending, so from then on the communicator is dead for
+ * syncbn on that rank: every collective call on any layer of it, and any create on
+ * it, returns SYNCBN_ETIMEOUT at once without calling MPI. syncbn_destroy does not
+ * block, but it leaves allocated, on purpose, the private duplicate communicator, the
+ * pending request and its message buffer (one per timed-out communicator: about
+ * 1.3 KiB plus the layer's message of O(C) words), since MPI may still write into the
+ * buffer. The usual reaction is to report and MPI_Abort. A rank that arrives after
+ * the others gave up may still complete that one call with the data they left
+ * behind; its next call times out. Waiting polls MPI_Test: busily for the first
+ * 5 ms, then in sleeps of at most 1 ms (a rank waiting longer uses ~2% of a core).
+ * Cost: one MPI_Iallreduce of a fixed 155-word message per call for FAST layers with
+ * C <= 64, plus a second one of the data for larger or REPRODUCIBLE layers; with
+ * timeout = 0 nothing changes (one blocking MPI_Allreduce). Figures in README.md.
  *
  * Threads: kernels may use OpenMP. A layer must not be used by two threads at once;
  * syncbn_create/syncbn_destroy must not run concurrently with each other.
@@ -68,7 +91,8 @@ extern "C" {
     X(EMPI, -6, "an MPI call failed")                                                   \
     X(ESTATE, -7, "call out of order (e.g. backward without matching training forward)") \
     X(EIO, -8, "checkpoint file could not be read or written")                         \
-    X(EFORMAT, -9, "checkpoint file is corrupt, truncated, or of another shape")
+    X(EFORMAT, -9, "checkpoint file is corrupt, truncated, or of another shape")         \
+    X(ETIMEOUT, -10, "other ranks did not join a collective call in time")
 
 enum {
 #define SYNCBN_ERRNO_ENUM(name, value, msg) SYNCBN_##name = value,
@@ -108,6 +132,9 @@ typedef struct {
     int track_running_stats;    /* default 1: running_mean (init 0), running_var (init 1) */
     syncbn_layout layout;       /* default SYNCBN_NCHW */
     syncbn_reduction reduction; /* default SYNCBN_FAST */
+    double timeout;             /* finite, >= 0; default 0 = wait forever. Seconds a collective
+                                   call may wait for the other ranks (see "Deadlines" above);
+                                   ranks must agree on it */
 } syncbn_config;
 
 typedef struct syncbn_layer syncbn_layer; /* opaque */
@@ -120,10 +147,15 @@ SYNCBN_EXTERN syncbn_config syncbn_config_default(int64_t channels);
  * library's private duplicate of comm (created on first use, MPI_ERRORS_RETURN).
  * On success *out owns the layer; free it with syncbn_destroy. On failure *out is
  * set to NULL. Any intracommunicator works; sub-communicators give group-wise sync.
- * MPI_COMM_NULL and intercommunicators: SYNCBN_EINVAL. */
+ * MPI_COMM_NULL and intercommunicators: SYNCBN_EINVAL. With cfg->timeout > 0,
+ * SYNCBN_ETIMEOUT if the others do not join within it (a rank whose cfg has no valid
+ * timeout waits without limit); always SYNCBN_ETIMEOUT on a communicator that timed
+ * out before. */
 SYNCBN_EXTERN int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out);
 
-/* Collective (it may free the private communicator). NULL is a no-op. */
+/* Collective (it may free the private communicator). NULL is a no-op. Never blocks
+ * after a timeout (see "Deadlines"; it then leaves the pending request's buffers
+ * allocated). */
 SYNCBN_EXTERN void syncbn_destroy(syncbn_layer *layer);
 
 /* Accessors. Not collective. The layer owns the returned arrays of C floats; they stay
@@ -144,15 +176,16 @@ SYNCBN_EXTERN int syncbn_get_config(const syncbn_layer *layer, syncbn_config *cf
 /* Forward.
  *   x: [n][C][S] or [n][S][C] (this rank's n samples); y: same shape, may equal x.
  *   spatial = S >= 1. x and y may be NULL when n == 0.
- * training != 0: Collective. ONE MPI_Allreduce of O(C) words gives the global
- *   mean and biased variance; y = (x - mean) / sqrt(var + eps) * weight + bias.
+ * training != 0: Collective. ONE MPI_Allreduce of O(C) words (with a timeout: one or
+ *   two MPI_Iallreduce, see "Deadlines") gives the global mean and biased variance; y = (x - mean) / sqrt(var + eps) * weight + bias.
  *   Running statistics (if tracked) move towards the global mean and the unbiased
  *   global variance var*N/(N-1); num_batches_tracked grows by one.
  *   Errors, identical on every rank: SYNCBN_EINVAL (bad argument on any rank, incl.
  *   n*C*S overflowing int64), SYNCBN_EMISMATCH (ranks passed different S, or called
  *   different layers/call sequences), SYNCBN_EEMPTY (N < 2), SYNCBN_ENONFINITE
- *   (NaN/Inf in the batch statistics), SYNCBN_EMPI. On error y is unspecified and
- *   the layer is unchanged.
+ *   (NaN/Inf in the batch statistics), SYNCBN_EMPI. With a timeout also
+ *   SYNCBN_ETIMEOUT, on the ranks that waited too long (others may see another code).
+ *   On error y is unspecified and the layer is unchanged.
  * training == 0: Not collective, never communicates. Uses the running statistics,
  *   or this rank's own batch statistics when track_running_stats == 0 (as PyTorch).
  *   A rank with n == 0 has nothing to normalize and returns SYNCBN_OK in every
@@ -178,6 +211,15 @@ SYNCBN_EXTERN int syncbn_forward(syncbn_layer *layer, const float *x, int64_t n,
  * training forward, plus SYNCBN_ESTATE. */
 SYNCBN_EXTERN int syncbn_backward(syncbn_layer *layer, const float *x, const float *dy, int64_t n,
                                   int64_t spatial, float *dx, float *dweight, float *dbias);
+
+/* This rank's last error on the layer, as a human-readable sentence naming the call
+ * and the cause, e.g. "backward, call 1234 of layer 3 (C = 64): no answer from the
+ * other ranks after 600.0 s" or "forward: spatial differs between ranks"; "" when
+ * the last call on the layer succeeded. Set by syncbn_forward, syncbn_backward,
+ * syncbn_save, syncbn_load and syncbn_set_num_batches_tracked (not by the
+ * accessors). A static description for a NULL layer. The layer owns the string; it
+ * stays valid until the next call on the layer. Not collective. */
+SYNCBN_EXTERN const char *syncbn_last_error(const syncbn_layer *layer);
 
 /* Checkpoints of configuration, parameters, running statistics and
  * num_batches_tracked. Not collective: each rank may save or load its own copy.

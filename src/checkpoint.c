@@ -207,7 +207,7 @@ static int write_all(int fd, const unsigned char *buf, size_t len)
     return 0;
 }
 
-int syncbn_save(const syncbn_layer *layer, const char *path)
+static int save_file(const syncbn_layer *layer, const char *path)
 {
     if (!layer || !path || !*path)
         return SYNCBN_EINVAL;
@@ -273,7 +273,7 @@ static int validate(const syncbn_layer *l, const unsigned char *buf, size_t len)
     return SYNCBN_OK;
 }
 
-int syncbn_load(syncbn_layer *layer, const char *path)
+static int load_file(syncbn_layer *layer, const char *path)
 {
     if (!layer || !path)
         return SYNCBN_EINVAL;
@@ -309,4 +309,18 @@ int syncbn_load(syncbn_layer *layer, const char *path)
     }
     free(buf);
     return rc;
+}
+
+/* syncbn_last_error describes save errors too: the layer object is never const
+ * itself (syncbn_create allocates it), only the caller's view of it here. */
+int syncbn_save(const syncbn_layer *layer, const char *path)
+{
+    int rc = save_file(layer, path);
+    return layer ? sbn_note_file((syncbn_layer *)layer, rc, "save", path) : rc;
+}
+
+int syncbn_load(syncbn_layer *layer, const char *path)
+{
+    int rc = load_file(layer, path);
+    return layer ? sbn_note_file(layer, rc, "load", path) : rc;
 }

@@ -1,13 +1,28 @@
 /*
  * layer.c - the synchronized BN layer: create/destroy, forward, backward.
  *
- * Every collective call is ONE MPI_Allreduce(MPI_SUM) of one packed buffer:
+ * Without a timeout, every collective call is ONE MPI_Allreduce(MPI_SUM) of one packed
+ * buffer:
  *
  *   header (SBN_HDR words)                       | per-channel data
  *   invalid | state | count | agree(id) agree(tag) agree(S) | FAST: s1[C] s2[C] (double)
  *                                                | REPRODUCIBLE: acc1[C] acc2[C] (exact, int64)
  *
  * The header is summed in the same element type as the data (double or int64).
+ *
+ * With a timeout (cfg.timeout > 0) a call is MPI_Iallreduce, waited for until the
+ * call's deadline (sbn_comm_iallreduce), of the communicator's fixed-size call
+ * message (comm.h: SBN_CALL_WORDS doubles, the same size for every layer, every call
+ * and every create): the header, as doubles, and for a FAST layer with C <= 64 the
+ * data too. Larger layers (and REPRODUCIBLE ones: int64 data) send their data part of
+ * the buffer above in a second MPI_Iallreduce, only once the headers agree. Calls
+ * made out of step therefore only ever meet a message of their own size and type:
+ * Open MPI, given mismatched counts, fails with MPI_ERR_TRUNCATE (fatal), returns
+ * wrong data, or overflows the receive buffer (scripts/iallreduce_mismatch.c), and a
+ * deadline alone would not make that safe. The data messages only start once all
+ * ranks have agreed they are in the same call of the same layer, hence the same C.
+ * The price: a call message of 155 words, and a second message for large layers
+ * (README, "Timeouts").
  * "invalid"/"state" count the ranks that found a bad argument or an out-of-order
  * call locally: such a rank still joins the allreduce (with zero data), so every rank
  * learns of the error at once and returns the same code, instead of the others
@@ -22,6 +37,8 @@
 #include "layer.h"
 
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,7 +47,19 @@
 
 enum { H_INVALID = 0, H_STATE = 1, H_COUNT = 2, H_ID = 3, H_TAG = H_ID + SBN_AGREE_WORDS,
        H_S = H_TAG + SBN_AGREE_WORDS, SBN_HDR = H_S + SBN_AGREE_WORDS };
+/* The rest of the fixed-size call message, used by create only: the configuration. */
+enum { H_CFG_C = SBN_HDR, H_CFG_EPS = H_CFG_C + SBN_AGREE_WORDS, H_CFG_MOM = H_CFG_EPS + SBN_AGREE_WORDS,
+       H_CFG_FLAGS = H_CFG_MOM + SBN_AGREE_WORDS, H_CFG_TIMEOUT = H_CFG_FLAGS + SBN_AGREE_WORDS,
+       H_CALL_END = H_CFG_TIMEOUT + SBN_AGREE_WORDS };
+_Static_assert(SBN_HDR == SBN_CALL_HDR && H_CALL_END <= SBN_CALL_WORDS, "comm.h sizes the call message");
 enum { KIND_FORWARD = 0, KIND_BACKWARD = 1 };
+static const char *const kind_name[2] = {"forward", "backward"};
+/* The tag of a create: never 2*seq + kind of a forward or backward. */
+#define TAG_CREATE UINT64_MAX
+
+/* Names the call in messages: "backward, call 12 of layer 3 (C = 64)". */
+#define CALL_FMT "%s, call %lld of layer %lld (C = %lld)"
+#define CALL_ARGS(l, kind) kind_name[kind], (long long)(l)->seq + 1, (long long)(l)->id, (long long)(l)->cfg.channels
 
 /* Keeps every message below INT_MAX words (MPI counts are int). */
 #define SBN_MAX_CHANNELS ((int64_t)1 << 25)
@@ -45,16 +74,40 @@ syncbn_config syncbn_config_default(int64_t channels)
         .track_running_stats = 1,
         .layout = SYNCBN_NCHW,
         .reduction = SYNCBN_FAST,
+        .timeout = 0,
     };
     return c;
 }
+
+/* ---- syncbn_last_error ---- */
+
+__attribute__((format(printf, 3, 4))) static int note(syncbn_layer *l, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(l->err, sizeof l->err, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+int sbn_note_file(syncbn_layer *l, int rc, const char *what, const char *path)
+{
+    if (rc == SYNCBN_OK)
+        l->err[0] = 0;
+    else
+        note(l, rc, "%s '%s': %s", what, path ? path : "(NULL)", syncbn_strerror(rc));
+    return rc;
+}
+
+const char *syncbn_last_error(const syncbn_layer *l) { return l ? l->err : "no layer (NULL handle)"; }
 
 static int config_valid(const syncbn_config *c)
 {
     return c->channels >= 1 && c->channels <= SBN_MAX_CHANNELS && c->eps > 0 && isfinite(c->eps) &&
            (isnan(c->momentum) || (c->momentum >= 0 && c->momentum <= 1)) &&
            (c->layout == SYNCBN_NCHW || c->layout == SYNCBN_NHWC) &&
-           (c->reduction == SYNCBN_FAST || c->reduction == SYNCBN_REPRODUCIBLE);
+           (c->reduction == SYNCBN_FAST || c->reduction == SYNCBN_REPRODUCIBLE) && isfinite(c->timeout) &&
+           c->timeout >= 0;
 }
 
 static uint64_t double_bits(double v)
@@ -141,38 +194,52 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
         layer_free(l);
         return err;
     }
+    if (sc->timed_out) {
+        layer_free(l);
+        sbn_comm_release(sc);
+        return SYNCBN_ETIMEOUT;
+    }
     const int64_t id = sc->next_layer++;
 
-    /* One allreduce: everyone's verdict on its arguments, and agreement on the
-     * configuration and on the layer id (which proves both ranks are creating the
-     * same layer in the same order). */
-    enum { A_INVALID, A_NOMEM, A_C, A_EPS = A_C + SBN_AGREE_WORDS, A_MOM = A_EPS + SBN_AGREE_WORDS,
-           A_FLAGS = A_MOM + SBN_AGREE_WORDS, A_ID = A_FLAGS + SBN_AGREE_WORDS, A_LEN = A_ID + SBN_AGREE_WORDS };
-    int64_t w[A_LEN] = {0};
-    w[A_INVALID] = bad;
-    w[A_NOMEM] = nomem;
+    /* One allreduce of the fixed-size call message: everyone's verdict on its
+     * arguments, and agreement on the configuration and on the layer id (which proves
+     * both ranks are creating the same layer in the same order). Always nonblocking,
+     * so that ranks that disagree on the timeout still meet (blocking and nonblocking
+     * collectives never match each other). A rank that has no valid timeout of its
+     * own waits without limit: it learns of the error when the others arrive. */
+    double *w = sc->call;
+    memset(w, 0, sizeof sc->call);
+    w[H_INVALID] = bad;
+    w[H_STATE] = nomem;
+    sbn_agree_put_f64(w + H_ID, (uint64_t)id);
+    sbn_agree_put_f64(w + H_TAG, TAG_CREATE);
     if (!bad) {
-        sbn_agree_put_i64(w + A_C, (uint64_t)cfg->channels);
-        sbn_agree_put_i64(w + A_EPS, double_bits(cfg->eps));
-        sbn_agree_put_i64(w + A_MOM, double_bits(cfg->momentum));
-        sbn_agree_put_i64(w + A_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
-                                                   (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3));
+        sbn_agree_put_f64(w + H_CFG_C, (uint64_t)cfg->channels);
+        sbn_agree_put_f64(w + H_CFG_EPS, double_bits(cfg->eps));
+        sbn_agree_put_f64(w + H_CFG_MOM, double_bits(cfg->momentum));
+        sbn_agree_put_f64(w + H_CFG_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
+                                                       (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3));
+        sbn_agree_put_f64(w + H_CFG_TIMEOUT, double_bits(cfg->timeout));
     }
-    sbn_agree_put_i64(w + A_ID, (uint64_t)id);
+    const double timeout = cfg && isfinite(cfg->timeout) && cfg->timeout > 0 ? cfg->timeout : 0;
 
     int nranks = 1;
-    int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS &&
-                     MPI_Allreduce(MPI_IN_PLACE, w, A_LEN, MPI_INT64_T, MPI_SUM, sc->inner) == MPI_SUCCESS
-                 ? SYNCBN_OK
+    int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS
+                 ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_DOUBLE, timeout, sbn_now() + timeout)
                  : SYNCBN_EMPI;
+    if (rc == SYNCBN_ETIMEOUT)
+        snprintf(sc->timed_out_in, sizeof sc->timed_out_in, "create of layer %lld", (long long)id);
     if (rc == SYNCBN_OK) {
-        if (w[A_INVALID])
+        int agree = 1;
+        for (int k = H_ID; k < H_CALL_END; k += SBN_AGREE_WORDS)
+            agree &= k == H_S || sbn_agree_ok_f64(w + k, nranks);
+        if (!sbn_agree_ok_f64(w + H_ID, nranks) || !sbn_agree_ok_f64(w + H_TAG, nranks))
+            rc = SYNCBN_EMISMATCH; /* another call than this create: out of step */
+        else if (w[H_INVALID])
             rc = SYNCBN_EINVAL;
-        else if (!sbn_agree_ok_i64(w + A_C, nranks) || !sbn_agree_ok_i64(w + A_EPS, nranks) ||
-                 !sbn_agree_ok_i64(w + A_MOM, nranks) || !sbn_agree_ok_i64(w + A_FLAGS, nranks) ||
-                 !sbn_agree_ok_i64(w + A_ID, nranks))
+        else if (!agree)
             rc = SYNCBN_EMISMATCH;
-        else if (w[A_NOMEM])
+        else if (w[H_STATE])
             rc = SYNCBN_ENOMEM;
     }
     if (rc != SYNCBN_OK) {
@@ -203,8 +270,11 @@ int64_t syncbn_num_batches_tracked(const syncbn_layer *l) { return l ? l->num_ba
 
 int syncbn_set_num_batches_tracked(syncbn_layer *l, int64_t n)
 {
-    if (!l || n < 0)
+    if (!l)
         return SYNCBN_EINVAL;
+    if (n < 0)
+        return note(l, SYNCBN_EINVAL, "set_num_batches_tracked: n = %lld is negative", (long long)n);
+    l->err[0] = 0;
     l->num_batches_tracked = n;
     return SYNCBN_OK;
 }
@@ -227,23 +297,39 @@ static int shape_valid(int64_t n, int64_t C, int64_t S)
 
 /* ---- the one collective ---- */
 
-/* Message header/data as doubles (FAST) or int64 (REPRODUCIBLE). */
-static void hdr_put(syncbn_layer *l, int invalid, int state, int64_t count, int kind, int64_t S)
+/* Writes the header into h, as int64 (i64) or as doubles. */
+static void hdr_put(const syncbn_layer *l, void *h, int i64, int invalid, int state, int64_t count, int kind,
+                    int64_t S)
 {
     const uint64_t tag = 2 * (uint64_t)l->seq + (uint64_t)kind;
-    if (is_repro(l)) {
-        int64_t *h = l->msg;
-        h[H_INVALID] = invalid, h[H_STATE] = state, h[H_COUNT] = count;
-        sbn_agree_put_i64(h + H_ID, (uint64_t)l->id);
-        sbn_agree_put_i64(h + H_TAG, tag);
-        sbn_agree_put_i64(h + H_S, (uint64_t)S);
+    if (i64) {
+        int64_t *w = h;
+        w[H_INVALID] = invalid, w[H_STATE] = state, w[H_COUNT] = count;
+        sbn_agree_put_i64(w + H_ID, (uint64_t)l->id);
+        sbn_agree_put_i64(w + H_TAG, tag);
+        sbn_agree_put_i64(w + H_S, (uint64_t)S);
     } else {
-        double *h = l->msg;
-        h[H_INVALID] = invalid, h[H_STATE] = state, h[H_COUNT] = (double)count;
-        sbn_agree_put_f64(h + H_ID, (uint64_t)l->id);
-        sbn_agree_put_f64(h + H_TAG, tag);
-        sbn_agree_put_f64(h + H_S, (uint64_t)S);
+        double *w = h;
+        w[H_INVALID] = invalid, w[H_STATE] = state, w[H_COUNT] = (double)count;
+        sbn_agree_put_f64(w + H_ID, (uint64_t)l->id);
+        sbn_agree_put_f64(w + H_TAG, tag);
+        sbn_agree_put_f64(w + H_S, (uint64_t)S);
     }
+}
+
+/* A collective call on a communicator that timed out earlier: no MPI at all. */
+static int after_timeout(syncbn_layer *l, int kind)
+{
+    return note(l, SYNCBN_ETIMEOUT, CALL_FMT ": not attempted, this communicator timed out earlier (%s)",
+                CALL_ARGS(l, kind), l->comm->timed_out_in);
+}
+
+static int timed_out(syncbn_layer *l, int kind)
+{
+    snprintf(l->comm->timed_out_in, sizeof l->comm->timed_out_in, "%s, call %lld of layer %lld", kind_name[kind],
+             (long long)l->seq + 1, (long long)l->id);
+    return note(l, SYNCBN_ETIMEOUT, CALL_FMT ": no answer from the other ranks after %.1f s", CALL_ARGS(l, kind),
+                l->cfg.timeout);
 }
 
 /* Fills the data part with this rank's local sums (or zeros when it has none to give). */
@@ -288,40 +374,83 @@ static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy,
     }
 }
 
-/* Allreduces the message and decodes the header into an error code (the same on
- * every rank). On success *count is the global count and t1/t2 hold the global
- * per-channel sums, rounded once to double. */
-static int exchange(syncbn_layer *l, double *count)
+/* Puts the header, allreduces header and data (the data part already filled by
+ * data_put), and decodes the header into an error code (the same on every rank).
+ * `invalid`/`state`: this rank's own verdicts, `count`/`S` its shape. On success
+ * *gcount is the global count and t1/t2 hold the global per-channel sums, rounded
+ * once to double. */
+static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t count, int64_t S, double *gcount)
 {
     const int64_t C = l->cfg.channels;
     const int repro = is_repro(l);
-    int rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, repro ? MPI_INT64_T : MPI_DOUBLE,
-                           MPI_SUM, l->comm->inner);
+    const int timed = l->cfg.timeout > 0;
+    /* Small FAST layers send their sums inside the call message: one message. */
+    const int inline_data = timed && !repro && 2 * C <= SBN_CALL_DATA;
+    const double deadline = timed ? sbn_now() + l->cfg.timeout : 0; /* one for the whole call */
+    sbn_comm *sc = l->comm;
+    int rc;
+    if (timed) {
+        memset(sc->call, 0, sizeof sc->call);
+        hdr_put(l, sc->call, 0, invalid, state, count, kind, S);
+        if (inline_data)
+            memcpy(sc->call + SBN_HDR, (double *)l->msg + SBN_HDR, 2 * (size_t)C * sizeof(double));
+        rc = sbn_comm_iallreduce(sc, sc->call, SBN_CALL_WORDS, MPI_DOUBLE, l->cfg.timeout, deadline);
+    } else {
+        hdr_put(l, l->msg, repro, invalid, state, count, kind, S);
+        rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, repro ? MPI_INT64_T : MPI_DOUBLE, MPI_SUM,
+                           sc->inner) == MPI_SUCCESS
+                 ? SYNCBN_OK
+                 : SYNCBN_EMPI;
+    }
+    if (rc == SYNCBN_ETIMEOUT)
+        return timed_out(l, kind); /* the buffer was the communicator's own */
     l->seq++;
-    if (rc != MPI_SUCCESS)
-        return SYNCBN_EMPI;
+    if (rc != SYNCBN_OK)
+        return note(l, rc, "%s, call %lld of layer %lld: MPI_%sallreduce failed on the private communicator",
+                    kind_name[kind], (long long)l->seq, (long long)l->id, timed ? "I" : "");
 
     int call_ok, s_ok;
-    double invalid, state;
-    if (repro) {
+    double ninvalid, nstate;
+    if (!timed && repro) {
         const int64_t *h = l->msg;
         call_ok = sbn_agree_ok_i64(h + H_ID, l->nranks) && sbn_agree_ok_i64(h + H_TAG, l->nranks);
         s_ok = sbn_agree_ok_i64(h + H_S, l->nranks);
-        invalid = (double)h[H_INVALID], state = (double)h[H_STATE], *count = (double)h[H_COUNT];
+        ninvalid = (double)h[H_INVALID], nstate = (double)h[H_STATE], *gcount = (double)h[H_COUNT];
     } else {
-        const double *h = l->msg;
+        const double *h = timed ? sc->call : l->msg;
         call_ok = sbn_agree_ok_f64(h + H_ID, l->nranks) && sbn_agree_ok_f64(h + H_TAG, l->nranks);
         s_ok = sbn_agree_ok_f64(h + H_S, l->nranks);
-        invalid = h[H_INVALID], state = h[H_STATE], *count = h[H_COUNT];
+        ninvalid = h[H_INVALID], nstate = h[H_STATE], *gcount = h[H_COUNT];
     }
+    const char *mine = " (this one among them)", *others = " (not this one)";
     if (!call_ok)
-        return SYNCBN_EMISMATCH;
-    if (invalid > 0)
-        return SYNCBN_EINVAL;
-    if (state > 0)
-        return SYNCBN_ESTATE;
+        return note(l, SYNCBN_EMISMATCH, "%s, call %lld of layer %lld (C = %lld): the ranks are not all in this call "
+                    "(layers or calls out of step)", kind_name[kind], (long long)l->seq, (long long)l->id, (long long)C);
+    if (ninvalid > 0)
+        return note(l, SYNCBN_EINVAL, "%s: invalid argument (n, spatial, a NULL buffer, or dweight/dbias without "
+                    "affine) on %.0f of %d ranks%s", kind_name[kind], ninvalid, l->nranks, invalid ? mine : others);
+    if (nstate > 0)
+        return note(l, SYNCBN_ESTATE, "%s: no matching training forward (same n and spatial) on %.0f of %d ranks%s",
+                    kind_name[kind], nstate, l->nranks, state ? mine : others);
     if (!s_ok)
-        return SYNCBN_EMISMATCH;
+        return note(l, SYNCBN_EMISMATCH, "%s: spatial differs between ranks", kind_name[kind]);
+
+    if (timed && !inline_data) {
+        /* Same layer, same call on every rank: data messages of one size. */
+        rc = sbn_comm_iallreduce(sc, (int64_t *)l->msg + SBN_HDR, (int)(l->msg_words - SBN_HDR),
+                                 repro ? MPI_INT64_T : MPI_DOUBLE, l->cfg.timeout, deadline);
+        if (rc == SYNCBN_ETIMEOUT) {
+            sc->orphan = l->msg; /* MPI may still write into it: the communicator keeps it */
+            l->msg = NULL;
+            l->seq--; /* name the same call as the header did */
+            rc = timed_out(l, kind);
+            l->seq++;
+            return rc;
+        }
+        if (rc != SYNCBN_OK)
+            return note(l, rc, "%s, call %lld of layer %lld: MPI_Iallreduce of the data failed", kind_name[kind],
+                        (long long)l->seq, (long long)l->id);
+    }
 
     if (repro) {
         const int64_t *acc1 = (const int64_t *)l->msg + SBN_HDR, *acc2 = acc1 + C * sbx_words(SBX_LINEAR);
@@ -330,7 +459,7 @@ static int exchange(syncbn_layer *l, double *count)
             l->t2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
         }
     } else {
-        const double *s = (const double *)l->msg + SBN_HDR;
+        const double *s = inline_data ? sc->call + SBN_HDR : (const double *)l->msg + SBN_HDR;
         memcpy(l->t1, s, (size_t)C * sizeof *s);
         memcpy(l->t2, s + C, (size_t)C * sizeof *s);
     }
@@ -393,7 +522,7 @@ static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
         sbn_forward_sums(x, sh, l->t3, l->t4, NULL, NULL);
         int rc = batch_moments(l->t3, l->t4, count, C, mean, var);
         if (rc != SYNCBN_OK)
-            return rc;
+            return note(l, rc, "forward (eval, untracked statistics): NaN or Inf in this rank's batch statistics");
     }
     apply(l, x, y, sh, mean, var, NULL);
     return SYNCBN_OK;
@@ -419,37 +548,39 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
 {
     if (!l)
         return SYNCBN_EINVAL;
+    l->err[0] = 0;
     const int64_t C = l->cfg.channels;
     const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && y));
     sbn_shape sh = {n, C, spatial, l->cfg.layout};
 
     if (!training) {
         if (!ok)
-            return SYNCBN_EINVAL;
+            return note(l, SYNCBN_EINVAL, "forward (eval): invalid argument (n, spatial or a NULL buffer)");
         return forward_eval(l, x, sh, y);
     }
 
     /* Whatever happens now, the statistics of an earlier forward no longer belong to
      * the batch a backward would be called on. */
     l->saved = 0;
-    hdr_put(l, !ok, 0, ok ? n * spatial : 0, KIND_FORWARD, ok ? spatial : 0);
+    if (l->comm->timed_out)
+        return after_timeout(l, KIND_FORWARD);
     data_put(l, KIND_FORWARD, x, NULL, sh, ok);
     double count;
-    int rc = exchange(l, &count);
+    int rc = exchange(l, KIND_FORWARD, !ok, 0, ok ? n * spatial : 0, ok ? spatial : 0, &count);
     if (rc != SYNCBN_OK)
         return rc;
     if (count < 2)
-        return SYNCBN_EEMPTY;
+        return note(l, SYNCBN_EEMPTY, "forward: the global count per channel is %.0f, below 2", count);
 
     /* t1, t2: sums -> mean, var (in place). Commit nothing until all is known good. */
     rc = batch_moments(l->t1, l->t2, count, C, l->t1, l->t2);
     if (rc != SYNCBN_OK)
-        return rc;
+        return note(l, rc, "forward: NaN or Inf in the global batch statistics");
 
     if (l->running_mean) {
         rc = next_running(l, l->t1, l->t2, count, l->t3, l->t4);
         if (rc != SYNCBN_OK)
-            return rc;
+            return note(l, rc, "forward: the running statistics would overflow float");
         for (int64_t c = 0; c < C; c++)
             l->running_mean[c] = (float)l->t3[c], l->running_var[c] = (float)l->t4[c];
     }
@@ -468,16 +599,18 @@ int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n,
 {
     if (!l)
         return SYNCBN_EINVAL;
+    l->err[0] = 0;
     const int64_t C = l->cfg.channels;
     const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && dy)) &&
                    (l->cfg.affine || (!dweight && !dbias));
     const int state_ok = l->saved && l->saved_n == n && l->saved_S == spatial;
     sbn_shape sh = {n, C, spatial, l->cfg.layout};
 
-    hdr_put(l, !ok, !state_ok, 0, KIND_BACKWARD, ok ? spatial : 0);
+    if (l->comm->timed_out)
+        return after_timeout(l, KIND_BACKWARD);
     data_put(l, KIND_BACKWARD, x, dy, sh, ok && state_ok);
     double unused;
-    int rc = exchange(l, &unused);
+    int rc = exchange(l, KIND_BACKWARD, !ok, !state_ok, 0, ok ? spatial : 0, &unused);
     if (rc != SYNCBN_OK)
         return rc;
 
@@ -487,7 +620,7 @@ int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n,
     for (int64_t c = 0; c < C; c++)
         finite &= isfinite(l->t1[c]) && isfinite(l->t2[c]);
     if (!finite)
-        return SYNCBN_ENONFINITE;
+        return note(l, SYNCBN_ENONFINITE, "backward: NaN or Inf in the global gradient sums");
 
     double *k = l->t3, *a = l->t4, *b = l->t2;
     for (int64_t c = 0; c < C; c++) {

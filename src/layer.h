@@ -3,7 +3,8 @@
  *
  * Memory: three allocations made at create and never again: `params` (the float
  * arrays the accessors hand out), `stats` (double per-channel arrays), and `msg`
- * (the packed allreduce buffer). No call allocates after create.
+ * (the packed allreduce buffer). No call allocates after create. A layer never frees
+ * `msg` while MPI may still write into it (a timed-out request): see comm.h.
  */
 #ifndef SYNCBN_LAYER_H
 #define SYNCBN_LAYER_H
@@ -36,8 +37,15 @@ struct syncbn_layer {
     double *invstd;          /*   [C] 1/sqrt(var + eps) */
     double *t1, *t2, *t3, *t4; /* [C] each: scratch for sums and coefficients */
 
-    void *msg;          /* packed allreduce buffer: header + per-channel data */
+    void *msg;          /* packed allreduce buffer: header + per-channel data; NULL once
+                           handed to the communicator by a timeout (comm.h: orphan) */
     int64_t msg_words;  /* its length in 8-byte words (double or int64) */
+
+    char err[160];      /* syncbn_last_error: this rank's last error on the layer, "" after success */
 };
+
+/* Records the outcome of a call on l for syncbn_last_error: "" for SYNCBN_OK, else
+ * "<what> '<path>': <strerror>". Returns rc. For the checkpoint functions. */
+int sbn_note_file(syncbn_layer *l, int rc, const char *what, const char *path);
 
 #endif /* SYNCBN_LAYER_H */

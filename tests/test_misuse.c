@@ -10,11 +10,12 @@
  * (3) leave weight, bias, running statistics and num_batches_tracked bitwise
  * unchanged.
  *
- * What these tests cannot do, because the library cannot detect it (see the report
- * of issue 6 and syncbn.h): a rank that makes FEWER collective calls than the others
- * (skips a layer and stops), a NULL layer handle or MPI_COMM_NULL on only one rank
- * (that rank returns at once, the others wait in the allreduce), and out-of-step
- * calls whose messages differ in size. Those would hang, so they are not run.
+ * What these tests do not do, because without a timeout the library cannot detect
+ * it (syncbn.h): a rank that makes FEWER collective calls than the others (skips a
+ * layer and stops), a NULL layer handle or MPI_COMM_NULL on only one rank (that rank
+ * returns at once, the others wait in the allreduce), and out-of-step calls whose
+ * messages differ in size. Those would hang here; with a timeout they are detected,
+ * and tests/test_timeout.c runs them.
  */
 #include <math.h>
 #include <stdio.h>

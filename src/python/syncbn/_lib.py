@@ -13,7 +13,7 @@ import threading
 # The codes of SYNCBN_ERRNO_MAP in include/syncbn.h (tests/python checks this table
 # against the header). Messages come from the library (syncbn_strerror).
 CODES = {0: "OK", -1: "EINVAL", -2: "ENOMEM", -3: "EMISMATCH", -4: "EEMPTY", -5: "ENONFINITE",
-         -6: "EMPI", -7: "ESTATE", -8: "EIO", -9: "EFORMAT"}
+         -6: "EMPI", -7: "ESTATE", -8: "EIO", -9: "EFORMAT", -10: "ETIMEOUT"}
 
 NCHW, NHWC = 0, 1
 FAST, REPRODUCIBLE = 0, 1
@@ -50,6 +50,7 @@ class Config(ctypes.Structure):
         ("track_running_stats", ctypes.c_int),
         ("layout", ctypes.c_int),
         ("reduction", ctypes.c_int),
+        ("timeout", ctypes.c_double),
         ("_tail", ctypes.c_char * 64),
     ]
 
