@@ -152,8 +152,11 @@ static syncbn_layer *layer_alloc(const syncbn_config *cfg)
     l->cfg.affine = cfg->affine != 0;
     l->cfg.track_running_stats = cfg->track_running_stats != 0;
     l->params = malloc(4 * (size_t)C * sizeof(float));
-    const int64_t ld = C + SBN_COEF_PAD; /* every per-channel double array, wrapped (moments.h) */
-    l->stats = malloc(6 * (size_t)ld * sizeof(double));
+    /* Every per-channel double array has room for the wrap (moments.h) and starts on
+     * a cache line: the NHWC passes load 8 coefficients of each array per vector
+     * step, and a 64-byte load across two lines costs about two. */
+    const int64_t ld = (C + SBN_COEF_PAD + 7) / 8 * 8;
+    l->stats = aligned_alloc(64, 6 * (size_t)ld * sizeof(double));
     l->msg_words = SBN_HDR + data_words(cfg);
     l->msg = malloc((size_t)l->msg_words * 8);
     if (!l->params || !l->stats || !l->msg) {
