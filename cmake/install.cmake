@@ -14,7 +14,7 @@ install(EXPORT syncbnTargets NAMESPACE syncbn:: DESTINATION ${SYNCBN_CMAKE_DIR})
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/syncbnConfig.cmake.in
   ${PROJECT_BINARY_DIR}/syncbnConfig.cmake INSTALL_DESTINATION ${SYNCBN_CMAKE_DIR})
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/syncbnConfigVersion.cmake
-  COMPATIBILITY SameMajorVersion)
+  COMPATIBILITY SameMinorVersion) # before 1.0 a minor version may change the ABI
 install(FILES ${PROJECT_BINARY_DIR}/syncbnConfig.cmake ${PROJECT_BINARY_DIR}/syncbnConfigVersion.cmake
   DESTINATION ${SYNCBN_CMAKE_DIR})
 

@@ -7,8 +7,8 @@
 # fwd+bwd time, with its range. B/A < 1: B is faster.
 #
 # Usage: scripts/bench_ab.sh A_LIBDIR B_LIBDIR [--rounds R] [--threads T] -- [syncbn-bench args]
-#   A_LIBDIR, B_LIBDIR: directories holding libsyncbn.so.0 (e.g. build/src of two
-#   checkouts). The bench binary is build/examples/syncbn-bench of this tree, or
+#   A_LIBDIR, B_LIBDIR: directories holding libsyncbn (e.g. build/src of two
+#   checkouts of the same ABI version: the bench binary asks for its own soname). The bench binary is build/examples/syncbn-bench of this tree, or
 #   $BENCH. Example (the library before and after a change, buffers at +1 float):
 #   git worktree add /tmp/old HEAD~3 && cmake -S /tmp/old -B /tmp/old/build && cmake --build /tmp/old/build
 #   scripts/bench_ab.sh /tmp/old/build/src build/src --rounds 7 -- --aligned --offset 1

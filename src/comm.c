@@ -3,6 +3,8 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, nanosleep */
 #include "comm.h"
 
+#include <math.h>
+
 #include <stdlib.h>
 #include <time.h>
 
@@ -186,10 +188,17 @@ static int agree_piece(uint64_t s1, uint64_t s2, int nranks)
     return (unsigned __int128)s2 * (unsigned)nranks == (unsigned __int128)s1 * s1;
 }
 
+/* A reduced agreement word is a sum of small non-negative integers. A word that is
+ * not (a message of another call, e.g. per-channel sums where a create expected
+ * its configuration) means disagreement, and must not reach the integer
+ * conversion, which is undefined for negative, huge or non-finite values. */
+static int agree_word_f64(double v) { return v >= 0 && v < 0x1p64 && v == floor(v); }
+
 int sbn_agree_ok_f64(const double *w, int nranks)
 {
     for (int k = 0; k < 4; k++)
-        if (!agree_piece((uint64_t)w[2 * k], (uint64_t)w[2 * k + 1], nranks))
+        if (!agree_word_f64(w[2 * k]) || !agree_word_f64(w[2 * k + 1]) ||
+            !agree_piece((uint64_t)w[2 * k], (uint64_t)w[2 * k + 1], nranks))
             return 0;
     return 1;
 }

@@ -233,10 +233,13 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
     if (rc == SYNCBN_ETIMEOUT)
         snprintf(sc->timed_out_in, sizeof sc->timed_out_in, "create of layer %lld", (long long)id);
     if (rc == SYNCBN_OK) {
-        int agree = 1;
-        for (int k = H_ID; k < H_CALL_END; k += SBN_AGREE_WORDS)
+        /* The configuration words are read only once the header shows that every
+         * rank is in this create (otherwise they hold another call's data). */
+        const int same_call = sbn_agree_ok_f64(w + H_ID, nranks) && sbn_agree_ok_f64(w + H_TAG, nranks);
+        int agree = same_call;
+        for (int k = H_ID; agree && k < H_CALL_END; k += SBN_AGREE_WORDS)
             agree &= k == H_S || sbn_agree_ok_f64(w + k, nranks);
-        if (!sbn_agree_ok_f64(w + H_ID, nranks) || !sbn_agree_ok_f64(w + H_TAG, nranks))
+        if (!same_call)
             rc = SYNCBN_EMISMATCH; /* another call than this create: out of step */
         else if (w[H_INVALID])
             rc = SYNCBN_EINVAL;

@@ -439,3 +439,62 @@ def test_library_lookup_order(comm, tmp_path):
             if part not in str(e):
                 failures.append(f"error does not name {part}: {e}")
     agree(failures)
+
+
+def test_timeout_reaches_the_layers(comm):
+    """timeout is validated, passed to both C layers (read back with syncbn_get_config),
+    and carried by convert_sync_batchnorm; the timed path (MPI_Iallreduce with a
+    deadline) gives the float64 reference's results. (Timeouts themselves are tested
+    by the C suite test_timeout: a timed-out communicator cannot be used again.)"""
+    failures = []
+    for bad in (-1.0, float("inf"), float("nan")):
+        try:
+            st.SyncBatchNorm(C, timeout=bad)
+            failures.append(f"timeout={bad} accepted")
+        except ValueError:
+            pass
+    P, r = comm.Get_size(), comm.Get_rank()
+    gen = torch.Generator().manual_seed(77)
+    X = torch.randn((2 * P, C, 3, 3), generator=gen) * 2 + 1
+    DY = torch.randn(X.shape, generator=gen)
+    net = st.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(C)), timeout=7.5)
+    bn = net[0]
+    ref = nn.BatchNorm2d(C).double()
+    x = X[2 * r:2 * r + 2].clone().requires_grad_()
+    (bn(x) * DY[2 * r:2 * r + 2]).sum().backward()
+    Xr = X.double().requires_grad_()
+    (ref(Xr) * DY.double()).sum().backward()
+    close(x.grad, Xr.grad[2 * r:2 * r + 2], 1e-4, "x.grad with timeout", failures)
+    close(bn.weight.grad * P, ref.weight.grad, 1e-4, "weight.grad*P with timeout", failures)
+    L = _lib.lib()
+    for layer in bn._c_layers():
+        cfg = _lib.Config()
+        if L.syncbn_get_config(layer.handle, ctypes.byref(cfg)) != 0 or cfg.timeout != 7.5:
+            failures.append(f"C layer timeout {cfg.timeout}, expected 7.5")
+    agree(failures)
+
+
+def test_gradients_are_float32_under_a_float64_default(comm):
+    """weight.grad and bias.grad are written by the C library as float32, whatever
+    torch's default dtype is."""
+    failures = []
+    P, r = comm.Get_size(), comm.Get_rank()
+    gen = torch.Generator().manual_seed(78)
+    X = torch.randn((2 * P, C, 4), generator=gen)
+    bn = st.SyncBatchNorm(C)
+    ref = nn.BatchNorm1d(C).double()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = X[2 * r:2 * r + 2].clone().requires_grad_()
+        bn(x).pow(2).sum().backward()
+    finally:
+        torch.set_default_dtype(old)
+    Xr = X.double().requires_grad_()
+    ref(Xr).pow(2).sum().backward()
+    if bn.weight.grad is None or bn.weight.grad.dtype != torch.float32:
+        failures.append(f"weight.grad {None if bn.weight.grad is None else bn.weight.grad.dtype}")
+    else:
+        close(bn.weight.grad * P, ref.weight.grad, 1e-4, "weight.grad*P under float64 default", failures)
+        close(bn.bias.grad * P, ref.bias.grad, 1e-4, "bias.grad*P under float64 default", failures)
+    agree(failures)

@@ -19,7 +19,7 @@ NCHW, NHWC = 0, 1
 FAST, REPRODUCIBLE = 0, 1
 
 # Names tried on the system's library path (dlopen: LD_LIBRARY_PATH, ld.so.cache, /usr/lib...).
-SYSTEM_NAMES = ("libsyncbn.so.0", "libsyncbn.so")
+SYSTEM_NAMES = ("libsyncbn.so.0.2", "libsyncbn.so")  # the ABI this package mirrors (0.2: with timeout)
 
 
 class SyncBNError(RuntimeError):
@@ -57,8 +57,12 @@ class Config(ctypes.Structure):
 
 def source_tree_library():
     """build/src/libsyncbn.so of the source tree this package sits in
-    (src/python/syncbn/_lib.py -> the tree is three directories up)."""
-    return pathlib.Path(__file__).resolve().parents[3] / "build" / "src" / "libsyncbn.so"
+    (src/python/syncbn/_lib.py -> the tree is three directories up), or None when the
+    package is not in a source tree (installed: never look beside the install)."""
+    tree = pathlib.Path(__file__).resolve().parents[3]
+    if not (tree / "CMakeLists.txt").is_file() or not (tree / "include" / "syncbn.h").is_file():
+        return None
+    return tree / "build" / "src" / "libsyncbn.so"
 
 
 def find_library(env=None, tree_library=None, system_names=SYSTEM_NAMES):
@@ -76,7 +80,9 @@ def find_library(env=None, tree_library=None, system_names=SYSTEM_NAMES):
             tried.append(f"SYNCBN_LIBRARY={path}: {e}")
     else:
         tried.append("SYNCBN_LIBRARY: not set")
-    if pathlib.Path(tree_library).exists():
+    if tree_library is None:
+        tried.append("source tree build: the package is not in a source tree")
+    elif pathlib.Path(tree_library).exists():
         try:
             return ctypes.CDLL(str(tree_library))
         except OSError as e:
@@ -105,6 +111,7 @@ def _declare(lib):
         "syncbn_running_var": (vp, [vp]),
         "syncbn_num_batches_tracked": (c_int64, [vp]),
         "syncbn_set_num_batches_tracked": (c_int, [vp, c_int64]),
+        "syncbn_get_config": (c_int, [vp, ctypes.POINTER(Config)]),
         "syncbn_forward": (c_int, [vp, vp, c_int64, c_int64, c_int, vp]),
         "syncbn_backward": (c_int, [vp, vp, vp, c_int64, c_int64, vp, vp, vp]),
     }
@@ -154,7 +161,7 @@ def comm_handle(comm):
 class Layer:
     """One C layer (collective create) and float32 tensor views of the arrays it owns."""
 
-    def __init__(self, comm, channels, eps, momentum, affine, track, layout, reduction):
+    def __init__(self, comm, channels, eps, momentum, affine, track, layout, reduction, timeout=0.0):
         import torch
         import numpy as np
 
@@ -164,6 +171,7 @@ class Layer:
         cfg.momentum = float("nan") if momentum is None else momentum
         cfg.affine, cfg.track_running_stats = int(affine), int(track)
         cfg.layout, cfg.reduction = layout, reduction
+        cfg.timeout = timeout
         handle = ctypes.c_void_p()
         check(L.syncbn_create(ctypes.byref(cfg), comm_handle(comm), ctypes.byref(handle)))
         self.handle = handle.value

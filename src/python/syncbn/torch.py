@@ -35,6 +35,7 @@ Every rank must make the same calls in the same order (forward of the same
 modules, backward of the same graph), as for any collective.
 """
 import copy
+import math
 import os
 import socket
 
@@ -62,15 +63,21 @@ class SyncBatchNorm(_BatchNorm):
     communicator, MPI.COMM_WORLD by default). Input: float32 (N, C), (N, C, L),
     (N, C, H, W) or (N, C, D, H, W), contiguous or channels_last; N may be 0 on some
     ranks. reduction: "fast" or "reproducible" (bitwise the same for any number of
-    ranks and any split; see the README)."""
+    ranks and any split; see the README). timeout: seconds a training forward or
+    backward may wait for the other ranks before raising SyncBNError ETIMEOUT
+    instead of hanging (0, the default: wait forever); after a timeout every later
+    call on that communicator raises ETIMEOUT at once (the library's contract)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, comm=None,
-                 reduction="fast"):
+                 reduction="fast", timeout=0.0):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'fast' or 'reproducible', not {reduction!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise ValueError(f"timeout must be finite and >= 0 seconds, not {timeout!r}")
         self.comm = _comm_or_world(comm)
         self.reduction = reduction
+        self.timeout = float(timeout)
         self._nranks = self.comm.Get_size()
         self._layers = {}  # (eps, momentum, affine, track) -> (NCHW layer, NHWC layer)
 
@@ -94,11 +101,11 @@ class SyncBatchNorm(_BatchNorm):
     def _c_layers(self):
         """Both C layers of the current configuration, created collectively when new."""
         momentum = None if self.momentum is None else float(self.momentum)
-        key = (float(self.eps), momentum, bool(self.affine), self.running_mean is not None)
+        key = (float(self.eps), momentum, bool(self.affine), self.running_mean is not None, self.timeout)
         pair = self._layers.get(key)
         if pair is None:
             pair = tuple(_lib.Layer(self.comm, self.num_features, key[0], momentum, key[2], key[3], layout,
-                                    _REDUCTIONS[self.reduction]) for layout in (_lib.NCHW, _lib.NHWC))
+                                    _REDUCTIONS[self.reduction], self.timeout) for layout in (_lib.NCHW, _lib.NHWC))
             self._layers[key] = pair
         return pair
 
@@ -201,8 +208,8 @@ class _SyncBNFunction(torch.autograd.Function):
         dyp = (dy.movedim(1, -1) if ctx.nhwc else dy).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dxp = torch.empty_like(xp) if need_x else None
-        dw = torch.empty(ctx.C) if need_w else None
-        db = torch.empty(ctx.C) if need_b else None
+        dw = torch.empty(ctx.C, dtype=torch.float32) if need_w else None
+        db = torch.empty(ctx.C, dtype=torch.float32) if need_b else None
         _lib.check(L.syncbn_backward(h, _ptr(xp), _ptr(dyp), n, ctx.S, _ptr(dxp), _ptr(dw), _ptr(db)), h)
 
         dx = None if dxp is None else (dxp.movedim(-1, 1) if ctx.nhwc else dxp)
@@ -215,14 +222,15 @@ class _SyncBNFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def convert_sync_batchnorm(module, comm=None, reduction="fast"):
+def convert_sync_batchnorm(module, comm=None, reduction="fast", timeout=0.0):
     """Replaces every _BatchNorm in module (BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm,
     this SyncBatchNorm) by a SyncBatchNorm sharing its parameters and buffers, with
-    requires_grad and train/eval state carried over. Returns the converted module."""
+    requires_grad and train/eval state carried over. Returns the converted module.
+    timeout: as SyncBatchNorm's."""
     out = module
     if isinstance(module, _BatchNorm):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, comm, reduction)
+                            module.track_running_stats, comm, reduction, timeout)
         if module.affine:
             out.weight, out.bias = module.weight, module.bias  # the same Parameters
         out.running_mean, out.running_var = module.running_mean, module.running_var
@@ -231,7 +239,7 @@ def convert_sync_batchnorm(module, comm=None, reduction="fast"):
         if hasattr(module, "qconfig"):
             out.qconfig = module.qconfig
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, comm, reduction))
+        out.add_module(name, convert_sync_batchnorm(child, comm, reduction, timeout))
     return out
 
 
