@@ -305,6 +305,39 @@ static void sizes(int64_t ca, syncbn_reduction ra, int64_t cb, syncbn_reduction 
     free(x), free(y);
 }
 
+/* A create meeting a forward whose per-channel sums (a FAST layer with C <= 64 sends
+ * them inside the call message) are negative and huge where the create expects its
+ * configuration's agreement words: a clean EMISMATCH (or ETIMEOUT), and no
+ * conversion of such a value to an integer (undefined; the sanitizer build checks
+ * float-cast-overflow). */
+START_TEST(create_meets_forward_data)
+{
+    if (tu_nranks < 2)
+        return;
+    MPI_Comm comm;
+    MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+    syncbn_layer *a = make(comm, 4, SYNCBN_FAST, T), *b = (syncbn_layer *)&b;
+    float x[2 * 4], y[2 * 4];
+    for (int e = 0; e < 8; e++)
+        x[e] = -1e30f * (float)(e + 1);
+    double dt;
+    int rc;
+    if (tu_rank == 0) {
+        TIMED(dt, syncbn_forward(a, x, 2, 1, 1, y));
+    } else {
+        syncbn_config cfg = syncbn_config_default(4);
+        cfg.timeout = T;
+        TIMED(dt, syncbn_create(&cfg, comm, &b));
+        TU_EXPECT(b == NULL, "create out of step: *out not NULL");
+    }
+    expect_mismatch_or_timeout(rc, dt, tu_rank == 0 ? "forward meeting a create" : "create meeting a forward",
+                               __LINE__);
+    destroy_at_once(a);
+    MPI_Comm_free(&comm);
+    tu_verdict();
+}
+END_TEST
+
 START_TEST(sizes_fast_fast) { sizes(3, SYNCBN_FAST, 5, SYNCBN_FAST); tu_verdict(); }
 END_TEST
 START_TEST(sizes_fast_reproducible) { sizes(3, SYNCBN_FAST, 3, SYNCBN_REPRODUCIBLE); tu_verdict(); }
@@ -522,6 +555,7 @@ static Suite *make_suite(void)
     tcase_add_test(tc, last_error_with_timeout);
     tcase_add_test(tc, last_error_without_timeout);
     tcase_add_test(tc, slow_within_deadline);
+    tcase_add_test(tc, create_meets_forward_data);
     tcase_add_test(tc, sizes_fast_fast);
     tcase_add_test(tc, sizes_fast_reproducible);
     tcase_add_test(tc, sizes_large);
