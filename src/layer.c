@@ -237,8 +237,8 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
          * rank is in this create (otherwise they hold another call's data). */
         const int same_call = sbn_agree_ok_f64(w + H_ID, nranks) && sbn_agree_ok_f64(w + H_TAG, nranks);
         int agree = same_call;
-        for (int k = H_ID; agree && k < H_CALL_END; k += SBN_AGREE_WORDS)
-            agree &= k == H_S || sbn_agree_ok_f64(w + k, nranks);
+        for (int k = H_CFG_C; agree && k < H_CALL_END; k += SBN_AGREE_WORDS)
+            agree = sbn_agree_ok_f64(w + k, nranks);
         if (!same_call)
             rc = SYNCBN_EMISMATCH; /* another call than this create: out of step */
         else if (w[H_INVALID])
@@ -591,8 +591,7 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
             l->running_mean[c] = (float)l->t3[c], l->running_var[c] = (float)l->t4[c];
     }
     l->num_batches_tracked++;
-    memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean);
-    sbn_coef_wrap(l->mean, C);
+    memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean); /* apply wraps it (moments.h) */
     apply(l, x, y, sh, l->mean, l->t2, l->invstd);
     l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count;
     return SYNCBN_OK;
