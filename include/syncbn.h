@@ -124,6 +124,22 @@ typedef enum { SYNCBN_NCHW = 0, SYNCBN_NHWC = 1 } syncbn_layout;
  *   that granularity (deterministically). */
 typedef enum { SYNCBN_FAST = 0, SYNCBN_REPRODUCIBLE = 1 } syncbn_reduction;
 
+/* Element type of the activation tensors x, z, y, dy, dx, dz.
+ * SYNCBN_F32:  float.
+ * SYNCBN_BF16: bfloat16, passed as uint16_t bit patterns (the upper half of an IEEE
+ *   float32; PyTorch's torch.bfloat16). Inputs are widened exactly; each output is
+ *   computed in double and rounded ONCE to bfloat16, to nearest-even (NaN stays NaN).
+ * Weight, bias, running statistics, dweight and dbias are float32 in every case. */
+typedef enum { SYNCBN_F32 = 0, SYNCBN_BF16 = 1 } syncbn_dtype;
+
+/* Activation fused after the normalization (and the residual addition, if any):
+ *   y = act(BN(x) + z)
+ * SYNCBN_ACT_RELU: y = pre > 0 ? pre : +0, where pre = BN(x) + z computed in double
+ *   and rounded once to the element type (a NaN pre-activation stays NaN). The
+ *   training forward keeps, for the backward, one bit per element (pre > 0) in memory
+ *   the layer owns (see syncbn_forward_ex). */
+typedef enum { SYNCBN_ACT_NONE = 0, SYNCBN_ACT_RELU = 1 } syncbn_activation;
+
 typedef struct {
     int64_t channels;           /* C >= 1 */
     double eps;                 /* > 0 and finite; default 1e-5; added to the variance inside the sqrt */
@@ -135,6 +151,8 @@ typedef struct {
     double timeout;             /* finite, >= 0; default 0 = wait forever. Seconds a collective
                                    call may wait for the other ranks (see "Deadlines" above);
                                    ranks must agree on it */
+    syncbn_dtype dtype;             /* default SYNCBN_F32: element type of x, z, y, dy, dx, dz */
+    syncbn_activation activation;   /* default SYNCBN_ACT_NONE: y = act(BN(x) [+ z]) */
 } syncbn_config;
 
 typedef struct syncbn_layer syncbn_layer; /* opaque */
@@ -212,6 +230,38 @@ SYNCBN_EXTERN int syncbn_forward(syncbn_layer *layer, const float *x, int64_t n,
 SYNCBN_EXTERN int syncbn_backward(syncbn_layer *layer, const float *x, const float *dy, int64_t n,
                                   int64_t spatial, float *dx, float *dweight, float *dbias);
 
+/* Forward and backward for every dtype, with the residual input z and the fused
+ * activation of the configuration. Buffers are of the layer's dtype (float, or
+ * uint16_t bfloat16 bit patterns), shaped like x, at any alignment of the element
+ * type; everything not said here is as for syncbn_forward / syncbn_backward.
+ *
+ * syncbn_forward_ex: y = act(BN(x) + z), in training and in eval; z NULL means no
+ *   addition. BN(x) + z is formed in double and rounded once to the element type.
+ *   y may equal x or z. A training forward of a SYNCBN_ACT_RELU layer records the
+ *   ReLU mask (1 bit per element) in memory the layer owns. That memory only grows,
+ *   when a batch larger than any before arrives; if growing fails, the call returns
+ *   SYNCBN_ENOMEM on every rank with the layer unchanged (the old mask stays).
+ *   Collective when training, as syncbn_forward.
+ * syncbn_backward_ex: Collective. Must follow a training forward with the same x, n
+ *   and spatial (and the same z, whose value the mask already holds).
+ *     g       = dy where the last training forward's pre-activation (rounded to the
+ *               element type) was > 0, else 0 (SYNCBN_ACT_RELU: PyTorch's ReLU
+ *               backward, so fused BN+ReLU gives the bits of BN followed by ReLU);
+ *               g = dy for SYNCBN_ACT_NONE.
+ *     dz      = g, written when dz is not NULL. dz may be non-NULL only if that
+ *               training forward was given a z (else SYNCBN_EINVAL on every rank).
+ *     dx, dweight, dbias: those of syncbn_backward for the upstream gradient g.
+ *   dx may equal dy or x; dz may equal dy. dx and dz may both be NULL (dweight and
+ *   dbias only).
+ *
+ * syncbn_forward / syncbn_backward are these with z = dz = NULL, for SYNCBN_F32
+ * layers (they apply the configured activation); on a SYNCBN_BF16 layer they return
+ * SYNCBN_EINVAL (on every rank, since ranks agree on the dtype at create). */
+SYNCBN_EXTERN int syncbn_forward_ex(syncbn_layer *layer, const void *x, const void *z, int64_t n,
+                                    int64_t spatial, int training, void *y);
+SYNCBN_EXTERN int syncbn_backward_ex(syncbn_layer *layer, const void *x, const void *dy, int64_t n,
+                                     int64_t spatial, void *dx, void *dz, float *dweight, float *dbias);
+
 /* This rank's last error on the layer, as a human-readable sentence naming the call
  * and the cause, e.g. "backward, call 1234 of layer 3 (C = 64): no answer from the
  * other ranks after 600.0 s" or "forward: spatial differs between ranks"; "" when
@@ -224,7 +274,9 @@ SYNCBN_EXTERN const char *syncbn_last_error(const syncbn_layer *layer);
 /* Checkpoints of configuration, parameters, running statistics and
  * num_batches_tracked. Not collective: each rank may save or load its own copy.
  * syncbn_save writes atomically (temporary file, fsync, rename) a versioned,
- * CRC-32-checked file. syncbn_load rejects truncated, corrupt, wrong-version or
+ * CRC-32-checked file (version 2: it also records dtype and activation, which a
+ * load must match, else SYNCBN_EFORMAT; version-1 files, which predate them, still
+ * load into any layer of the same shape). syncbn_load rejects truncated, corrupt, wrong-version or
  * wrong-shape files with SYNCBN_EFORMAT, unreadable ones with SYNCBN_EIO, and leaves
  * the layer unchanged on any error. */
 SYNCBN_EXTERN int syncbn_save(const syncbn_layer *layer, const char *path);

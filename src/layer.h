@@ -48,4 +48,9 @@ struct syncbn_layer {
  * "<what> '<path>': <strerror>". Returns rc. For the checkpoint functions. */
 int sbn_note_file(syncbn_layer *l, int rc, const char *what, const char *path);
 
+/* Fault injection for tests (not part of the API): the next `after` allocations the
+ * layer makes after create (the ReLU mask) succeed, the one after fails; a negative
+ * value turns this off (the default). Not thread-safe. */
+SYNCBN_EXTERN void sbn_test_fail_alloc(int64_t after);
+
 #endif /* SYNCBN_LAYER_H */

@@ -19,7 +19,7 @@ NCHW, NHWC = 0, 1
 FAST, REPRODUCIBLE = 0, 1
 
 # Names tried on the system's library path (dlopen: LD_LIBRARY_PATH, ld.so.cache, /usr/lib...).
-SYSTEM_NAMES = ("libsyncbn.so.0.2", "libsyncbn.so")  # the ABI this package mirrors (0.2: with timeout)
+SYSTEM_NAMES = ("libsyncbn.so.0.3", "libsyncbn.so")  # the ABI this package mirrors (0.3: dtype, activation)
 
 
 class SyncBNError(RuntimeError):
@@ -51,6 +51,8 @@ class Config(ctypes.Structure):
         ("layout", ctypes.c_int),
         ("reduction", ctypes.c_int),
         ("timeout", ctypes.c_double),
+        ("dtype", ctypes.c_int),
+        ("activation", ctypes.c_int),
         ("_tail", ctypes.c_char * 64),
     ]
 
