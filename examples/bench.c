@@ -2,13 +2,19 @@
  * bench.c - syncbn-bench: time syncbn's forward and backward against the memory
  * bandwidth of this machine, measured in the same run.
  *
- * For each shape (n, C, H, W), layout (NCHW, NHWC) and reduction (fast,
- * reproducible) it prints the median time and the effective bandwidth of
- *   fwd-train  syncbn_forward(training=1)   (one allreduce)
- *   fwd-eval   syncbn_forward(training=0)   (running statistics, no communication)
- *   bwd        syncbn_backward               (one allreduce)
+ * For each shape (n, C, H, W), layout (NCHW, NHWC), reduction (fast, reproducible)
+ * and mode (activation x element type, --act and --dtype) it prints the median time
+ * and the effective bandwidth of
+ *   fwd-train  syncbn_forward_ex(training=1)   (one allreduce)
+ *   fwd-eval   syncbn_forward_ex(training=0)   (running statistics, no communication)
+ *   bwd        syncbn_backward_ex               (one allreduce)
  *   fwd+bwd    median over repetitions of (fwd-train + bwd) of the same repetition
  * at the current OMP_NUM_THREADS, and the same-size copy bandwidth for comparison.
+ * Modes: --act none (plain BN), relu (fused y = relu(BN(x)), the layer keeping a
+ * 1-bit mask), add-relu (y = relu(BN(x) + z) with a residual z, and the backward
+ * writing dz = g as well as dx); --dtype f32 (float) or bf16 (uint16_t bfloat16 bit
+ * patterns). Every mode goes through syncbn_forward_ex / syncbn_backward_ex (for
+ * f32 without z they are what syncbn_forward / syncbn_backward call).
  * Under mpirun -np P (P > 1) it also times the same layer created on MPI_COMM_SELF
  * (same kernels, no allreduce: a local, unsynchronized BN), taking turns with the
  * synchronized one within each repetition (in alternating order), and prints
@@ -19,42 +25,60 @@
  * rank but 0 sleeps W seconds before a training forward, and rank 0 reports the wall
  * and CPU time (getrusage) of its own forward, without and with the timeout.
  *
- * Traffic model: "effective GB/s" = bytes below / median time, float32, 4 bytes per
- * element; caches and write-allocate reads are NOT counted, so the numbers compare
- * directly with the copy loop counted the same way (read + write, 8 B/element).
- *   fwd-train  12 B/elem: x read for the sums, x read again to normalize, y written.
- *              (A one-pass kernel that kept x in cache would beat this bound; for
- *              tensors larger than the last-level cache two reads are unavoidable.)
- *   fwd-eval    8 B/elem: x read, y written.
- *   bwd        20 B/elem: x and dy read for the sums, x and dy read again, dx written.
- *   fwd+bwd    32 B/elem.
- *   copy        8 B/elem: dst[i] = src[i]        (OpenMP, static schedule)
- *   read        4 B/elem: s += src[i]            (OpenMP, simd reduction)
+ * Traffic model: "effective GB/s" = bytes below / median time, where T is the
+ * element size (4 for f32, 2 for bf16: bf16 halves every tensor's bytes) and the
+ * ReLU mask costs 1 bit = 1/8 B per element each time it is written or read;
+ * caches and write-allocate reads are NOT counted, so the numbers compare directly
+ * with the copy loop counted the same way (read + write, 8 B/element).
+ *                 none            relu                  add-relu
+ *   fwd-train     3T              3T + 1/8              4T + 1/8
+ *                 x read for the sums, x read again to normalize, y written;
+ *                 relu: mask written; add-relu: z read too.
+ *   fwd-eval      2T              2T                    3T   (no mask is kept)
+ *   bwd           5T              5T + 2/8              6T + 2/8
+ *                 x and dy read for the sums, x and dy read again, dx written;
+ *                 relu: the mask read in both passes; add-relu: dz written too.
+ *   fwd+bwd       8T              8T + 3/8              10T + 3/8
+ *                 f32: 32 B       32.375 B (1.012x)     40.375 B (1.26x)
+ *                 bf16: 16 B      16.375 B              20.375 B
+ *   copy           8 B/elem: dst[i] = src[i]        (float, OpenMP, static schedule)
+ *   read           4 B/elem: s += src[i]            (float, OpenMP, simd reduction)
+ *   (fwd-train: a one-pass kernel that kept x in cache would beat this bound; for
+ *   tensors larger than the last-level cache two reads are unavoidable.)
  * The reference copy/read run on 128 MiB buffers (larger than any LLC we target);
- * each shape also gets a copy of its own size, the fair yardstick for tensors that
- * fit in cache. "%copy" = fwd+bwd effective GB/s / same-size copy GB/s.
+ * each shape also gets a float copy of its own element count, the fair yardstick
+ * for tensors that fit in cache. "%copy" = fwd+bwd effective GB/s / same-size copy
+ * GB/s.
  *
  * Timing: each rank holds the full given shape (n samples per rank; the global
  * batch is P*n). Every timed call is preceded by MPI_Barrier; per-repetition times
  * are reduced with MPI_MAX over ranks, then the median over repetitions is printed.
- * Three untimed warm-up repetitions come first (page faults, thread pool, caches).
+ * Three untimed warm-up repetitions come first (page faults, thread pool, caches,
+ * and the growth of the ReLU mask). Modes run one after the other, each on its own
+ * layer, all on the same x and dy values (bf16: those rounded to bf16).
  *
  * Output: a human-readable table on rank 0. With --machine, additionally
  *   REFERENCE copy_gbs=.. read_gbs=.. threads=.. np=..
  *   RESULT impl=syncbn-fast layout=nchw shape=32,64,56,56 fwd_ms=.. fwdbwd_ms=.. bwd_ms=.. ...
- * (one RESULT line per case), parsed by scripts/bench_compare.sh.
+ *          ... act=relu dtype=f32 fwdbwd_bpe=32.375
+ * (one RESULT line per case; act, dtype and the model's fwd+bwd bytes per element
+ * come last, so parsers of the older lines keep working), parsed by
+ * scripts/bench_compare.sh and scripts/bench_ab.sh.
  *
  * What it does not do: check numerics (the tests do that), or time anything that
  * a unit test asserts on.
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
- *                     [--reduction fast|repro|both] [--reps R] [--offset K] [--aligned]
+ *                     [--reduction fast|repro|both] [--act LIST] [--dtype LIST]
+ *                     [--reps R] [--offset K] [--aligned]
  *                     [--timeout S] [--machine] [--idle-wait W]
+ *   --act LIST:   comma-separated none,relu,add-relu, or all (default none)
+ *   --dtype LIST: comma-separated f32,bf16, or both (default f32)
  *
- * Buffers: x, y, dy, dx come from plain malloc, as in user code (glibc gives 16-byte
- * alignment); --aligned takes 64-byte aligned ones instead, and --offset K (0..1024)
- * starts every buffer K floats later: --aligned --offset 1 is 4 bytes past a cache
- * line, what a tensor slice or numpy view may give.
+ * Buffers: x, z, y, dy, dx, dz come from plain malloc, as in user code (glibc gives
+ * 16-byte alignment); --aligned takes 64-byte aligned ones instead, and --offset K
+ * (0..1024) starts every buffer K elements later (K floats, or K bf16 values): --aligned --offset 1
+ * is 4 (bf16: 2) bytes past a cache line, what a tensor slice or numpy view may give.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -98,27 +122,44 @@ typedef struct {
     int64_t n, C, H, W;
 } shape4;
 
+/* One benchmarked mode: the layer's activation and element type, and whether the
+ * forward gets a residual z (and the backward writes dz). */
+typedef struct {
+    syncbn_activation act;
+    int add; /* add-relu: z in the forward, dz in the backward */
+    syncbn_dtype dtype;
+} mode;
+
+static const char *act_name(mode m) { return m.add ? "add-relu" : m.act == SYNCBN_ACT_RELU ? "relu" : "none"; }
+static const char *dtype_name(mode m) { return m.dtype == SYNCBN_BF16 ? "bf16" : "f32"; }
+
+/* The traffic model of the header comment, in bytes per element. */
+static double elem_bytes(mode m) { return m.dtype == SYNCBN_BF16 ? 2.0 : 4.0; }
+static double fwd_bpe(mode m) { return (m.add ? 4 : 3) * elem_bytes(m) + (m.act == SYNCBN_ACT_RELU ? 0.125 : 0); }
+static double eval_bpe(mode m) { return (m.add ? 3 : 2) * elem_bytes(m); }
+static double bwd_bpe(mode m) { return (m.add ? 6 : 5) * elem_bytes(m) + (m.act == SYNCBN_ACT_RELU ? 0.25 : 0); }
+
 /* How tensor buffers are allocated: as users do (plain malloc: 16-byte alignment from
- * glibc, and tensor slices or numpy views start anywhere on a 4-byte boundary), or
- * 64-byte aligned with --aligned; --offset K then moves every start by K floats. */
+ * glibc, and tensor slices or numpy views start anywhere on an element boundary), or
+ * 64-byte aligned with --aligned; --offset K then moves every start by K elements. */
 static int g_aligned = 0;
 static int64_t g_offset = 0;
 
 typedef struct {
     void *base; /* what to free */
-    float *p;   /* the tensor: base + g_offset floats */
+    void *p;    /* the tensor: base + g_offset elements */
 } buffer;
 
-static buffer alloc_floats(int64_t count)
+static buffer alloc_elems(int64_t count, size_t elsize)
 {
-    size_t bytes = (size_t)(count + g_offset) * sizeof(float);
+    size_t bytes = (size_t)(count + g_offset) * elsize;
     buffer b;
     b.base = g_aligned ? aligned_alloc(64, (bytes + 63) / 64 * 64 + 64) : malloc(bytes + 64);
     if (!b.base) {
         fprintf(stderr, "rank %d: out of memory (%zu bytes)\n", g_rank, bytes);
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    b.p = (float *)b.base + g_offset;
+    b.p = (char *)b.base + (size_t)g_offset * elsize;
     return b;
 }
 
@@ -130,6 +171,21 @@ static void fill(float *p, int64_t count, uint64_t seed, float offset)
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
         p[i] = offset + 3.4f * ((float)(s >> 40) / 16777216.0f - 0.5f);
     }
+}
+
+/* float -> bfloat16 bits, round to nearest even (inputs here are finite). */
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static void to_bf16_array(uint16_t *dst, const float *src, int64_t count)
+{
+    for (int64_t i = 0; i < count; i++)
+        dst[i] = to_bf16(src[i]);
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -188,27 +244,36 @@ static double ref_bandwidth(float *dst, const float *src, int64_t count, int rep
 
 /* ---- one layer configuration ---- */
 
+/* The tensors of one element type: x, dy (inputs), z (residual input, add-relu),
+ * y, dx, dz (outputs), each [n][C][S] or [n][S][C] of the largest shape. */
+typedef struct {
+    void *x, *dy, *z, *y, *dx, *dz;
+} tensors;
+
 typedef struct {
     double fwd, eval, bwd, fwdbwd; /* median ms */
 } timings;
 
-/* Times nl layers of the same configuration, layer j on comms[j] (MPI_COMM_WORLD:
- * synchronized; MPI_COMM_SELF: local BN) with timeout timeouts[j], into T[j]. The
- * layers take turns within every repetition, so slow phases of a noisy machine hit
- * all of them alike. */
-static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, int nl, const MPI_Comm *comms,
-                        const double *timeouts, const float *x, const float *dy, float *y, float *dx, int reps,
-                        timings *T)
+/* Times nl layers of the same configuration and mode, layer j on comms[j]
+ * (MPI_COMM_WORLD: synchronized; MPI_COMM_SELF: local BN) with timeout timeouts[j],
+ * into T[j]. The layers take turns within every repetition, so slow phases of a noisy
+ * machine hit all of them alike. */
+static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, mode m, int nl, const MPI_Comm *comms,
+                        const double *timeouts, const tensors *b, int reps, timings *T)
 {
     syncbn_config cfg = syncbn_config_default(sh.C);
     cfg.layout = layout;
     cfg.reduction = red;
+    cfg.activation = m.act;
+    cfg.dtype = m.dtype;
     syncbn_layer *L[3] = {NULL, NULL, NULL};
     for (int j = 0; j < nl; j++) {
         cfg.timeout = timeouts[j];
         CHECK(syncbn_create(&cfg, comms[j], &L[j]));
     }
     const int64_t S = sh.H * sh.W;
+    const void *z = m.add ? b->z : NULL;
+    void *dz = m.add ? b->dz : NULL;
     float *dw = malloc((size_t)sh.C * sizeof *dw), *db = malloc((size_t)sh.C * sizeof *db);
     double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
     if (!t || !dw || !db)
@@ -219,11 +284,11 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
             const int j = r & 1 ? nl - 1 - jj : jj; /* alternate the order: no layer always goes first */
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
-            CHECK(syncbn_forward(L[j], x, sh.n, S, 1, y));
+            CHECK(syncbn_forward_ex(L[j], b->x, z, sh.n, S, 1, b->y));
             double t1 = MPI_Wtime();
             MPI_Barrier(MPI_COMM_WORLD);
             double t2 = MPI_Wtime();
-            CHECK(syncbn_backward(L[j], x, dy, sh.n, S, dx, dw, db));
+            CHECK(syncbn_backward_ex(L[j], b->x, b->dy, sh.n, S, b->dx, dz, dw, db));
             double t3 = MPI_Wtime();
             if (r >= 0) {
                 double *tj = t + (size_t)j * 4 * (size_t)reps;
@@ -234,7 +299,7 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, i
         for (int j = 0; j < nl; j++) {
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
-            CHECK(syncbn_forward(L[j], x, sh.n, S, 0, y));
+            CHECK(syncbn_forward_ex(L[j], b->x, z, sh.n, S, 0, b->y));
             double t1 = MPI_Wtime();
             if (r >= 0)
                 t[(size_t)j * 4 * (size_t)reps + 3 * (size_t)reps + (size_t)r] = t1 - t0;
@@ -285,9 +350,29 @@ static void idle_wait(double wait, double timeout, const float *x, float *y)
 static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
-                "[--reduction fast|repro|both] [--reps R] [--offset K] [--aligned] [--timeout S] [--machine] "
-                "[--idle-wait W]\n",
+                "[--reduction fast|repro|both] [--act none,relu,add-relu|all] [--dtype f32,bf16|both] "
+                "[--reps R] [--offset K] [--aligned] [--timeout S] [--machine] [--idle-wait W]\n",
                 argv0);
+}
+
+/* Parses a comma-separated list of names[0..n) (or `all`) into on[]; 0 on an unknown name. */
+static int parse_list(const char *v, const char *const *names, int n, int *on)
+{
+    char buf[128];
+    if (strlen(v) >= sizeof buf)
+        return 0;
+    strcpy(buf, v);
+    for (int k = 0; k < n; k++)
+        on[k] = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        int found = 0;
+        for (int k = 0; k < n; k++)
+            if (!strcmp(tok, names[k]) || !strcmp(tok, "all") || !strcmp(tok, "both"))
+                on[k] = 1, found = 1;
+        if (!found)
+            return 0;
+    }
+    return 1;
 }
 
 int main(int argc, char **argv)
@@ -299,6 +384,8 @@ int main(int argc, char **argv)
     shape4 shapes[MAX_SHAPES] = {{32, 64, 56, 56}, {32, 256, 14, 14}, {256, 1024, 1, 1}, {8, 32, 224, 224}};
     int nshapes = 4, user_shapes = 0, reps = 20, machine = 0;
     int do_layout[2] = {1, 1}, do_red[2] = {1, 1};
+    static const char *const act_names[3] = {"none", "relu", "add-relu"}, *const dtype_names[2] = {"f32", "bf16"};
+    int do_act[3] = {1, 0, 0}, do_dtype[2] = {1, 0};
     double timeout = 0; /* > 0: also time a synchronized layer with this timeout */
     double idle = 0;    /* > 0: --idle-wait mode */
     for (int i = 1; i < argc; i++) {
@@ -328,6 +415,9 @@ int main(int argc, char **argv)
             do_red[0] = !strcmp(v, "fast") || !strcmp(v, "both");
             do_red[1] = !strcmp(v, "repro") || !strcmp(v, "reproducible") || !strcmp(v, "both");
             i++;
+        } else if ((!strcmp(a, "--act") && v && parse_list(v, act_names, 3, do_act)) ||
+                   (!strcmp(a, "--dtype") && v && parse_list(v, dtype_names, 2, do_dtype))) {
+            i++;
         } else if (!strcmp(a, "--aligned")) {
             g_aligned = 1;
         } else if (!strcmp(a, "--offset") && v) {
@@ -353,9 +443,16 @@ int main(int argc, char **argv)
         MPI_Finalize();
         return 2;
     }
+    /* The modes, element type outermost: f32 none, relu, add-relu, then bf16 ... */
+    mode modes[6];
+    int nmodes = 0;
+    for (int d = 0; d < 2; d++)
+        for (int k = 0; k < 3; k++)
+            if (do_dtype[d] && do_act[k])
+                modes[nmodes++] = (mode){k ? SYNCBN_ACT_RELU : SYNCBN_ACT_NONE, k == 2, d ? SYNCBN_BF16 : SYNCBN_F32};
 
     if (idle > 0) {
-        buffer bx = alloc_floats(8 * 16 * 64), by = alloc_floats(8 * 16 * 64);
+        buffer bx = alloc_elems(8 * 16 * 64, 4), by = alloc_elems(8 * 16 * 64, 4);
         fill(bx.p, 8 * 16 * 64, 1000 + (uint64_t)g_rank, 1.0f);
         idle_wait(idle, timeout > 0 ? timeout : 600, bx.p, by.p);
         free(bx.base), free(by.base);
@@ -368,39 +465,77 @@ int main(int argc, char **argv)
         int64_t e = shapes[k].n * shapes[k].C * shapes[k].H * shapes[k].W;
         maxel = e > maxel ? e : maxel;
     }
-    /* One set of buffers for everything; the reference loops reuse x and y. */
+    int any_add = do_act[2], any_f32 = do_dtype[0], any_bf16 = do_dtype[1];
+    /* One set of float buffers for everything; the reference loops reuse x and y.
+     * The bf16 tensors (and z, dz) only when a mode needs them. */
     int64_t bufel = maxel > REF_FLOATS ? maxel : REF_FLOATS;
-    buffer bx = alloc_floats(bufel), by = alloc_floats(bufel), bdy = alloc_floats(maxel), bdx = alloc_floats(maxel);
-    float *x = bx.p, *y = by.p, *dy = bdy.p, *dx = bdx.p;
+    buffer bx = alloc_elems(bufel, 4), by = alloc_elems(bufel, 4), bdy = alloc_elems(maxel, 4);
+    buffer bdx = alloc_elems(any_f32 ? maxel : 1, 4), bz = alloc_elems(any_f32 && any_add ? maxel : 1, 4),
+           bdz = alloc_elems(any_f32 && any_add ? maxel : 1, 4);
+    float *x = bx.p, *y = by.p, *dy = bdy.p;
     fill(x, bufel, 1000 + (uint64_t)g_rank, 1.0f);
     fill(y, bufel, 2000 + (uint64_t)g_rank, 0.0f);
     fill(dy, maxel, 3000 + (uint64_t)g_rank, 0.0f);
-    fill(dx, maxel, 4000 + (uint64_t)g_rank, 0.0f);
+    if (any_f32)
+        fill(bdx.p, maxel, 4000 + (uint64_t)g_rank, 0.0f);
+    if (any_f32 && any_add)
+        fill(bz.p, maxel, 5000 + (uint64_t)g_rank, 0.0f), fill(bdz.p, maxel, 6000 + (uint64_t)g_rank, 0.0f);
+    const tensors t32 = {x, dy, bz.p, y, bdx.p, bdz.p};
+    tensors t16 = {NULL, NULL, NULL, NULL, NULL, NULL};
+    buffer b16[6];
+    int nb16 = 0;
+    if (any_bf16) {
+        /* x, dy and z hold the float values rounded to bf16; y, dx, dz get written anyway. */
+        void **slot[6] = {&t16.x, &t16.dy, &t16.z, &t16.y, &t16.dx, &t16.dz};
+        for (int k = 0; k < 6; k++) {
+            if ((k == 2 || k == 5) && !any_add)
+                continue;
+            b16[nb16] = alloc_elems(maxel, 2);
+            *slot[k] = b16[nb16].p;
+            nb16++;
+        }
+        float *tmp = bdx.p; /* scratch: maxel floats (any_f32) or generated here */
+        buffer btmp = {NULL, NULL};
+        if (!any_f32)
+            btmp = alloc_elems(maxel, 4), tmp = btmp.p;
+        to_bf16_array(t16.x, x, maxel);
+        to_bf16_array(t16.dy, dy, maxel);
+        fill(tmp, maxel, 5000 + (uint64_t)g_rank, 0.0f);
+        if (any_add)
+            to_bf16_array(t16.z, tmp, maxel);
+        fill(tmp, maxel, 2000 + (uint64_t)g_rank, 0.0f);
+        to_bf16_array(t16.y, tmp, maxel), to_bf16_array(t16.dx, tmp, maxel);
+        if (any_add)
+            to_bf16_array(t16.dz, tmp, maxel);
+        if (any_f32)
+            fill(bdx.p, maxel, 4000 + (uint64_t)g_rank, 0.0f);
+        free(btmp.base);
+    }
 
     const int threads = omp_get_max_threads();
     double copy_bw = ref_bandwidth(y, x, REF_FLOATS, 10, 0);
     double read_bw = ref_bandwidth(y, x, REF_FLOATS, 10, 1);
-    ROOT_PRINTF("syncbn-bench: %d rank(s), OMP_NUM_THREADS=%d, %d reps (median, max over ranks), float32\n",
-                g_size, threads, reps);
+    ROOT_PRINTF("syncbn-bench: %d rank(s), OMP_NUM_THREADS=%d, %d reps (median, max over ranks)\n", g_size, threads,
+                reps);
     ROOT_PRINTF("reference (128 MiB per buffer, per rank, all ranks at once): copy %.1f GB/s (8 B/elem), "
                 "read %.1f GB/s (4 B/elem)\n",
                 copy_bw, read_bw);
-    ROOT_PRINTF("buffers: %s, offset %lld float(s): x at %u mod 64 bytes\n", g_aligned ? "64-byte aligned" : "malloc",
-                (long long)g_offset, (unsigned)((uintptr_t)x % 64));
-    ROOT_PRINTF("traffic model: fwd-train 12 B/elem, fwd-eval 8, bwd 20, fwd+bwd 32 (see bench.c)\n\n");
+    ROOT_PRINTF("buffers: %s, offset %lld element(s): x at %u mod 64 bytes\n",
+                g_aligned ? "64-byte aligned" : "malloc", (long long)g_offset, (unsigned)((uintptr_t)x % 64));
+    ROOT_PRINTF("traffic model, B/elem (T = 4 f32, 2 bf16): fwd-train 3T (+1/8 relu mask, +T add), "
+                "fwd-eval 2T (+T add), bwd 5T (+2/8 relu mask, +T add), fwd+bwd 8T.. (see bench.c)\n\n");
     if (machine)
         ROOT_PRINTF("REFERENCE copy_gbs=%.3f read_gbs=%.3f threads=%d np=%d alloc=%s offset=%lld\n", copy_bw,
                     read_bw, threads, g_size, g_aligned ? "aligned" : "malloc", (long long)g_offset);
-    ROOT_PRINTF("%-17s %-6s %-5s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
-                "mode", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s", "f+b ms",
-                "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
+    ROOT_PRINTF("%-17s %-6s %-5s %-13s %7s %7s | %8s %6s | %8s %6s | %8s %6s | %8s %6s %6s%s\n", "shape", "layout",
+                "mode", "act/dtype", "MB", "copyGB/s", "fwd ms", "GB/s", "eval ms", "GB/s", "bwd ms", "GB/s",
+                "f+b ms", "GB/s", "%copy", g_size > 1 ? " | sync/local fwd  bwd   f+b" : "");
     if (timeout > 0)
         ROOT_PRINTF("(last column: fwd+bwd with timeout %g s / without)\n", timeout);
 
     for (int k = 0; k < nshapes; k++) {
         shape4 sh = shapes[k];
         const int64_t el = sh.n * sh.C * sh.H * sh.W;
-        const double mb = (double)el * 4 * 1e-6;
         int creps = reps > 5 ? reps : 5;
         double size_copy_bw = ref_bandwidth(y, x, el, creps, 0);
         char sname[64];
@@ -412,43 +547,55 @@ int main(int argc, char **argv)
             for (int ri = 0; ri < 2; ri++) {
                 if (!do_red[ri])
                     continue;
-                syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
-                syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
-                /* layer 0 synchronized, then local (P > 1), then with a timeout */
-                MPI_Comm comms[3] = {MPI_COMM_WORLD, MPI_COMM_SELF, MPI_COMM_WORLD};
-                double touts[3] = {0, 0, timeout};
-                int nl = g_size > 1 ? 2 : 1;
-                if (timeout > 0)
-                    comms[nl] = MPI_COMM_WORLD, touts[nl] = timeout, nl++;
-                timings TT[3];
-                time_layers(sh, lay, red, nl, comms, touts, x, dy, y, dx, reps, TT);
-                const timings T = TT[0], Lo = TT[1], To = TT[nl - 1];
-                const double gb = (double)el * 4 * 1e-9; /* GB moved per 4 B/elem; see traffic model */
-                double fb_bw = 8 * gb / (T.fwdbwd * 1e-3);
-                ROOT_PRINTF("%-17s %-6s %-5s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f "
-                            "%5.0f%%",
-                            sname, li ? "nhwc" : "nchw", ri ? "repro" : "fast", mb, size_copy_bw, T.fwd,
-                            3 * gb / (T.fwd * 1e-3), T.eval, 2 * gb / (T.eval * 1e-3), T.bwd,
-                            5 * gb / (T.bwd * 1e-3), T.fwdbwd, fb_bw, 100 * fb_bw / size_copy_bw);
-                if (g_size > 1)
-                    ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
-                if (timeout > 0)
-                    ROOT_PRINTF(" | timeout/none %.3f", To.fwdbwd / T.fwdbwd);
-                ROOT_PRINTF("\n");
-                if (machine && timeout > 0)
-                    ROOT_PRINTF("TIMEOUT impl=syncbn-%s layout=%s shape=%s np=%d fwdbwd_ms=%.4f "
-                                "timeout_fwdbwd_ms=%.4f ratio=%.4f\n",
-                                ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, g_size, T.fwdbwd, To.fwdbwd,
-                                To.fwdbwd / T.fwdbwd);
-                if (machine)
-                    ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
-                                "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f\n",
-                                ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, T.fwd, T.fwdbwd, T.bwd,
-                                T.eval, g_size, size_copy_bw, g_size > 1 ? Lo.fwdbwd : T.fwdbwd);
+                for (int mi = 0; mi < nmodes; mi++) {
+                    const mode m = modes[mi];
+                    syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
+                    syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
+                    /* layer 0 synchronized, then local (P > 1), then with a timeout */
+                    MPI_Comm comms[3] = {MPI_COMM_WORLD, MPI_COMM_SELF, MPI_COMM_WORLD};
+                    double touts[3] = {0, 0, timeout};
+                    int nl = g_size > 1 ? 2 : 1;
+                    if (timeout > 0)
+                        comms[nl] = MPI_COMM_WORLD, touts[nl] = timeout, nl++;
+                    timings TT[3];
+                    time_layers(sh, lay, red, m, nl, comms, touts, m.dtype == SYNCBN_BF16 ? &t16 : &t32, reps, TT);
+                    const timings T = TT[0], Lo = TT[1], To = TT[nl - 1];
+                    const double gel = (double)el * 1e-9; /* giga-elements; bytes per element: traffic model */
+                    const double mb = (double)el * elem_bytes(m) * 1e-6;
+                    const double fb_bpe = fwd_bpe(m) + bwd_bpe(m);
+                    double fb_bw = fb_bpe * gel / (T.fwdbwd * 1e-3);
+                    char mname[24];
+                    snprintf(mname, sizeof mname, "%s/%s", act_name(m), dtype_name(m));
+                    ROOT_PRINTF("%-17s %-6s %-5s %-13s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | "
+                                "%8.3f %6.1f %5.0f%%",
+                                sname, li ? "nhwc" : "nchw", ri ? "repro" : "fast", mname, mb, size_copy_bw, T.fwd,
+                                fwd_bpe(m) * gel / (T.fwd * 1e-3), T.eval, eval_bpe(m) * gel / (T.eval * 1e-3),
+                                T.bwd, bwd_bpe(m) * gel / (T.bwd * 1e-3), T.fwdbwd, fb_bw,
+                                100 * fb_bw / size_copy_bw);
+                    if (g_size > 1)
+                        ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
+                    if (timeout > 0)
+                        ROOT_PRINTF(" | timeout/none %.3f", To.fwdbwd / T.fwdbwd);
+                    ROOT_PRINTF("\n");
+                    if (machine && timeout > 0)
+                        ROOT_PRINTF("TIMEOUT impl=syncbn-%s layout=%s shape=%s np=%d fwdbwd_ms=%.4f "
+                                    "timeout_fwdbwd_ms=%.4f ratio=%.4f act=%s dtype=%s\n",
+                                    ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, g_size, T.fwdbwd, To.fwdbwd,
+                                    To.fwdbwd / T.fwdbwd, act_name(m), dtype_name(m));
+                    if (machine)
+                        ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
+                                    "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f act=%s "
+                                    "dtype=%s fwdbwd_bpe=%.3f\n",
+                                    ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, T.fwd, T.fwdbwd, T.bwd,
+                                    T.eval, g_size, size_copy_bw, g_size > 1 ? Lo.fwdbwd : T.fwdbwd, act_name(m),
+                                    dtype_name(m), fb_bpe);
+                }
             }
         }
     }
-    free(bx.base), free(by.base), free(bdy.base), free(bdx.base);
+    for (int k = 0; k < nb16; k++)
+        free(b16[k].base);
+    free(bx.base), free(by.base), free(bdy.base), free(bdx.base), free(bz.base), free(bdz.base);
     MPI_Finalize();
     return 0;
 }

@@ -51,7 +51,7 @@ echo "A = $liba"
 echo "B = $libb"
 awk '
 { delete f; for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-  k = f["shape"] " " f["layout"] " " f["impl"]; t[k, f["side"], f["round"]] = f["fwdbwd_ms"] + 0
+  k = f["shape"] " " f["layout"] " " f["impl"] (f["act"] != "" ? " " f["act"] "/" f["dtype"] : ""); t[k, f["side"], f["round"]] = f["fwdbwd_ms"] + 0
   if (!(k in seen)) { seen[k] = 1; keys[++nk] = k }; if (f["round"] + 0 > nr) nr = f["round"] + 0 }
 END {
   for (q = 1; q <= nk; q++) {
