@@ -24,8 +24,22 @@
 # the "syncbn fast/repro" rows and every comparison with peers), 64-byte aligned,
 # and 64-byte aligned + 1 float (a tensor slice); the issue-11 targets compare them.
 #
+# Issue 13 (fused activations, bfloat16): the malloc run of syncbn-bench also times
+# every --act (none, relu, add-relu) x --dtype (f32, bf16) mode, oneDNN adds NHWC
+# rows for fused BN+ReLU (fuse_norm_relu), BN + add+ReLU (binary add with a ReLU
+# post-op; what our add-relu computes), fused BN+ReLU then an add (relu-add, the
+# issue's wording, another function), each in f32 and bf16, and PyTorch adds BN then
+# ReLU and BN then add then ReLU, unfused, in both layouts and both dtypes. A second
+# table lists them per mode, and the issue-13 targets are checked on paired ratios
+# as above (4 standard shapes x 2 layouts x the thread counts).
+#
 # Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
 #                                 [--shape N,C,H,W]... [--build-dir DIR] [--no-np2]
+#                                 [--quick] [--no-modes]
+#   --quick     3 runs x 9 reps, no aligned/offset runs, no P=2 run (about a third of
+#               the time; for a first look, the full run for numbers to quote)
+#   --no-modes  only plain float32 BN (the tables and targets before issue 13)
+# The full run takes about 25 minutes on a 2-CPU machine, --quick about 8.
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
 set -euo pipefail
 
@@ -36,21 +50,30 @@ runs=5
 reps=15
 install=0
 np2=1
+modes=1
+quick=0
 shapes=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --install) install=1 ;;
     --threads) threads_list="$2"; shift ;;
-    --runs) runs="$2"; shift ;;
-    --reps) reps="$2"; shift ;;
+    --runs) runs="$2"; runs_set=1; shift ;;
+    --reps) reps="$2"; reps_set=1; shift ;;
     --shape) shapes+=("$2"); shift ;;
     --build-dir) build="$2"; shift ;;
     --no-np2) np2=0 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --quick) quick=1 ;;
+    --no-modes) modes=0 ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
+if [ "$quick" = 1 ]; then
+  [ -n "${runs_set:-}" ] || runs=3
+  [ -n "${reps_set:-}" ] || reps=9
+  np2=0
+fi
 [ ${#shapes[@]} -gt 0 ] || shapes=(32,64,56,56 32,256,14,14 256,1024,1,1 8,32,224,224)
 shape_args=()
 for s in "${shapes[@]}"; do shape_args+=(--shape "$s"); done
@@ -60,12 +83,18 @@ if [ "$install" = 1 ]; then
 fi
 
 # --- build ---------------------------------------------------------------------
-if [ ! -f "$build/CMakeCache.txt" ]; then
-  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+# BENCH=/path/to/syncbn-bench uses that binary as it is (e.g. another build) instead.
+mkdir -p "$build"
+if [ -n "${BENCH:-}" ]; then
+  bench=$BENCH
+else
+  if [ ! -f "$build/CMakeCache.txt" ]; then
+    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  fi
+  cmake --build "$build" -j2 --target syncbn-bench >/dev/null
+  bench="$build/examples/syncbn-bench"
+  [ -x "$bench" ] || bench=$(find "$build" -name syncbn-bench -type f -perm -u+x | head -n1)
 fi
-cmake --build "$build" -j2 --target syncbn-bench >/dev/null
-bench="$build/examples/syncbn-bench"
-[ -x "$bench" ] || bench=$(find "$build" -name syncbn-bench -type f -perm -u+x | head -n1)
 [ -x "$bench" ] || { echo "bench_compare.sh: syncbn-bench was not built" >&2; exit 1; }
 
 dnnl_bin=""
@@ -104,8 +133,12 @@ for t in $threads_list; do
     echo "bench_compare.sh: OMP_NUM_THREADS=$t run $k/$runs" >&2
     # Ours three ways: buffers from plain malloc (as users allocate; the rows named
     # syncbn-*), 64-byte aligned (syncbn-*-al) and aligned + 1 float (syncbn-*-off1).
-    for alloc in malloc al off1; do
+    allocs="malloc al off1"
+    [ "$quick" = 0 ] || allocs=malloc
+    for alloc in $allocs; do
       case $alloc in malloc) aargs=() ;; al) aargs=(--aligned) ;; off1) aargs=(--aligned --offset 1) ;; esac
+      # the issue-13 modes only in the malloc run: the alignment targets are about plain BN
+      [ "$alloc" != malloc ] || [ "$modes" = 0 ] || aargs+=(--act all --dtype both)
       suffix=""; [ "$alloc" = malloc ] || suffix="-$alloc"
       OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
         --reps "$reps" "${aargs[@]}" "${shape_args[@]}" |
@@ -113,12 +146,23 @@ for t in $threads_list; do
           -e "/alloc=malloc/s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
     done
     if [ -n "$dnnl_bin" ]; then
-      OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${shape_args[@]}" |
-        sed -n "s/^RESULT /RESULT threads=$t run=$k /p" >>"$results"
+      # plain f32 BN in both layouts; the issue-13 compositions in NHWC only (oneDNN's
+      # NCHW BN is its slow generic kernel, ncsp_bnorm:any, and the targets use NHWC)
+      dargs=(--layout both)
+      [ "$modes" = 0 ] || dargs=(--layout nchw)
+      OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" "${dargs[@]}" "${shape_args[@]}" |
+        sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" -e "/^UNSUPPORTED/p" >>"$results"
+      if [ "$modes" = 1 ]; then
+        OMP_NUM_THREADS=$t "$dnnl_bin" --reps "$reps" --layout nhwc --act none,relu,add-relu,relu-add \
+          --dtype f32,bf16 "${shape_args[@]}" |
+          sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" -e "/^UNSUPPORTED/p" >>"$results"
+      fi
     fi
     if [ "$torch_ok" = 1 ]; then
-      OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench_torch.py" --reps "$reps" "${shape_args[@]}" |
-        sed -n "s/^RESULT /RESULT threads=$t run=$k /p" >>"$results"
+      targs=()
+      [ "$modes" = 0 ] || targs=(--act none,relu,add-relu --dtype f32,bf16)
+      OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench_torch.py" --reps "$reps" "${targs[@]}" "${shape_args[@]}" |
+        sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" -e "/^UNSUPPORTED/p" >>"$results"
     fi
   done
 done
@@ -136,15 +180,19 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 # --- table ---------------------------------------------------------------------
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 echo
-echo "Batch normalization, float32, median over $runs runs of the median of $reps reps (${elapsed}s)."
+echo "Batch normalization, median over $runs runs of the median of $reps reps (${elapsed}s)."
 echo "Machine: $cpu, $(getconf _NPROCESSORS_ONLN) CPUs; load average $load_start at start, $load_end at end"
 echo "(a load above the CPU count means other work shared the cores: trust ratios, not times)."
 echo "OMP_WAIT_POLICY=$OMP_WAIT_POLICY for all implementations."
-echo "ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
+echo "First table: plain BN, float32; ratio = peer / syncbn-fast in the same layout (>1: syncbn faster)."
 [ -n "$dnnl_bin" ] || echo "oneDNN: SKIP ($dnnl_why)"
 [ "$torch_ok" = 1 ] || echo "PyTorch: SKIP ($torch_why)"
+if grep -q '^UNSUPPORTED' "$results"; then
+  echo "Combinations a peer could not run (no rows for them):"
+  grep '^UNSUPPORTED' "$results" | sort -u | sed 's/^/  /'
+fi
 awk -v threads="$threads_list" -v shapes="${shapes[*]}" -v have_dnnl="${dnnl_bin:+1}" \
-    -v have_torch="$torch_ok" -v llc_kib="$llc_kib" '
+    -v have_torch="$torch_ok" -v llc_kib="$llc_kib" -v modes="$modes" '
 function median(key,   n, i, j, v, tmp) {
   n = cnt[key]; if (n == 0) return -1
   for (i = 1; i <= n; i++) v[i] = val[key, i]
@@ -160,7 +208,9 @@ function put(key, x) { cnt[key]++; val[key, cnt[key]] = x }
 /^RESULT/ {
   delete f
   for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-  k = f["threads"] SUBSEP f["shape"] SUBSEP f["impl"] SUBSEP f["layout"]
+  # the mode joins the implementation name: syncbn-fast, syncbn-fast+relu, onednn+add-relu+bf16, ...
+  impl = f["impl"] (f["act"] != "" && f["act"] != "none" ? "+" f["act"] : "") (f["dtype"] == "bf16" ? "+bf16" : "")
+  k = f["threads"] SUBSEP f["shape"] SUBSEP impl SUBSEP f["layout"]
   put(k SUBSEP "fwd", f["fwd_ms"] + 0); put(k SUBSEP "fb", f["fwdbwd_ms"] + 0)
   if (f["run"] != "") { byrun[k, f["run"]] = f["fwdbwd_ms"] + 0; if (f["run"] + 0 > maxrun) maxrun = f["run"] + 0 }
   if (f["local_fwdbwd_ms"] != "") put(k SUBSEP "ratio", (f["fwdbwd_ms"] + 0) / (f["local_fwdbwd_ms"] + 0))
@@ -248,8 +298,70 @@ END {
     print line
   }
   for (l = 1; l <= 2; l++) for (m = 1; m <= 2; m++) {
-    lay = l == 1 ? "nchw" : "nhwc"; impl = m == 1 ? "syncbn-fast" : "syncbn-repro"
+    lay = l == 1 ? "nchw" : "nhwc"; impl = m == 1 ? "syncbn-fast" : "syncbn-repro"  # np2: plain f32
     r = cell("np2", "32,64,56,56", impl, lay, "ratio")
     if (r > 0) printf "  P=2 (1 thr/rank) 32,64,56,56 %s %-12s SyncBN/local fwd+bwd %.3f%s\n", lay, impl, r, r <= 1.05 ? " ok" : " MISS"
   }
+  if (modes == 1) issue13()
+}
+function sfx(m) { return m == "none" ? "" : "+" m }
+# One issue-13 check: appends to `line` and counts ok/MISS under target name tg.
+function check(tg, label, x, limit, info) {
+  if (x <= 0) return
+  if (info) { line = line sprintf(" %s %.2f%s (info);", label, x, span()); return }
+  line = line sprintf(" %s %.2f%s%s;", label, x, span(), x <= limit ? " ok" : " MISS")
+  tot[tg]++; if (x <= limit) okc[tg]++; else { missl[tg] = missl[tg] sprintf("\n      %s %s %s %s %.2f%s", t, s, lay, label, x, span()) }
+}
+function fmt(x) { return x > 0 ? sprintf("%.3f", x) : "-" }
+function fmtr(x) { return x > 0 ? sprintf("%.2f", x) : "-" }
+function issue13(   nm, M, a, b, l, q, m, fb, fr, fd, fda, ft, xp, rf, od, tr, sp, S2, big) {
+  nm = split("none relu add-relu bf16 relu+bf16 add-relu+bf16", M, " ")
+  print ""
+  print "Issue 13: fused activations and bfloat16, fwd+bwd ms (median over runs). Ratios are PAIRED (within"
+  print "each run, then the median over runs): x-plain = this mode / our plain f32 fast BN, same layout;"
+  print "repro/fast in this mode; ours/oneDNN against oneDNN NHWC in this mode (relu: fuse_norm_relu; add-relu:"
+  print "BN, binary add + ReLU post-op, ReLU backward; bf16: its bf16 BN); relu-add = oneDNN fused BN+ReLU, then"
+  print "a binary add (relu(BN(x)) + z: not our function, shown for its cost); torch/ours = PyTorch unfused, same layout."
+  printf "\n%3s  %-15s %-4s %-13s %8s %7s %8s %6s %8s %8s %8s %8s %8s\n", "thr", "shape", "lay", "mode", "fast", "x-plain", \
+         "repro", "r/f", "oneDNN", "ours/dnn", "dnn r-a", "PyTorch", "torch/us"
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      for (q = 1; q <= nm; q++) { m = M[q]
+        fb = cell(T[a], S[b], "syncbn-fast" sfx(m), lay, "fb"); fr = cell(T[a], S[b], "syncbn-repro" sfx(m), lay, "fb")
+        fd = cell(T[a], S[b], "onednn" sfx(m), "nhwc", "fb"); ft = cell(T[a], S[b], "torch" sfx(m), lay, "fb")
+        fda = -1; if (m == "add-relu" || m == "add-relu+bf16") fda = cell(T[a], S[b], "onednn" sfx(m == "add-relu" ? "relu-add" : "relu-add+bf16"), "nhwc", "fb")
+        xp = q == 1 ? 1 : pratio(T[a], S[b], "syncbn-fast" sfx(m), lay, "syncbn-fast", lay)
+        rf = pratio(T[a], S[b], "syncbn-repro" sfx(m), lay, "syncbn-fast" sfx(m), lay)
+        od = pratio(T[a], S[b], "syncbn-fast" sfx(m), lay, "onednn" sfx(m), "nhwc")
+        tr = pratio(T[a], S[b], "torch" sfx(m), lay, "syncbn-fast" sfx(m), lay)
+        printf "%3s  %-15s %-4s %-13s %8s %7s %8s %6s %8s %8s %8s %8s %8s\n", T[a], S[b], lay, m, fmt(fb), fmtr(xp), fmt(fr), \
+               fmtr(rf), fmt(fd), fmtr(od), fmt(fda), fmt(ft), fmtr(tr)
+      }
+    }
+    print ""
+  }
+  print "Targets (issue 13): median over runs of the ratio measured within each run [min-max]:"
+  for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
+    t = T[a]; s = S[b]; split(s, S2, ","); sp = S2[3] * S2[4]
+    big = s == "32,64,56,56" || s == "8,32,224,224"
+    for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
+      line = sprintf("  %s thr %-15s %s:", t, s, lay)
+      check("relu/plain <= 1.05", "relu/plain", pratio(t, s, "syncbn-fast+relu", lay, "syncbn-fast", lay), 1.05, 0)
+      check("relu/oneDNN-fused-nhwc <= 1.0", "relu/oneDNN-relu", pratio(t, s, "syncbn-fast+relu", lay, "onednn+relu", "nhwc"), 1.0, 0)
+      check("add-relu/plain <= 1.30", "add-relu/plain", pratio(t, s, "syncbn-fast+add-relu", lay, "syncbn-fast", lay), 1.30, 0)
+      check("bf16/f32 <= 0.6 (56x56, 224x224)", "bf16/f32", pratio(t, s, "syncbn-fast+bf16", lay, "syncbn-fast", lay), 0.6, !big)
+      check("bf16/oneDNN-bf16-nhwc <= 1.0", "bf16/oneDNN-bf16", pratio(t, s, "syncbn-fast+bf16", lay, "onednn+bf16", "nhwc"), 1.0, 0)
+      print line
+      line = sprintf("  %s thr %-15s %s: repro/fast", t, s, lay)
+      for (q = 1; q <= nm; q++) { m = M[q]
+        check("repro/fast <= 1.2 where S >= 49", m, pratio(t, s, "syncbn-repro" sfx(m), lay, "syncbn-fast" sfx(m), lay), 1.2, sp < 49)
+      }
+      print line
+    }
+  }
+  print ""
+  print "Issue-13 targets, cells met (the misses listed):"
+  ntg = split("relu/plain <= 1.05|relu/oneDNN-fused-nhwc <= 1.0|add-relu/plain <= 1.30|bf16/f32 <= 0.6 (56x56, 224x224)|bf16/oneDNN-bf16-nhwc <= 1.0|repro/fast <= 1.2 where S >= 49", TG, "|")
+  for (q = 1; q <= ntg; q++)
+    printf "  %-36s %d/%d%s\n", TG[q], okc[TG[q]] + 0, tot[TG[q]] + 0, missl[TG[q]]
 }' "$results"
