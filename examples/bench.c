@@ -55,7 +55,14 @@
  * are reduced with MPI_MAX over ranks, then the median over repetitions is printed.
  * Three untimed warm-up repetitions come first (page faults, thread pool, caches,
  * and the growth of the ReLU mask). Modes run one after the other, each on its own
- * layer, all on the same x and dy values (bf16: those rounded to bf16).
+ * layer, all on the same x and dy values (bf16: those rounded to bf16): each mode's
+ * repetitions then find the cache as its own previous repetition left it, as the
+ * plain-BN figures always have. With --interleave the modes' layers take turns
+ * within every repetition instead (as the local and timeout layers do), and each
+ * RESULT line gains pair_fwdbwd = the median over repetitions of (this mode's
+ * fwd+bwd / the first mode's, same repetition): the ratio least disturbed by a
+ * noisy machine, for tensors larger than the last-level cache (smaller ones then
+ * find the other modes' data in cache, not their own).
  *
  * Output: a human-readable table on rank 0. With --machine, additionally
  *   REFERENCE copy_gbs=.. read_gbs=.. threads=.. np=..
@@ -70,7 +77,7 @@
  *
  * Usage: syncbn-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]
  *                     [--reduction fast|repro|both] [--act LIST] [--dtype LIST]
- *                     [--reps R] [--offset K] [--aligned]
+ *                     [--interleave] [--reps R] [--offset K] [--aligned]
  *                     [--timeout S] [--machine] [--idle-wait W]
  *   --act LIST:   comma-separated none,relu,add-relu, or all (default none)
  *   --dtype LIST: comma-separated f32,bf16, or both (default f32)
@@ -252,36 +259,53 @@ typedef struct {
 
 typedef struct {
     double fwd, eval, bwd, fwdbwd; /* median ms */
+    double pair;                   /* median over repetitions of this layer's fwd+bwd / layer 0's */
 } timings;
 
-/* Times nl layers of the same configuration and mode, layer j on comms[j]
- * (MPI_COMM_WORLD: synchronized; MPI_COMM_SELF: local BN) with timeout timeouts[j],
- * into T[j]. The layers take turns within every repetition, so slow phases of a noisy
- * machine hit all of them alike. */
-static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, mode m, int nl, const MPI_Comm *comms,
-                        const double *timeouts, const tensors *b, int reps, timings *T)
+static double median(double *t, int r) /* sorts t */
 {
-    syncbn_config cfg = syncbn_config_default(sh.C);
-    cfg.layout = layout;
-    cfg.reduction = red;
-    cfg.activation = m.act;
-    cfg.dtype = m.dtype;
-    syncbn_layer *L[3] = {NULL, NULL, NULL};
+    qsort(t, (size_t)r, sizeof *t, cmp_double);
+    return r % 2 ? t[r / 2] : 0.5 * (t[r / 2 - 1] + t[r / 2]);
+}
+
+/* One layer to time: its communicator (MPI_COMM_WORLD: synchronized; MPI_COMM_SELF:
+ * local BN), timeout and mode, and the tensors of its element type. */
+typedef struct {
+    MPI_Comm comm;
+    double timeout;
+    mode m;
+    const tensors *b;
+} layer_spec;
+
+/* Times nl layers of one shape, layout and reduction, described by spec[j], into
+ * T[j]. The layers take turns within every repetition (in alternating order), so
+ * slow phases of a noisy machine hit all of them alike. */
+static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, int nl, const layer_spec *spec,
+                        int reps, timings *T)
+{
+    syncbn_layer **L = calloc((size_t)nl, sizeof *L);
     for (int j = 0; j < nl; j++) {
-        cfg.timeout = timeouts[j];
-        CHECK(syncbn_create(&cfg, comms[j], &L[j]));
+        syncbn_config cfg = syncbn_config_default(sh.C);
+        cfg.layout = layout;
+        cfg.reduction = red;
+        cfg.activation = spec[j].m.act;
+        cfg.dtype = spec[j].m.dtype;
+        cfg.timeout = spec[j].timeout;
+        CHECK(syncbn_create(&cfg, spec[j].comm, &L[j]));
     }
     const int64_t S = sh.H * sh.W;
-    const void *z = m.add ? b->z : NULL;
-    void *dz = m.add ? b->dz : NULL;
     float *dw = malloc((size_t)sh.C * sizeof *dw), *db = malloc((size_t)sh.C * sizeof *db);
-    double *t = malloc(sizeof(double) * (size_t)reps * 4 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval][rep] */
-    if (!t || !dw || !db)
+    double *t = malloc(sizeof(double) * (size_t)reps * 5 * (size_t)nl); /* [layer][fwd,bwd,f+b,eval,pair][rep] */
+    if (!t || !dw || !db || !L)
         MPI_Abort(MPI_COMM_WORLD, 1);
+#define TT(j, what, r) t[((size_t)(j) * 5 + (what)) * (size_t)reps + (size_t)(r)]
 
     for (int r = -WARMUP; r < reps; r++)
         for (int jj = 0; jj < nl; jj++) {
             const int j = r & 1 ? nl - 1 - jj : jj; /* alternate the order: no layer always goes first */
+            const tensors *b = spec[j].b;
+            const void *z = spec[j].m.add ? b->z : NULL;
+            void *dz = spec[j].m.add ? b->dz : NULL;
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
             CHECK(syncbn_forward_ex(L[j], b->x, z, sh.n, S, 1, b->y));
@@ -290,29 +314,34 @@ static void time_layers(shape4 sh, syncbn_layout layout, syncbn_reduction red, m
             double t2 = MPI_Wtime();
             CHECK(syncbn_backward_ex(L[j], b->x, b->dy, sh.n, S, b->dx, dz, dw, db));
             double t3 = MPI_Wtime();
-            if (r >= 0) {
-                double *tj = t + (size_t)j * 4 * (size_t)reps;
-                tj[r] = t1 - t0, tj[reps + r] = t3 - t2, tj[2 * reps + r] = (t1 - t0) + (t3 - t2);
-            }
+            if (r >= 0)
+                TT(j, 0, r) = t1 - t0, TT(j, 1, r) = t3 - t2, TT(j, 2, r) = (t1 - t0) + (t3 - t2);
         }
     for (int r = -WARMUP; r < reps; r++)
         for (int j = 0; j < nl; j++) {
+            const tensors *b = spec[j].b;
             MPI_Barrier(MPI_COMM_WORLD);
             double t0 = MPI_Wtime();
-            CHECK(syncbn_forward_ex(L[j], b->x, z, sh.n, S, 0, b->y));
+            CHECK(syncbn_forward_ex(L[j], b->x, spec[j].m.add ? b->z : NULL, sh.n, S, 0, b->y));
             double t1 = MPI_Wtime();
             if (r >= 0)
-                t[(size_t)j * 4 * (size_t)reps + 3 * (size_t)reps + (size_t)r] = t1 - t0;
+                TT(j, 3, r) = t1 - t0;
         }
+    /* the slowest rank's time of every repetition, then per-repetition pairs, then medians */
+    MPI_Allreduce(MPI_IN_PLACE, t, reps * 5 * nl, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    for (int j = 0; j < nl; j++)
+        for (int r = 0; r < reps; r++)
+            TT(j, 4, r) = TT(j, 2, r) / TT(0, 2, r);
     for (int j = 0; j < nl; j++) {
-        double *tj = t + (size_t)j * 4 * (size_t)reps;
-        T[j].fwd = median_max(tj, reps) * 1e3;
-        T[j].bwd = median_max(tj + reps, reps) * 1e3;
-        T[j].fwdbwd = median_max(tj + 2 * reps, reps) * 1e3;
-        T[j].eval = median_max(tj + 3 * reps, reps) * 1e3;
+        T[j].fwd = median(&TT(j, 0, 0), reps) * 1e3;
+        T[j].bwd = median(&TT(j, 1, 0), reps) * 1e3;
+        T[j].fwdbwd = median(&TT(j, 2, 0), reps) * 1e3;
+        T[j].eval = median(&TT(j, 3, 0), reps) * 1e3;
+        T[j].pair = median(&TT(j, 4, 0), reps);
         syncbn_destroy(L[j]);
     }
-    free(t), free(dw), free(db);
+#undef TT
+    free(t), free(dw), free(db), free(L);
 }
 
 /* CPU seconds (user + system) this process has used. */
@@ -351,7 +380,7 @@ static void usage(const char *argv0)
 {
     ROOT_PRINTF("usage: %s [--shape N,C,H,W]... [--layout nchw|nhwc|both] "
                 "[--reduction fast|repro|both] [--act none,relu,add-relu|all] [--dtype f32,bf16|both] "
-                "[--reps R] [--offset K] [--aligned] [--timeout S] [--machine] [--idle-wait W]\n",
+                "[--interleave] [--reps R] [--offset K] [--aligned] [--timeout S] [--machine] [--idle-wait W]\n",
                 argv0);
 }
 
@@ -382,7 +411,7 @@ int main(int argc, char **argv)
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
 
     shape4 shapes[MAX_SHAPES] = {{32, 64, 56, 56}, {32, 256, 14, 14}, {256, 1024, 1, 1}, {8, 32, 224, 224}};
-    int nshapes = 4, user_shapes = 0, reps = 20, machine = 0;
+    int nshapes = 4, user_shapes = 0, reps = 20, machine = 0, interleave = 0;
     int do_layout[2] = {1, 1}, do_red[2] = {1, 1};
     static const char *const act_names[3] = {"none", "relu", "add-relu"}, *const dtype_names[2] = {"f32", "bf16"};
     int do_act[3] = {1, 0, 0}, do_dtype[2] = {1, 0};
@@ -418,6 +447,8 @@ int main(int argc, char **argv)
         } else if ((!strcmp(a, "--act") && v && parse_list(v, act_names, 3, do_act)) ||
                    (!strcmp(a, "--dtype") && v && parse_list(v, dtype_names, 2, do_dtype))) {
             i++;
+        } else if (!strcmp(a, "--interleave")) {
+            interleave = 1;
         } else if (!strcmp(a, "--aligned")) {
             g_aligned = 1;
         } else if (!strcmp(a, "--offset") && v) {
@@ -547,25 +578,38 @@ int main(int argc, char **argv)
             for (int ri = 0; ri < 2; ri++) {
                 if (!do_red[ri])
                     continue;
+                syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
+                syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
+                /* Per mode: synchronized, then local (P > 1), then with a timeout; with
+                 * --interleave all modes' layers in ONE round (pairs against the first). */
+                const int per = 1 + (g_size > 1) + (timeout > 0);
+                layer_spec spec[6 * 3];
+                timings TT[6 * 3];
                 for (int mi = 0; mi < nmodes; mi++) {
                     const mode m = modes[mi];
-                    syncbn_layout lay = li ? SYNCBN_NHWC : SYNCBN_NCHW;
-                    syncbn_reduction red = ri ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
-                    /* layer 0 synchronized, then local (P > 1), then with a timeout */
-                    MPI_Comm comms[3] = {MPI_COMM_WORLD, MPI_COMM_SELF, MPI_COMM_WORLD};
-                    double touts[3] = {0, 0, timeout};
-                    int nl = g_size > 1 ? 2 : 1;
+                    layer_spec *sp = spec + mi * per;
+                    const tensors *tb = m.dtype == SYNCBN_BF16 ? &t16 : &t32;
+                    sp[0] = (layer_spec){MPI_COMM_WORLD, 0, m, tb};
+                    if (g_size > 1)
+                        sp[1] = (layer_spec){MPI_COMM_SELF, 0, m, tb};
                     if (timeout > 0)
-                        comms[nl] = MPI_COMM_WORLD, touts[nl] = timeout, nl++;
-                    timings TT[3];
-                    time_layers(sh, lay, red, m, nl, comms, touts, m.dtype == SYNCBN_BF16 ? &t16 : &t32, reps, TT);
-                    const timings T = TT[0], Lo = TT[1], To = TT[nl - 1];
+                        sp[per - 1] = (layer_spec){MPI_COMM_WORLD, timeout, m, tb};
+                }
+                if (interleave)
+                    time_layers(sh, lay, red, nmodes * per, spec, reps, TT);
+                for (int mi = 0; mi < nmodes; mi++) {
+                    const mode m = modes[mi];
+                    if (!interleave)
+                        time_layers(sh, lay, red, per, spec + mi * per, reps, TT + mi * per);
+                    const timings T = TT[mi * per], Lo = TT[mi * per + (g_size > 1)], To = TT[mi * per + per - 1];
                     const double gel = (double)el * 1e-9; /* giga-elements; bytes per element: traffic model */
                     const double mb = (double)el * elem_bytes(m) * 1e-6;
                     const double fb_bpe = fwd_bpe(m) + bwd_bpe(m);
                     double fb_bw = fb_bpe * gel / (T.fwdbwd * 1e-3);
-                    char mname[24];
+                    char mname[24], pname[40] = "";
                     snprintf(mname, sizeof mname, "%s/%s", act_name(m), dtype_name(m));
+                    if (interleave)
+                        snprintf(pname, sizeof pname, " pair_fwdbwd=%.4f", T.pair);
                     ROOT_PRINTF("%-17s %-6s %-5s %-13s %7.1f %7.1f | %8.3f %6.1f | %8.3f %6.1f | %8.3f %6.1f | "
                                 "%8.3f %6.1f %5.0f%%",
                                 sname, li ? "nhwc" : "nchw", ri ? "repro" : "fast", mname, mb, size_copy_bw, T.fwd,
@@ -576,6 +620,8 @@ int main(int argc, char **argv)
                         ROOT_PRINTF(" | %15.3f %5.3f %5.3f", T.fwd / Lo.fwd, T.bwd / Lo.bwd, T.fwdbwd / Lo.fwdbwd);
                     if (timeout > 0)
                         ROOT_PRINTF(" | timeout/none %.3f", To.fwdbwd / T.fwdbwd);
+                    if (interleave)
+                        ROOT_PRINTF(" | /%s %.3f", mi ? "first" : "self", T.pair);
                     ROOT_PRINTF("\n");
                     if (machine && timeout > 0)
                         ROOT_PRINTF("TIMEOUT impl=syncbn-%s layout=%s shape=%s np=%d fwdbwd_ms=%.4f "
@@ -585,10 +631,10 @@ int main(int argc, char **argv)
                     if (machine)
                         ROOT_PRINTF("RESULT impl=syncbn-%s layout=%s shape=%s fwd_ms=%.4f fwdbwd_ms=%.4f "
                                     "bwd_ms=%.4f eval_ms=%.4f np=%d copy_gbs=%.3f local_fwdbwd_ms=%.4f act=%s "
-                                    "dtype=%s fwdbwd_bpe=%.3f\n",
+                                    "dtype=%s fwdbwd_bpe=%.3f%s\n",
                                     ri ? "repro" : "fast", li ? "nhwc" : "nchw", sname, T.fwd, T.fwdbwd, T.bwd,
                                     T.eval, g_size, size_copy_bw, g_size > 1 ? Lo.fwdbwd : T.fwdbwd, act_name(m),
-                                    dtype_name(m), fb_bpe);
+                                    dtype_name(m), fb_bpe, pname);
                 }
             }
         }
