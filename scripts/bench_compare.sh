@@ -39,6 +39,9 @@
 #   --quick     3 runs x 9 reps, no aligned/offset runs, no P=2 run (about a third of
 #               the time; for a first look, the full run for numbers to quote)
 #   --no-modes  only plain float32 BN (the tables and targets before issue 13)
+#   --from FILE print the tables of an earlier run's raw results (saved with
+#               KEEP_RESULTS=FILE scripts/bench_compare.sh ...) without running anything;
+#               --threads and --shape select what is shown
 # The full run takes about 25 minutes on a 2-CPU machine, --quick about 8.
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
 set -euo pipefail
@@ -52,6 +55,7 @@ install=0
 np2=1
 modes=1
 quick=0
+from=""
 shapes=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -64,6 +68,7 @@ while [ $# -gt 0 ]; do
     --no-np2) np2=0 ;;
     --quick) quick=1 ;;
     --no-modes) modes=0 ;;
+    --from) from="$2"; shift ;;
     -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
@@ -78,10 +83,13 @@ fi
 shape_args=()
 for s in "${shapes[@]}"; do shape_args+=(--shape "$s"); done
 
-if [ "$install" = 1 ]; then
+if [ -n "$from" ]; then
+  [ -r "$from" ] || { echo "bench_compare.sh: cannot read $from" >&2; exit 2; }
+elif [ "$install" = 1 ]; then
   "$root/scripts/install_deps.sh" peers || echo "bench_compare.sh: install_deps.sh peers failed; peers may be skipped" >&2
 fi
 
+run_all() {
 # --- build ---------------------------------------------------------------------
 # BENCH=/path/to/syncbn-bench uses that binary as it is (e.g. another build) instead.
 mkdir -p "$build"
@@ -176,6 +184,24 @@ if [ "$np2" = 1 ]; then
 fi
 elapsed=$(($(date +%s) - start))
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+}
+
+if [ -n "$from" ]; then
+  # tables of saved results: what ran is read from the file
+  results=$from
+  runs=$(sed -n 's/^RESULT .*run=\([0-9]*\) .*/\1/p' "$from" | sort -n | tail -n1)
+  reps="?"; elapsed="?"; load_start="?"; load_end="?"
+  dnnl_bin=""; grep -q 'impl=onednn' "$from" && dnnl_bin=saved
+  dnnl_why="no oneDNN rows in $from"
+  torch_ok=0; grep -q 'impl=torch' "$from" && torch_ok=1
+  torch_why="no PyTorch rows in $from"
+  grep -q 'act=relu' "$from" || modes=0
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+  llc_kib=$(sed -n 's/K$//p' /sys/devices/system/cpu/cpu0/cache/index3/size 2>/dev/null || true)
+  [ -n "$llc_kib" ] || llc_kib=0
+else
+  run_all
+fi
 
 # --- table ---------------------------------------------------------------------
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
