@@ -322,6 +322,8 @@ SBN_INLINE void sbn_nt_fence(int nt)
 SBN_INLINE unsigned sbn_mask8(const uint8_t *m, int64_t i)
 {
     const uint8_t *b = m + (i >> 3);
+    if (!(i & 7)) /* rows of a multiple of 8 elements: every step, and predictably so */
+        return b[0];
     return (unsigned)((b[0] | (unsigned)b[1] << 8) >> (i & 7)) & 0xFFu;
 }
 
@@ -351,8 +353,9 @@ SBN_INLINE unsigned sbn_relu8(sbn_v8f *f)
 {
 #ifdef __AVX512F__
     const __mmask8 pos = _mm256_cmp_ps_mask((__m256)*f, _mm256_setzero_ps(), _CMP_GT_OQ);
-    const __mmask8 keep = _mm256_cmp_ps_mask((__m256)*f, _mm256_setzero_ps(), _CMP_NLE_UQ); /* > 0 or NaN */
-    *f = (sbn_v8f)_mm256_maskz_mov_ps(keep, (__m256)*f);
+    /* max(+0, f + 0): f + 0 turns -0 into +0 (exactly; other values unchanged), and
+     * maxps returns its second operand when either is NaN, so NaN stays. */
+    *f = (sbn_v8f)_mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps((__m256)*f, _mm256_setzero_ps()));
     return pos;
 #else
     const sbn_v8i pos = *f > 0, keep = ~(*f <= 0); /* NaN: not <= 0, kept */
