@@ -4,7 +4,7 @@
 # Builds syncbn-bench (in build-bench/, if needed), compiles the oneDNN driver
 # scripts/bench_dnnl.cpp with g++ against Debian's libdnnl-dev, and runs syncbn
 # (fast and reproducible, NCHW and NHWC), oneDNN (NCHW, NHWC) and PyTorch
-# (contiguous = NCHW, channels_last = NHWC) on the same shapes, float32, at the same
+# (contiguous = NCHW, channels_last = NHWC) on the same shapes, at the same
 # OMP_NUM_THREADS (1 and 2 by default). Every program reports the median over
 # --reps repetitions; the script repeats each program --runs times (default 5,
 # interleaved: ours, oneDNN, PyTorch, ours, ...) and prints the median of those
@@ -35,14 +35,18 @@
 #
 # Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
 #                                 [--shape N,C,H,W]... [--build-dir DIR] [--no-np2]
-#                                 [--quick] [--no-modes]
+#                                 [--quick] [--no-modes] [--interleave] [--from FILE]
 #   --quick     3 runs x 9 reps, no aligned/offset runs, no P=2 run (about a third of
 #               the time; for a first look, the full run for numbers to quote)
 #   --no-modes  only plain float32 BN (the tables and targets before issue 13)
+#   --interleave our modes take turns within every repetition (syncbn-bench
+#               --interleave): steadier ratios on a busy machine for tensors above the
+#               LLC; smaller ones then share the cache between modes
 #   --from FILE print the tables of an earlier run's raw results (saved with
 #               KEEP_RESULTS=FILE scripts/bench_compare.sh ...) without running anything;
 #               --threads and --shape select what is shown
-# The full run takes about 25 minutes on a 2-CPU machine, --quick about 8.
+# The full run took 16-22 minutes on this 2-CPU machine (shared, load 2-7), --quick
+# about a third of that.
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
 set -euo pipefail
 
@@ -55,6 +59,7 @@ install=0
 np2=1
 modes=1
 quick=0
+interleave=0
 from=""
 shapes=()
 while [ $# -gt 0 ]; do
@@ -68,8 +73,9 @@ while [ $# -gt 0 ]; do
     --no-np2) np2=0 ;;
     --quick) quick=1 ;;
     --no-modes) modes=0 ;;
+    --interleave) interleave=1 ;;
     --from) from="$2"; shift ;;
-    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,51p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -147,6 +153,7 @@ for t in $threads_list; do
       case $alloc in malloc) aargs=() ;; al) aargs=(--aligned) ;; off1) aargs=(--aligned --offset 1) ;; esac
       # the issue-13 modes only in the malloc run: the alignment targets are about plain BN
       [ "$alloc" != malloc ] || [ "$modes" = 0 ] || aargs+=(--act all --dtype both)
+      [ "$alloc" != malloc ] || [ "$interleave" = 0 ] || aargs+=(--interleave)
       suffix=""; [ "$alloc" = malloc ] || suffix="-$alloc"
       OMP_NUM_THREADS=$t "${mpirun_cmd[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY "$bench" --machine \
         --reps "$reps" "${aargs[@]}" "${shape_args[@]}" |
