@@ -23,8 +23,8 @@
  * ranks have agreed they are in the same call of the same layer, hence the same C.
  * The price: a call message of 155 words, and a second message for large layers
  * (README, "Timeouts").
- * "invalid"/"state" count the ranks that found a bad argument or an out-of-order
- * call locally: such a rank still joins the allreduce (with zero data), so every rank
+ * "invalid"/"state" count the ranks that found a bad argument or, in a backward, an
+ * out-of-order call (in a forward: a failed allocation of the ReLU mask) locally: such a rank still joins the allreduce (with zero data), so every rank
  * learns of the error at once and returns the same code, instead of the others
  * waiting forever. "agree" words (comm.h) detect ranks that passed a different S or
  * that are executing a different layer or call (tag = 2*seq + kind). Forward and
@@ -75,6 +75,8 @@ syncbn_config syncbn_config_default(int64_t channels)
         .layout = SYNCBN_NCHW,
         .reduction = SYNCBN_FAST,
         .timeout = 0,
+        .dtype = SYNCBN_F32,
+        .activation = SYNCBN_ACT_NONE,
     };
     return c;
 }
@@ -107,7 +109,8 @@ static int config_valid(const syncbn_config *c)
            (isnan(c->momentum) || (c->momentum >= 0 && c->momentum <= 1)) &&
            (c->layout == SYNCBN_NCHW || c->layout == SYNCBN_NHWC) &&
            (c->reduction == SYNCBN_FAST || c->reduction == SYNCBN_REPRODUCIBLE) && isfinite(c->timeout) &&
-           c->timeout >= 0;
+           c->timeout >= 0 && (c->dtype == SYNCBN_F32 || c->dtype == SYNCBN_BF16) &&
+           (c->activation == SYNCBN_ACT_NONE || c->activation == SYNCBN_ACT_RELU);
 }
 
 static uint64_t double_bits(double v)
@@ -137,6 +140,7 @@ static void layer_free(syncbn_layer *l)
         return;
     free(l->params);
     free(l->stats);
+    free(l->mask);
     free(l->msg);
     free(l);
 }
@@ -221,7 +225,8 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
         sbn_agree_put_f64(w + H_CFG_EPS, double_bits(cfg->eps));
         sbn_agree_put_f64(w + H_CFG_MOM, double_bits(cfg->momentum));
         sbn_agree_put_f64(w + H_CFG_FLAGS, (uint64_t)((cfg->affine != 0) | (cfg->track_running_stats != 0) << 1 |
-                                                       (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3));
+                                                       (unsigned)cfg->layout << 2 | (unsigned)cfg->reduction << 3 |
+                                                       (unsigned)cfg->dtype << 4 | (unsigned)cfg->activation << 5));
         sbn_agree_put_f64(w + H_CFG_TIMEOUT, double_bits(cfg->timeout));
     }
     const double timeout = cfg && isfinite(cfg->timeout) && cfg->timeout > 0 ? cfg->timeout : 0;
@@ -338,8 +343,10 @@ static int timed_out(syncbn_layer *l, int kind)
                 l->cfg.timeout);
 }
 
-/* Fills the data part with this rank's local sums (or zeros when it has none to give). */
-static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy, sbn_shape sh, int contribute)
+/* Fills the data part with this rank's local sums (or zeros when it has none to give).
+ * mask: the ReLU mask to apply to dy (backward), or NULL. */
+static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, const uint8_t *mask, sbn_shape sh,
+                     int contribute)
 {
     const int64_t C = l->cfg.channels;
     if (is_repro(l)) {
@@ -352,7 +359,7 @@ static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy,
             if (kind == KIND_FORWARD)
                 sbn_forward_sums(x, sh, NULL, NULL, acc1, acc2);
             else
-                sbn_backward_sums(x, dy, l->mean, sh, NULL, NULL, acc1, acc2);
+                sbn_backward_sums(x, dy, mask, l->mean, sh, NULL, NULL, acc1, acc2);
         }
         /* Summing over ranks must not overflow a word. The kernels make at most n
          * deposits per accumulator (one per sample, or one per block of samples),
@@ -374,7 +381,7 @@ static void data_put(syncbn_layer *l, int kind, const float *x, const float *dy,
         if (kind == KIND_FORWARD)
             sbn_forward_sums(x, sh, s1, s2, NULL, NULL);
         else
-            sbn_backward_sums(x, dy, l->mean, sh, s1, s2, NULL, NULL);
+            sbn_backward_sums(x, dy, mask, l->mean, sh, s1, s2, NULL, NULL);
     } else {
         memset(s1, 0, 2 * (size_t)C * sizeof *s1);
     }
@@ -433,8 +440,11 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
         return note(l, SYNCBN_EMISMATCH, "%s, call %lld of layer %lld (C = %lld): the ranks are not all in this call "
                     "(layers or calls out of step)", kind_name[kind], (long long)l->seq, (long long)l->id, (long long)C);
     if (ninvalid > 0)
-        return note(l, SYNCBN_EINVAL, "%s: invalid argument (n, spatial, a NULL buffer, or dweight/dbias without "
-                    "affine) on %.0f of %d ranks%s", kind_name[kind], ninvalid, l->nranks, invalid ? mine : others);
+        return note(l, SYNCBN_EINVAL, "%s: invalid argument (n, spatial, a NULL buffer, dweight/dbias without affine, or dz "
+                    "without z) on %.0f of %d ranks%s", kind_name[kind], ninvalid, l->nranks, invalid ? mine : others);
+    if (nstate > 0 && kind == KIND_FORWARD)
+        return note(l, SYNCBN_ENOMEM, "forward: no memory for the ReLU mask of this batch on %.0f of %d ranks%s",
+                    nstate, l->nranks, state ? mine : others);
     if (nstate > 0)
         return note(l, SYNCBN_ESTATE, "%s: no matching training forward (same n and spatial) on %.0f of %d ranks%s",
                     kind_name[kind], nstate, l->nranks, state ? mine : others);
@@ -490,10 +500,11 @@ static int batch_moments(const double *s1, const double *s2, double count, int64
     return finite ? SYNCBN_OK : SYNCBN_ENONFINITE;
 }
 
-/* y from mean and variance: y = (x - mean) * invstd * weight + bias. Stores invstd
- * when asked to (training). Uses t3/t4 as scratch; wraps mean (moments.h). */
-static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, double *mean, const double *var,
-                  double *invstd)
+/* y from mean and variance: y = act((x - mean) * invstd * weight + bias [+ z]).
+ * Stores invstd when asked to (training), and the ReLU mask into `mask` when not
+ * NULL. Uses t3/t4 as scratch; wraps mean (moments.h). */
+static void apply(syncbn_layer *l, const void *x, const void *z, void *y, sbn_shape sh, double *mean,
+                  const double *var, double *invstd, uint8_t *mask)
 {
     const int64_t C = l->cfg.channels;
     double *scale = l->t3, *shift = l->t4;
@@ -506,11 +517,11 @@ static void apply(syncbn_layer *l, const float *x, float *y, sbn_shape sh, doubl
     }
     if (sh.n > 0) {
         sbn_coef_wrap(mean, C), sbn_coef_wrap(scale, C), sbn_coef_wrap(shift, C);
-        sbn_normalize(y, x, mean, scale, shift, sh);
+        sbn_normalize(y, x, z, l->cfg.activation == SYNCBN_ACT_RELU, mask, mean, scale, shift, sh);
     }
 }
 
-static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
+static int forward_eval(syncbn_layer *l, const void *x, const void *z, sbn_shape sh, void *y)
 {
     const int64_t C = l->cfg.channels;
     l->saved = 0;
@@ -530,7 +541,7 @@ static int forward_eval(syncbn_layer *l, const float *x, sbn_shape sh, float *y)
         if (rc != SYNCBN_OK)
             return note(l, rc, "forward (eval, untracked statistics): NaN or Inf in this rank's batch statistics");
     }
-    apply(l, x, y, sh, mean, var, NULL);
+    apply(l, x, z, y, sh, mean, var, NULL, NULL);
     return SYNCBN_OK;
 }
 
@@ -550,19 +561,54 @@ static int next_running(const syncbn_layer *l, const double *mean, const double 
     return finite ? SYNCBN_OK : SYNCBN_ENONFINITE;
 }
 
-int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, int training, float *y)
+/* ---- the ReLU mask ---- */
+
+static int64_t fail_alloc_after = -1; /* sbn_test_fail_alloc */
+
+void sbn_test_fail_alloc(int64_t after) { fail_alloc_after = after; }
+
+/* Makes the mask cover `count` elements: 1 if it does (growing it if needed), 0 if
+ * growing failed, with the old mask kept. A new mask is allocated before the old one
+ * is freed, so a failure changes nothing. */
+static int mask_reserve(syncbn_layer *l, int64_t count)
+{
+    if (count <= l->mask_cap)
+        return 1;
+    if (fail_alloc_after == 0) {
+        fail_alloc_after = -1;
+        return 0;
+    }
+    if (fail_alloc_after > 0)
+        fail_alloc_after--;
+    /* One word more than the bits: readers load the byte after the last bit's. */
+    const size_t bytes = ((size_t)(count / 64) + 2) * sizeof(uint64_t);
+    uint64_t *m = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!m)
+        return 0;
+    memset(m, 0, bytes);
+    free(l->mask);
+    l->mask = m, l->mask_cap = count;
+    return 1;
+}
+
+/* ---- forward ---- */
+
+int syncbn_forward_ex(syncbn_layer *l, const void *x, const void *z, int64_t n, int64_t spatial, int training,
+                      void *y)
 {
     if (!l)
         return SYNCBN_EINVAL;
     l->err[0] = 0;
     const int64_t C = l->cfg.channels;
     const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && y));
-    sbn_shape sh = {n, C, spatial, l->cfg.layout};
+    sbn_shape sh = {n, C, spatial, l->cfg.layout, l->cfg.dtype};
+    if (n == 0)
+        z = NULL; /* nothing to add; a NULL z is fine on an empty rank */
 
     if (!training) {
         if (!ok)
             return note(l, SYNCBN_EINVAL, "forward (eval): invalid argument (n, spatial or a NULL buffer)");
-        return forward_eval(l, x, sh, y);
+        return forward_eval(l, x, z, sh, y);
     }
 
     /* Whatever happens now, the statistics of an earlier forward no longer belong to
@@ -570,9 +616,11 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
     l->saved = 0;
     if (l->comm->timed_out)
         return after_timeout(l, KIND_FORWARD);
-    data_put(l, KIND_FORWARD, x, NULL, sh, ok);
+    const int relu = l->cfg.activation == SYNCBN_ACT_RELU;
+    const int nomem = ok && relu && !mask_reserve(l, n * C * spatial);
+    data_put(l, KIND_FORWARD, x, NULL, NULL, sh, ok && !nomem);
     double count;
-    int rc = exchange(l, KIND_FORWARD, !ok, 0, ok ? n * spatial : 0, ok ? spatial : 0, &count);
+    int rc = exchange(l, KIND_FORWARD, !ok, nomem, ok ? n * spatial : 0, ok ? spatial : 0, &count);
     if (rc != SYNCBN_OK)
         return rc;
     if (count < 2)
@@ -592,34 +640,45 @@ int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, 
     }
     l->num_batches_tracked++;
     memcpy(l->mean, l->t1, (size_t)C * sizeof *l->mean); /* apply wraps it (moments.h) */
-    apply(l, x, y, sh, l->mean, l->t2, l->invstd);
-    l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count;
+    apply(l, x, z, y, sh, l->mean, l->t2, l->invstd, relu ? (uint8_t *)l->mask : NULL);
+    l->saved = 1, l->saved_n = n, l->saved_S = spatial, l->saved_N = count, l->saved_z = z != NULL;
     return SYNCBN_OK;
+}
+
+int syncbn_forward(syncbn_layer *l, const float *x, int64_t n, int64_t spatial, int training, float *y)
+{
+    if (l && l->cfg.dtype != SYNCBN_F32)
+        return note(l, SYNCBN_EINVAL, "forward: this layer's elements are bfloat16; use syncbn_forward_ex");
+    return syncbn_forward_ex(l, x, NULL, n, spatial, training, y);
 }
 
 /* ---- backward ---- */
 
-int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n, int64_t spatial, float *dx,
-                    float *dweight, float *dbias)
+int syncbn_backward_ex(syncbn_layer *l, const void *x, const void *dy, int64_t n, int64_t spatial, void *dx,
+                       void *dz, float *dweight, float *dbias)
 {
     if (!l)
         return SYNCBN_EINVAL;
     l->err[0] = 0;
     const int64_t C = l->cfg.channels;
-    const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && dy)) &&
-                   (l->cfg.affine || (!dweight && !dbias));
+    if (n == 0)
+        dz = NULL; /* nothing to write */
     const int state_ok = l->saved && l->saved_n == n && l->saved_S == spatial;
-    sbn_shape sh = {n, C, spatial, l->cfg.layout};
+    /* dz asks for the gradient of z, which only a forward given a z has. */
+    const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && dy)) &&
+                   (l->cfg.affine || (!dweight && !dbias)) && (!dz || (l->saved && l->saved_z));
+    sbn_shape sh = {n, C, spatial, l->cfg.layout, l->cfg.dtype};
+    const uint8_t *mask = l->cfg.activation == SYNCBN_ACT_RELU ? (const uint8_t *)l->mask : NULL;
 
     if (l->comm->timed_out)
         return after_timeout(l, KIND_BACKWARD);
-    data_put(l, KIND_BACKWARD, x, dy, sh, ok && state_ok);
+    data_put(l, KIND_BACKWARD, x, dy, mask, sh, ok && state_ok);
     double unused;
     int rc = exchange(l, KIND_BACKWARD, !ok, !state_ok, 0, ok ? spatial : 0, &unused);
     if (rc != SYNCBN_OK)
         return rc;
 
-    /* t1 = sum dy, t2 = sum dy*(x - mean), both over the global batch. */
+    /* t1 = sum g, t2 = sum g*(x - mean), both over the global batch. */
     const double N = l->saved_N;
     int finite = 1;
     for (int64_t c = 0; c < C; c++)
@@ -629,18 +688,26 @@ int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n,
 
     double *k = l->t3, *a = l->t4, *b = l->t2;
     for (int64_t c = 0; c < C; c++) {
-        const double is = l->invstd[c], sum_dy = l->t1[c], sum_dy_xhat = l->t2[c] * is;
+        const double is = l->invstd[c], sum_g = l->t1[c], sum_g_xhat = l->t2[c] * is;
         if (dweight)
-            dweight[c] = (float)sum_dy_xhat; /* d(loss)/d(weight) = sum dy * xhat */
+            dweight[c] = (float)sum_g_xhat; /* d(loss)/d(weight) = sum g * xhat */
         if (dbias)
-            dbias[c] = (float)sum_dy; /* d(loss)/d(bias) = sum dy */
+            dbias[c] = (float)sum_g; /* d(loss)/d(bias) = sum g */
         k[c] = (l->weight ? (double)l->weight[c] : 1.0) * is; /* weight * invstd */
-        a[c] = sum_dy / N;                                    /* mean of dy */
-        b[c] = is * sum_dy_xhat / N;                          /* invstd * mean of dy*xhat */
+        a[c] = sum_g / N;                                     /* mean of g */
+        b[c] = is * sum_g_xhat / N;                           /* invstd * mean of g*xhat */
     }
-    if (dx && n > 0) {
+    if ((dx || dz) && n > 0) {
         sbn_coef_wrap(k, C), sbn_coef_wrap(a, C), sbn_coef_wrap(b, C);
-        sbn_backward_dx(dx, x, dy, l->mean, k, a, b, sh);
+        sbn_backward_dx(dx, dz, x, dy, mask, l->mean, k, a, b, sh);
     }
     return SYNCBN_OK;
+}
+
+int syncbn_backward(syncbn_layer *l, const float *x, const float *dy, int64_t n, int64_t spatial, float *dx,
+                    float *dweight, float *dbias)
+{
+    if (l && l->cfg.dtype != SYNCBN_F32)
+        return note(l, SYNCBN_EINVAL, "backward: this layer's elements are bfloat16; use syncbn_backward_ex");
+    return syncbn_backward_ex(l, x, dy, n, spatial, dx, NULL, dweight, dbias);
 }

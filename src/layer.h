@@ -1,9 +1,10 @@
 /*
  * layer.h - the layer object behind the opaque syncbn_layer handle (internal).
  *
- * Memory: three allocations made at create and never again: `params` (the float
- * arrays the accessors hand out), `stats` (double per-channel arrays), and `msg`
- * (the packed allreduce buffer). No call allocates after create. A layer never frees
+ * Memory: three allocations made at create: `params` (the float arrays the accessors
+ * hand out), `stats` (double per-channel arrays), and `msg` (the packed allreduce
+ * buffer). After create only the ReLU mask is (re)allocated, and only when a training
+ * forward brings more elements than any before (steady state: never). A layer never frees
  * `msg` while MPI may still write into it (a timed-out request): see comm.h.
  */
 #ifndef SYNCBN_LAYER_H
@@ -36,6 +37,13 @@ struct syncbn_layer {
     double *mean;            /*   [C] global batch mean */
     double *invstd;          /*   [C] 1/sqrt(var + eps) */
     double *t1, *t2, *t3, *t4; /* [C] each: scratch for sums and coefficients */
+
+    /* The ReLU mask of the last training forward (cfg.activation == SYNCBN_ACT_RELU):
+     * one bit per element of this rank's x, grown (never shrunk) when a larger batch
+     * arrives; the only allocation after create. */
+    uint64_t *mask;     /* 64-byte aligned, room for mask_cap bits and one word more */
+    int64_t mask_cap;   /* elements it covers */
+    int saved_z;        /* that forward was given a z (so a backward may ask for dz) */
 
     void *msg;          /* packed allreduce buffer: header + per-channel data; NULL once
                            handed to the communicator by a timeout (comm.h: orphan) */

@@ -1,5 +1,8 @@
 /*
- * moments.h - local (one rank, no communication) kernels of batch normalization.
+ * moments.h - local (one rank, no communication) kernels of batch normalization:
+ * the interface of sums.c (per-channel sums, FAST and exact) and apply.c (the
+ * elementwise passes: normalize with its epilogues, and the input gradient). Both are
+ * written against simd.h, once for every element type and epilogue.
  *
  * These are the named per-channel steps of BN; a synchronized BN inserts its one
  * allreduce between the sums and the normalization.
@@ -30,18 +33,24 @@
 typedef struct {
     int64_t n, C, S;
     syncbn_layout layout;
+    syncbn_dtype dt; /* element type of every activation tensor (0, the default: float) */
 } sbn_shape;
 
-/* Forward sums: s1 = sum x, s2 = sum x^2 per channel.
+/* Tensors are `const void *` of element type sh.dt, indexed by element. The ReLU
+ * mask (`mask`): bit e set where element e's forward pre-activation was > 0, in
+ * element order (simd.h); NULL where there is no ReLU.
+ *
+ * Forward sums: s1 = sum x, s2 = sum x^2 per channel.
  * FAST: acc1 == NULL; writes s1[C], s2[C] (overwritten).
  * REPRODUCIBLE: s1 == s2 == NULL; deposits into accumulators acc1[c*W1...],
  *   acc2[c*W2...] (W = sbx_words(SBX_LINEAR/QUADRATIC)), which the caller zeroed. */
-void sbn_forward_sums(const float *x, sbn_shape sh, double *s1, double *s2, int64_t *acc1,
+void sbn_forward_sums(const void *x, sbn_shape sh, double *s1, double *s2, int64_t *acc1,
                       int64_t *acc2);
 
-/* Backward sums: s1 = sum dy, s2 = sum dy*(x - mean) per channel; same modes. */
-void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
-                       double *s2, int64_t *acc1, int64_t *acc2);
+/* Backward sums: s1 = sum g, s2 = sum g*(x - mean) per channel; same modes. g = dy,
+ * or with a mask, dy where the mask is set and +0 elsewhere. */
+void sbn_backward_sums(const void *x, const void *dy, const uint8_t *mask, const double *mean, sbn_shape sh,
+                       double *s1, double *s2, int64_t *acc1, int64_t *acc2);
 
 /* The elementwise passes read per-channel arrays of C + SBN_COEF_PAD doubles whose
  * last SBN_COEF_PAD entries continue the first C periodically (entry C + j is entry
@@ -50,15 +59,18 @@ void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_
 #define SBN_COEF_PAD 8
 void sbn_coef_wrap(double *a, int64_t C);
 
-/* y = (x - mean[c]) * scale[c] + shift[c], in double, rounded once to float.
- * y may equal x. mean, scale, shift: [C + SBN_COEF_PAD], wrapped. Any alignment of
- * x and y (multiples of 4 bytes) gives the same bits. */
-void sbn_normalize(float *y, const float *x, const double *mean, const double *scale,
-                   const double *shift, sbn_shape sh);
+/* y = act((x - mean[c]) * scale[c] + shift[c] [+ z]), in double, rounded once to the
+ * element type; act is ReLU when relu != 0 (then, if mask is not NULL, the mask of
+ * the rounded pre-activations is written: one bit per element, mask 8-byte aligned
+ * with room for n*C*S bits). z may be NULL; y may equal x or z. mean, scale, shift:
+ * [C + SBN_COEF_PAD], wrapped. Any alignment of the tensors gives the same bits. */
+void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mask, const double *mean,
+                   const double *scale, const double *shift, sbn_shape sh);
 
-/* dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c]), in double, rounded once.
- * dx may equal dy or x. mean, k, a, b: [C + SBN_COEF_PAD], wrapped. */
-void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *mean, const double *k,
-                     const double *a, const double *b, sbn_shape sh);
+/* dx = k[c] * (g - a[c] - (x - mean[c]) * b[c]), in double, rounded once, and dz = g
+ * (g as in sbn_backward_sums). dx or dz may be NULL (both: nothing to do); dx may
+ * equal dy or x, dz may equal dy. mean, k, a, b: [C + SBN_COEF_PAD], wrapped. */
+void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const uint8_t *mask, const double *mean,
+                     const double *k, const double *a, const double *b, sbn_shape sh);
 
 #endif /* SYNCBN_MOMENTS_H */

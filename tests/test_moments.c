@@ -39,8 +39,8 @@ static sums_out run(int kind, const float *x, const float *dy, const double *mea
         sbn_forward_sums(x, sh, o.s1, o.s2, NULL, NULL);
         sbn_forward_sums(x, sh, NULL, NULL, a1, a2);
     } else {
-        sbn_backward_sums(x, dy, mean, sh, o.s1, o.s2, NULL, NULL);
-        sbn_backward_sums(x, dy, mean, sh, NULL, NULL, a1, a2);
+        sbn_backward_sums(x, dy, NULL, mean, sh, o.s1, o.s2, NULL, NULL);
+        sbn_backward_sums(x, dy, NULL, mean, sh, NULL, NULL, a1, a2);
     }
     for (int64_t c = 0; c < C; c++)
         o.r1[c] = sbx_round(a1 + c * W1, SBX_LINEAR), o.r2[c] = sbx_round(a2 + c * W2, SBX_QUADRATIC);

@@ -464,8 +464,8 @@ static void last_error_texts(double timeout)
     EXPECT_TEXT(syncbn_last_error(l), want);
 
     TU_EXPECT(syncbn_forward(l, x, tu_rank == last ? -1 : N, S, 1, y) == SYNCBN_EINVAL, "EINVAL");
-    snprintf(want, sizeof want, "forward: invalid argument (n, spatial, a NULL buffer, or dweight/dbias without "
-             "affine) on 1 of %d ranks%s", P, tu_rank == last ? " (this one among them)" : " (not this one)");
+    snprintf(want, sizeof want, "forward: invalid argument (n, spatial, a NULL buffer, dweight/dbias without "
+             "affine, or dz without z) on 1 of %d ranks%s", P, tu_rank == last ? " (this one among them)" : " (not this one)");
     EXPECT_TEXT(syncbn_last_error(l), want);
 
     TU_EXPECT(syncbn_forward(l, x, N, S, 1, y) == SYNCBN_OK, "OK");
@@ -523,8 +523,8 @@ static void last_error_texts(double timeout)
     TU_EXPECT(syncbn_create(&no_affine, MPI_COMM_WORLD, &na) == SYNCBN_OK, "create");
     TU_EXPECT(syncbn_forward(na, x, N, S, 1, y) == SYNCBN_OK, "forward");
     TU_EXPECT(syncbn_backward(na, x, x, N, S, dx, tu_rank == 0 ? dw : NULL, NULL) == SYNCBN_EINVAL, "dweight");
-    snprintf(want, sizeof want, "backward: invalid argument (n, spatial, a NULL buffer, or dweight/dbias without "
-             "affine) on 1 of %d ranks%s", P, tu_rank == 0 ? " (this one among them)" : " (not this one)");
+    snprintf(want, sizeof want, "backward: invalid argument (n, spatial, a NULL buffer, dweight/dbias without "
+             "affine, or dz without z) on 1 of %d ranks%s", P, tu_rank == 0 ? " (this one among them)" : " (not this one)");
     EXPECT_TEXT(syncbn_last_error(na), want);
     /* layers out of step (same size: detected with or without timeout) */
     if (P > 1) {

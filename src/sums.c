@@ -1,21 +1,20 @@
 /*
- * moments.c - local BN kernels: per-channel sums, normalization, input gradient.
+ * sums.c - the per-channel sums of BN: forward (x, x^2) and backward (g, g*(x - m)),
+ * FAST (double) and REPRODUCIBLE (exact accumulators), for every element type and
+ * with or without the ReLU mask applied to dy.
  *
  * Memory-bound by design: each kernel streams its inputs once. Inner loops keep
  * SBN_LANES independent double accumulators as GNU vectors of 8 doubles (one AVX-512
- * register), so nothing is reassociated (no reassociating compiler flags needed), and the lanes are
- * combined in a fixed order; vector bodies and scalar tails round identically. Large
- * outputs are written with streaming stores. None of this changes a result bit; see
- * moments.h for the reduction order and examples/bench.c to measure (issue 5).
+ * register), so nothing is reassociated (no reassociating compiler flags needed), and
+ * the lanes are combined in a fixed order; vector bodies and scalar tails round
+ * identically. See moments.h for the reduction order and examples/bench.c to measure.
  */
 #include "moments.h"
+#include "simd.h"
 
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 #define SBN_LANES 16
 #define SBN_CBLOCK 256              /* NHWC channel sub-block held in registers/L1 */
@@ -24,107 +23,90 @@
 #define SBN_ROW_SPLIT_BYTES 256     /* NHWC: below this many bytes of a row per thread, split samples */
 #define SBN_PART_MAX 4096           /* ... if n*C partials fit on the stack (64 KiB) */
 
-/* ---- vector helpers ----
- * GNU vector types (not intrinsics): the compiler emits AVX-512, AVX2 or SSE as the
- * target allows, and each lane of a vector is an ordinary IEEE double operation, so
- * results are the same bits as the scalar loops they replace (no reassociation, and
- * -ffp-contract=off keeps a*b+c as two roundings). */
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors only cross static, inlined calls */
-typedef double sbn_v8d __attribute__((vector_size(64)));
-typedef float sbn_v8f __attribute__((vector_size(32)));
+/* Variants of the typed passes, as the bits of one compile-time constant:
+ *   SV_KIND  0: forward sums (x, x^2);  1: backward sums (g, g*(x - m))
+ *   SV_BF16  elements are bfloat16 (else float)
+ *   SV_RELU  g is dy masked by the ReLU mask (else g = dy)
+ * SV_DISPATCH(v, CALL) expands CALL(V) for the run-time v as the matching constant V,
+ * so every body below is written once and instantiated per variant. */
+enum { SV_KIND = 1, SV_BF16 = 2, SV_RELU = 4 };
+#define SV_DISPATCH(v, CALL)                                                  \
+    switch (v) {                                                              \
+    case 0: CALL(0); break;                                                   \
+    case SV_BF16: CALL(SV_BF16); break;                                       \
+    case SV_KIND: CALL(SV_KIND); break;                                       \
+    case SV_KIND | SV_BF16: CALL(SV_KIND | SV_BF16); break;                   \
+    case SV_KIND | SV_RELU: CALL(SV_KIND | SV_RELU); break;                   \
+    default: CALL(SV_KIND | SV_BF16 | SV_RELU); break;                        \
+    }
 
-/* 8 floats at p (any alignment), widened exactly to double. With AVX-512 one
- * vcvtps2pd ymm->zmm; the generic conversion would be split into 128-bit halves and
- * re-inserted (GCC 12 prefers 256-bit vectors on this CPU), saturating port 5. */
-static inline sbn_v8d load8(const float *p)
+/* The inputs of a typed pass, addressed by element index. */
+typedef struct {
+    const void *x, *dy;
+    const uint8_t *mask; /* SV_RELU only */
+    const double *mean;  /* SV_KIND only: [C] */
+} sv_in;
+
+#define SV_DT(v) ((v) & SV_BF16 ? SYNCBN_BF16 : SYNCBN_F32)
+SBN_INLINE sbn_v8d sv_x8(int v, const sv_in *in, int64_t i) { return sbn_ld8(SV_DT(v), in->x, i); }
+SBN_INLINE sbn_v8d sv_g8(int v, const sv_in *in, int64_t i)
 {
-#ifdef __AVX512F__
-    return (sbn_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
-#else
-    sbn_v8f v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, sbn_v8d);
-#endif
+    return sbn_ldg8(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i);
 }
+SBN_INLINE sbn_v8d sv_x8_first(int v, const sv_in *in, int64_t i, int64_t k)
+{
+    return sbn_ld8_first(SV_DT(v), in->x, i, k);
+}
+SBN_INLINE sbn_v8d sv_g8_first(int v, const sv_in *in, int64_t i, int64_t k)
+{
+    return sbn_ldg8_first(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i, k);
+}
+SBN_INLINE double sv_x1(int v, const sv_in *in, int64_t i) { return sbn_ld1(SV_DT(v), in->x, i); }
+SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
+{
+    return sbn_ldg1(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i);
+}
+
+/* The exact blocks below read only doubles, or floats packed by the caller. */
+static inline sbn_v8d load8(const float *p) { return sbn_ld8(SYNCBN_F32, p, 0); }
 
 /* ---- per-sample partials of one (sample, channel) row, NCHW ---- */
 
-typedef double sbn_v4d __attribute__((vector_size(32)));
-typedef uint64_t sbn_v8u __attribute__((vector_size(64)));
-
-/* The first k floats at p (0 < k < 8), widened to double, zeros after: one masked
- * load with AVX-512VL, else through a zeroed buffer (the same values either way). */
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define SBN_HAVE_MASKED 1
-static inline sbn_v8d load8_first(const float *p, int64_t k)
+/* p1 = sum x, p2 = sum x^2 (forward) or p1 = sum g, p2 = sum g*(x - m) (backward)
+ * over each of nr contiguous rows of S elements starting at element o[r] (m[r]: their
+ * channels' means). Lane j of a row's 16 accumulators takes positions s = j (mod 16),
+ * the last S mod 16 positions as one masked step (a masked-off position adds +0, which
+ * changes no lane: its loads are zero, and for g*(x-m) the factor x-m is zeroed as
+ * well, so that a non-finite mean cannot make it NaN); the lanes are then summed as
+ * the fixed tree of sbn_lanes16. Every operation is a vector one, so a short row
+ * (S = 196: 12 full steps, one 4-wide step, a tree of 5 additions) costs little
+ * beyond its loads. nr = 4 runs four independent chains, which hides the latency of
+ * the additions of long rows; each row still gets exactly its own operations. v and
+ * nr (1 or 4) are compile-time constants at every call. */
+SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, const double *m, int64_t S,
+                              double *p1, double *p2)
 {
-    return (sbn_v8d)_mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)((1u << k) - 1), p));
-}
-#else
-#define SBN_HAVE_MASKED 0
-static inline sbn_v8d load8_first(const float *p, int64_t k)
-{
-    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    memcpy(t, p, (size_t)k * sizeof *t);
-    return load8(t);
-}
-#endif
-
-/* *v with lanes k..7 set to +0 (0 <= k <= 8). (Pointer arguments: GCC notes a psABI
- * change for 64-byte vectors passed by value where AVX-512 is off.) */
-static inline sbn_v8d keep_first(const sbn_v8d *v, int64_t k)
-{
-    const sbn_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    return (sbn_v8d)((sbn_v8u)*v & (sbn_v8u)(lane < (uint64_t)k)); /* all ones where lane < k */
-}
-
-/* The 16 lanes (a[0] = lanes 0..7, a[1] = lanes 8..15) summed as a fixed tree:
- * lane j + lane j+8, then j + j+4, then j + j+2, then 0 + 1. */
-static inline __attribute__((always_inline)) double lanes16(const sbn_v8d *a)
-{
-    sbn_v8d v = a[0] + a[1];
-    sbn_v4d lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
-    sbn_v4d w = lo + hi;
-    double w0 = w[0] + w[2], w1 = w[1] + w[3];
-    return w0 + w1;
-}
-
-/* p1 = sum x, p2 = sum x^2 (kind 0) or p1 = sum dy, p2 = sum dy*(x - m) (kind 1) over
- * each of nr contiguous rows of S floats (rows xr[r], gr[r]; m[r] their channels'
- * means). Lane j of a row's 16 accumulators takes positions s = j (mod 16), the last
- * S mod 16 positions as one masked step (a masked-off position adds +0, which changes
- * no lane: its loads are zero, and for dy*(x-m) the factor x-m is zeroed as well, so
- * that a non-finite mean cannot make it NaN); the lanes are then summed as the fixed
- * tree of lanes16. Every operation is a vector one, so a short row (S = 196: 12 full
- * steps, one 4-wide step, a tree of 5 additions) costs little beyond its loads.
- * nr = 4 runs four independent chains, which hides the latency of the additions of
- * long rows; each row still gets exactly its own operations. kind and nr (1 or 4) are
- * compile-time constants at every call. */
-static inline __attribute__((always_inline)) void rows_partials(int kind, int nr, const float *const *xr,
-                                                                const float *const *gr, const double *m,
-                                                                int64_t S, double *p1, double *p2)
-{
+    const int kind = v & SV_KIND;
     sbn_v8d a[4][2], b[4][2], mv[4];
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++) {
         a[r][0] = a[r][1] = b[r][0] = b[r][1] = mv[r] = (sbn_v8d){0};
         if (kind)
-            mv[r] = (sbn_v8d){m[r], m[r], m[r], m[r], m[r], m[r], m[r], m[r]};
+            mv[r] = sbn_bcast8(m[r]);
     }
     int64_t s = 0;
     for (; s + SBN_LANES <= S; s += SBN_LANES) {
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
-            if (kind == 0) {
-                sbn_v8d u = load8(xr[r] + s), w = load8(xr[r] + s + 8);
+            const int64_t i = o[r] + s;
+            if (!kind) {
+                sbn_v8d u = sv_x8(v, in, i), w = sv_x8(v, in, i + 8);
                 a[r][0] += u, a[r][1] += w;
                 b[r][0] += u * u, b[r][1] += w * w; /* exact: a float squared fits in a double */
             } else {
-                sbn_v8d g = load8(gr[r] + s), h = load8(gr[r] + s + 8);
+                sbn_v8d g = sv_g8(v, in, i), h = sv_g8(v, in, i + 8);
                 a[r][0] += g, a[r][1] += h;
-                b[r][0] += g * (load8(xr[r] + s) - mv[r]), b[r][1] += h * (load8(xr[r] + s + 8) - mv[r]);
+                b[r][0] += g * (sv_x8(v, in, i) - mv[r]), b[r][1] += h * (sv_x8(v, in, i + 8) - mv[r]);
             }
         }
     }
@@ -133,25 +115,24 @@ static inline __attribute__((always_inline)) void rows_partials(int kind, int nr
         const int64_t t0 = t < 8 ? t : 8, t1 = t - t0; /* into lanes 0..7, then 8..15 */
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
-            const float *xs = xr[r] + s;
-            sbn_v8d u = t0 == 8 ? load8(xs) : load8_first(xs, t0);
-            sbn_v8d w = t1 ? load8_first(xs + 8, t1) : (sbn_v8d){0};
-            if (kind == 0) {
+            const int64_t i = o[r] + s;
+            sbn_v8d u = t0 == 8 ? sv_x8(v, in, i) : sv_x8_first(v, in, i, t0);
+            sbn_v8d w = t1 ? sv_x8_first(v, in, i + 8, t1) : (sbn_v8d){0};
+            if (!kind) {
                 a[r][0] += u, a[r][1] += w;
                 b[r][0] += u * u, b[r][1] += w * w;
             } else {
-                const float *gs = gr[r] + s;
-                sbn_v8d g = t0 == 8 ? load8(gs) : load8_first(gs, t0);
-                sbn_v8d h = t1 ? load8_first(gs + 8, t1) : (sbn_v8d){0};
+                sbn_v8d g = t0 == 8 ? sv_g8(v, in, i) : sv_g8_first(v, in, i, t0);
+                sbn_v8d h = t1 ? sv_g8_first(v, in, i + 8, t1) : (sbn_v8d){0};
                 a[r][0] += g, a[r][1] += h;
                 const sbn_v8d du = u - mv[r], dw = w - mv[r];
-                b[r][0] += g * keep_first(&du, t0), b[r][1] += h * keep_first(&dw, t1);
+                b[r][0] += g * sbn_keep_first(&du, t0), b[r][1] += h * sbn_keep_first(&dw, t1);
             }
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
-        p1[r] = lanes16(a[r]), p2[r] = lanes16(b[r]);
+        p1[r] = sbn_lanes16(a[r]), p2[r] = sbn_lanes16(b[r]);
 }
 
 /* ---- exact block deposits (REPRODUCIBLE) ----
@@ -366,7 +347,6 @@ static inline __attribute__((always_inline)) void xblock(int src, int nv, const 
  * x^2; kind 1: dy and dy*(x-m)),
  * sharing the loads and, for x^2, pass 1: squaring is exact and monotonic in |x|, so
  * the extreme magnitudes of x^2 are the squares of those of x. */
-typedef uint32_t sbn_v16u __attribute__((vector_size(64)));
 
 static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, const float *x, const float *dy,
                                                               const double *m, int64_t ld, int64_t K,
@@ -516,32 +496,30 @@ static void thread_channels(int64_t C, int64_t granule, int64_t *c0, int64_t *c1
 
 /* ---- sums ---- */
 
-/* NHWC partials of nq*8 channels starting at c0 of one sample, held in registers
- * across all S positions (one pass over the sample's rows). Each channel's partial is
- * summed over s in order, exactly as the scalar loop below. kind and nq are
- * compile-time constants at every call, so the arrays live in vector registers. */
-static inline __attribute__((always_inline)) void nhwc_block(int kind, int nq, const float *x, const float *dy,
-                                                             const double *mean, int64_t S, int64_t C,
-                                                             int64_t c0, double *p1, double *p2)
+/* NHWC partials of nq*8 channels starting at c0 of the sample whose first element is
+ * `base`, held in registers across all S positions (one pass over the sample's rows).
+ * Each channel's partial is summed over s in order, exactly as the scalar loop below.
+ * v and nq are compile-time constants at every call, so the arrays live in vector
+ * registers. */
+SBN_INLINE void nhwc_block(int v, int nq, const sv_in *in, int64_t base, int64_t S, int64_t C, int64_t c0,
+                           double *p1, double *p2)
 {
+    const int kind = v & SV_KIND;
     sbn_v8d P1[8], P2[8], M[8];
     for (int q = 0; q < nq; q++) {
         P1[q] = (sbn_v8d){0}, P2[q] = (sbn_v8d){0};
         if (kind)
-            memcpy(&M[q], mean + c0 + 8 * q, sizeof M[q]);
+            M[q] = sbn_loadd8(in->mean + c0 + 8 * q);
     }
     for (int64_t s = 0; s < S; s++) {
-        const float *xs = x + s * C + c0;
-        if (kind == 0) {
-            for (int q = 0; q < nq; q++) {
-                sbn_v8d v = load8(xs + 8 * q);
-                P1[q] += v, P2[q] += v * v;
-            }
-        } else {
-            const float *gs = dy + s * C + c0;
-            for (int q = 0; q < nq; q++) {
-                sbn_v8d g = load8(gs + 8 * q);
-                P1[q] += g, P2[q] += g * (load8(xs + 8 * q) - M[q]);
+        const int64_t i = base + s * C + c0;
+        for (int q = 0; q < nq; q++) {
+            if (!kind) {
+                sbn_v8d u = sv_x8(v, in, i + 8 * q);
+                P1[q] += u, P2[q] += u * u;
+            } else {
+                sbn_v8d g = sv_g8(v, in, i + 8 * q);
+                P1[q] += g, P2[q] += g * (sv_x8(v, in, i + 8 * q) - M[q]);
             }
         }
     }
@@ -551,60 +529,83 @@ static inline __attribute__((always_inline)) void nhwc_block(int kind, int nq, c
     }
 }
 
-/* NHWC partials of channels [c0, c1) of one sample: the S positions are summed in
- * order, one channel per vector lane. kind 0: (x, x^2); kind 1: (dy, dy*(x-m)).
- * Blocks of 64, then 32, 16, 8 channels in registers; a scalar tail for the rest. */
-static void nhwc_partials(int kind, const float *x, const float *dy, const double *mean, int64_t S,
-                          int64_t C, int64_t c0, int64_t c1, double *p1, double *p2)
+/* NHWC partials of channels [c0, c1) of the sample starting at element `base`: the S
+ * positions are summed in order, one channel per vector lane. Blocks of 64, then 32,
+ * 16, 8 channels in registers; a scalar tail for the rest. */
+SBN_INLINE void nhwc_partials_v(int v, const sv_in *in, int64_t base, int64_t S, int64_t C, int64_t c0,
+                                int64_t c1, double *p1, double *p2)
 {
     int64_t c = c0;
-#define SBN_NHWC_BLOCK(nq)                                                                                    \
-    for (; c + 8 * (nq) <= c1; c += 8 * (nq)) {                                                           \
-        if (kind == 0)                                                                                    \
-            nhwc_block(0, nq, x, dy, mean, S, C, c, p1 + (c - c0), p2 + (c - c0));                        \
-        else                                                                                              \
-            nhwc_block(1, nq, x, dy, mean, S, C, c, p1 + (c - c0), p2 + (c - c0));                        \
-    }
-    SBN_NHWC_BLOCK(8)
-    SBN_NHWC_BLOCK(4)
-    SBN_NHWC_BLOCK(2)
-    SBN_NHWC_BLOCK(1)
-#undef SBN_NHWC_BLOCK
+    for (; c + 64 <= c1; c += 64)
+        nhwc_block(v, 8, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
+    for (; c + 32 <= c1; c += 32)
+        nhwc_block(v, 4, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
+    for (; c + 16 <= c1; c += 16)
+        nhwc_block(v, 2, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
+    for (; c + 8 <= c1; c += 8)
+        nhwc_block(v, 1, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
     for (; c < c1; c++) {
         double t1 = 0, t2 = 0;
         for (int64_t s = 0; s < S; s++) {
-            if (kind == 0) {
-                double v = x[s * C + c];
-                t1 += v, t2 += v * v;
+            const int64_t i = base + s * C + c;
+            if (!(v & SV_KIND)) {
+                const double u = sv_x1(v, in, i);
+                t1 += u, t2 += u * u;
             } else {
-                double g = dy[s * C + c];
-                t1 += g, t2 += g * ((double)x[s * C + c] - mean[c]);
+                const double g = sv_g1(v, in, i);
+                t1 += g, t2 += g * (sv_x1(v, in, i) - in->mean[c]);
             }
         }
         p1[c - c0] = t1, p2[c - c0] = t2;
     }
 }
 
+static void nhwc_partials(int v, const sv_in *in, int64_t base, int64_t S, int64_t C, int64_t c0, int64_t c1,
+                          double *p1, double *p2)
+{
+#define SBN_NHWC_CALL(V) nhwc_partials_v(V, in, base, S, C, c0, c1, p1, p2)
+    SV_DISPATCH(v, SBN_NHWC_CALL)
+#undef SBN_NHWC_CALL
+}
+
 /* NCHW sums. Each thread owns a range of channels and reads its rows in memory
  * order: for each sample, the run of its channels' rows, a block of SBN_NCHW_CW
  * channels at a time (rows_partials). (A walk down one channel would jump C*S
- * floats from row to row.) Rows of at least SBN_NCHW_MULTI_S floats (4 KiB) go four
+ * elements from row to row.) Rows of at least SBN_NCHW_MULTI_S elements go four
  * at once, as four independent chains of additions; shorter rows one at a time, so
  * that the reads stay in address order within each page, which the hardware
  * prefetcher follows (four interleaved short rows measured 1.1-1.15x slower on
  * (32,256,14,14), and one long row at a time 1.12-1.15x slower on 56x56). The
  * partials of SBN_NCHW_K samples go to a buffer, and each channel's are then
- * combined in sample order, by adding (FAST:
- * the same additions, in the same order, as one partial at a time) or as exact
- * blocks (REPRODUCIBLE: the same accumulated integer). Owning channels, a thread
- * never waits for another. */
+ * combined in sample order, by adding (FAST: the same additions, in the same order,
+ * as one partial at a time) or as exact blocks (REPRODUCIBLE: the same accumulated
+ * integer). Owning channels, a thread never waits for another. */
 #define SBN_NCHW_CW 64                      /* channels per block */
-#define SBN_NCHW_MULTI_S 1024                /* rows this long: four at once */
+#define SBN_NCHW_MULTI_S 1024               /* rows this long: four at once */
 #define SBN_NCHW_K (SBN_XBUF / SBN_NCHW_CW) /* samples per block */
 _Static_assert(SBN_NCHW_K <= SBN_XB, "an NCHW block is one exact deposit");
 
-static void nchw_sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
-                      double *s2, int64_t *acc1, int64_t *acc2)
+/* The partials of channels [c0, c0 + nc) of one sample (row0: element index of
+ * channel c0's row) into o1, o2. */
+SBN_INLINE void nchw_sample_v(int v, const sv_in *in, int64_t row0, int64_t c0, int64_t nc, int64_t S,
+                              double *o1, double *o2)
+{
+    for (int64_t j = 0; j < nc;) {
+        const int nr = S >= SBN_NCHW_MULTI_S && nc - j >= 4 ? 4 : 1;
+        int64_t o[4];
+        for (int r = 0; r < nr; r++)
+            o[r] = row0 + (j + r) * S;
+        const double *m = v & SV_KIND ? in->mean + c0 + j : NULL;
+        if (nr == 4)
+            rows_partials(v, 4, in, o, m, S, o1 + j, o2 + j);
+        else
+            rows_partials(v, 1, in, o, m, S, o1 + j, o2 + j);
+        j += nr;
+    }
+}
+
+static void nchw_sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, int64_t *acc1,
+                      int64_t *acc2)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
 #pragma omp parallel if (n * C * S >= SBN_OMP_MIN_WORK)
@@ -617,27 +618,10 @@ static void nchw_sums(int kind, const float *x, const float *dy, const double *m
             for (int64_t i0 = 0; i0 < n; i0 += SBN_NCHW_K) {
                 const int64_t K = n - i0 < SBN_NCHW_K ? n - i0 : SBN_NCHW_K;
                 for (int64_t k = 0; k < K; k++) {
-                    const int64_t row0 = (i0 + k) * C + c0; /* row of channel c0 */
-                    double *o1 = q1 + k * nc, *o2 = q2 + k * nc;
-                    for (int64_t j = 0; j < nc;) {
-                        const int nr = S >= SBN_NCHW_MULTI_S && nc - j >= 4 ? 4 : 1;
-                        const float *xr[4], *gr[4] = {NULL, NULL, NULL, NULL};
-                        for (int r = 0; r < nr; r++) {
-                            xr[r] = x + (row0 + j + r) * S;
-                            if (kind)
-                                gr[r] = dy + (row0 + j + r) * S;
-                        }
-                        const double *m = kind ? mean + c0 + j : NULL;
-                        if (nr == 4 && kind == 0)
-                            rows_partials(0, 4, xr, gr, m, S, o1 + j, o2 + j);
-                        else if (nr == 4)
-                            rows_partials(1, 4, xr, gr, m, S, o1 + j, o2 + j);
-                        else if (kind == 0)
-                            rows_partials(0, 1, xr, gr, m, S, o1 + j, o2 + j);
-                        else
-                            rows_partials(1, 1, xr, gr, m, S, o1 + j, o2 + j);
-                        j += nr;
-                    }
+                    const int64_t row0 = ((i0 + k) * C + c0) * S;
+#define SBN_NCHW_CALL(V) nchw_sample_v(V, in, row0, c0, nc, S, q1 + k * nc, q2 + k * nc)
+                    SV_DISPATCH(v, SBN_NCHW_CALL)
+#undef SBN_NCHW_CALL
                 }
                 if (acc1) {
                     deposit_block(XS_BUF, XS_BUF, q1, q2, NULL, NULL, NULL, nc, K, nc,
@@ -652,34 +636,62 @@ static void nchw_sums(int kind, const float *x, const float *dy, const double *m
     }
 }
 
-/* FAST, S == 1: adds R consecutive rows [R][C] (samples in order) into the totals of
- * channels [t0, t1). The one-element partial of each sample is 0 + term (adding +0
- * matters only for the sign of a zero). kind and R (1 or 4) are compile-time
- * constants at every call. */
-static inline __attribute__((always_inline)) void add_rows(int kind, int R, const float *x, const float *dy,
-                                                           const double *mean, int64_t C, int64_t t0,
-                                                           int64_t t1, double *s1, double *s2)
+/* FAST, S == 1: adds R consecutive rows [R][C] (samples in order, the first starting
+ * at element `base`) into the totals of channels [t0, t1). The one-element partial of
+ * each sample is 0 + term (adding +0 matters only for the sign of a zero). v and R
+ * (1 or 4) are compile-time constants at every call. */
+SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C, int64_t t0, int64_t t1,
+                         double *s1, double *s2)
 {
     for (int64_t c = t0; c < t1; c++) {
         double a = s1[c], b = s2[c];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            if (kind == 0) {
-                const double v = x[r * C + c];
-                a += 0.0 + v, b += 0.0 + v * v;
+            const int64_t i = base + r * C + c;
+            if (!(v & SV_KIND)) {
+                const double u = sv_x1(v, in, i);
+                a += 0.0 + u, b += 0.0 + u * u;
             } else {
-                const double g = dy[r * C + c];
-                a += 0.0 + g, b += 0.0 + g * ((double)x[r * C + c] - mean[c]);
+                const double g = sv_g1(v, in, i);
+                a += 0.0 + g, b += 0.0 + g * (sv_x1(v, in, i) - in->mean[c]);
             }
         }
         s1[c] = a, s2[c] = b;
     }
 }
 
-static void sums(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
-                 double *s2, int64_t *acc1, int64_t *acc2)
+/* REPRODUCIBLE, S == 1: the rows of samples [i0, i0 + K), channels [c0, c0 + nc), as
+ * floats packed SBN_XC apart (the exact blocks read floats; a bfloat16 widens
+ * exactly, a masked dy is +0). */
+SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
+                            float *xb, float *gb)
+{
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t row = (i0 + k) * C + c0;
+        if (v == 0 || v == SV_KIND) { /* float, no mask: a plain copy */
+            if (nc == SBN_XC) {         /* constant size: inlined, no libc call per row */
+                memcpy(xb + k * SBN_XC, (const float *)in->x + row, SBN_XC * sizeof *xb);
+                if (v & SV_KIND)
+                    memcpy(gb + k * SBN_XC, (const float *)in->dy + row, SBN_XC * sizeof *gb);
+            } else {
+                memcpy(xb + k * SBN_XC, (const float *)in->x + row, (size_t)nc * sizeof *xb);
+                if (v & SV_KIND)
+                    memcpy(gb + k * SBN_XC, (const float *)in->dy + row, (size_t)nc * sizeof *gb);
+            }
+            continue;
+        }
+        for (int64_t j = 0; j < nc; j++) {
+            xb[k * SBN_XC + j] = (float)sv_x1(v, in, row + j);
+            if (v & SV_KIND)
+                gb[k * SBN_XC + j] = (float)sv_g1(v, in, row + j);
+        }
+    }
+}
+
+static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, int64_t *acc1, int64_t *acc2)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
+    const int kind = v & SV_KIND;
     if (!acc1)
         for (int64_t c = 0; c < C; c++)
             s1[c] = 0, s2[c] = 0;
@@ -696,16 +708,16 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
              * them (the same additions in the same order, a quarter of the loads and
              * stores of the totals). */
             int64_t i = 0;
-            for (; i + 4 <= n; i += 4)
-                if (kind == 0)
-                    add_rows(0, 4, x + i * C, NULL, NULL, C, t0, t1, s1, s2);
-                else
-                    add_rows(1, 4, x + i * C, dy + i * C, mean, C, t0, t1, s1, s2);
-            for (; i < n; i++)
-                if (kind == 0)
-                    add_rows(0, 1, x + i * C, NULL, NULL, C, t0, t1, s1, s2);
-                else
-                    add_rows(1, 1, x + i * C, dy + i * C, mean, C, t0, t1, s1, s2);
+            for (; i + 4 <= n; i += 4) {
+#define SBN_ROWS4(V) add_rows(V, 4, in, i * C, C, t0, t1, s1, s2)
+                SV_DISPATCH(v, SBN_ROWS4)
+#undef SBN_ROWS4
+            }
+            for (; i < n; i++) {
+#define SBN_ROWS1(V) add_rows(V, 1, in, i * C, C, t0, t1, s1, s2)
+                SV_DISPATCH(v, SBN_ROWS1)
+#undef SBN_ROWS1
+            }
         }
         return;
     }
@@ -713,7 +725,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
     /* S == 1: NCHW and NHWC are the same memory, and a one-element partial is the
      * same value either way; the NHWC path vectorizes over channels. */
     if (sh.layout == SYNCBN_NCHW && S > 1) {
-        nchw_sums(kind, x, dy, mean, sh, s1, s2, acc1, acc2);
+        nchw_sums(v, in, sh, s1, s2, acc1, acc2);
         return;
     }
 
@@ -724,14 +736,11 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
      * the same order, stored, and combined per channel in sample order afterwards,
      * so every sum is the same as with the channel split. */
     const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
-    if (T > 1 && n >= T && C * (int64_t)sizeof(float) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX) {
+    if (T > 1 && n >= T && C * sbn_esize(sh.dt) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX) {
         double part[2 * SBN_PART_MAX]; /* [2][n][C]: p1 then p2 */
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t off = i * S * C;
-            nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, 0, C, part + i * C,
-                          part + (n + i) * C);
-        }
+        for (int64_t i = 0; i < n; i++)
+            nhwc_partials(v, in, i * S * C, S, C, 0, C, part + i * C, part + (n + i) * C);
         if (acc1) {
             for (int64_t c = 0; c < C; c += 8)
                 for (int64_t i = 0; i < n; i += SBN_XB)
@@ -766,30 +775,18 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
                     if (S == 1) {
                         /* The partials are the elements' terms themselves. The block's
                          * rows are first packed contiguously: read in place, rows C
-                         * floats apart would alias in the L1 sets (C is often a power
+                         * elements apart would alias in the L1 sets (C is often a power
                          * of two) and be fetched from L2 on each pass. */
                         float *xb = (float *)b1, *gb = (float *)b2;
-                        for (int64_t k = 0; k < K; k++) {
-                            const float *xr = x + (i0 + k) * C + c0, *gr = kind ? dy + (i0 + k) * C + c0 : NULL;
-                            if (nc == SBN_XC) { /* constant size: inlined, no libc call per row */
-                                memcpy(xb + k * SBN_XC, xr, SBN_XC * sizeof *xb);
-                                if (kind)
-                                    memcpy(gb + k * SBN_XC, gr, SBN_XC * sizeof *gb);
-                            } else {
-                                memcpy(xb + k * SBN_XC, xr, (size_t)nc * sizeof *xb);
-                                if (kind)
-                                    memcpy(gb + k * SBN_XC, gr, (size_t)nc * sizeof *gb);
-                            }
-                        }
+#define SBN_PACK(V) pack_rows_v(V, in, C, i0, K, c0, nc, xb, gb)
+                        SV_DISPATCH(v, SBN_PACK)
+#undef SBN_PACK
                         deposit_block(kind ? XS_DY : XS_X, kind ? XS_DYXM : XS_XX, NULL, NULL, xb, gb,
-                                      kind ? mean + c0 : NULL, SBN_XC, K, nc, a1, a2, i0);
+                                      kind ? in->mean + c0 : NULL, SBN_XC, K, nc, a1, a2, i0);
                         continue;
                     }
-                    for (int64_t k = 0; k < K; k++) {
-                        const int64_t off = (i0 + k) * S * C;
-                        nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1, b1 + k * nc,
-                                      b2 + k * nc);
-                    }
+                    for (int64_t k = 0; k < K; k++)
+                        nhwc_partials(v, in, (i0 + k) * S * C, S, C, c0, c1, b1 + k * nc, b2 + k * nc);
                     deposit_block(XS_BUF, XS_BUF, b1, b2, NULL, NULL, NULL, nc, K, nc, a1, a2, i0);
                 }
             }
@@ -805,8 +802,7 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
         for (int64_t c0 = t0; c0 < t1; c0 += SBN_CBLOCK) {
             int64_t c1 = c0 + SBN_CBLOCK < t1 ? c0 + SBN_CBLOCK : t1;
             for (int64_t i = 0; i < n; i++) {
-                const int64_t off = i * S * C;
-                nhwc_partials(kind, x + off, kind ? dy + off : NULL, mean, S, C, c0, c1, p1, p2);
+                nhwc_partials(v, in, i * S * C, S, C, c0, c1, p1, p2);
                 for (int64_t c = c0; c < c1; c++)
                     s1[c] += p1[c - c0], s2[c] += p2[c - c0];
             }
@@ -814,256 +810,15 @@ static void sums(int kind, const float *x, const float *dy, const double *mean, 
     }
 }
 
-void sbn_forward_sums(const float *x, sbn_shape sh, double *s1, double *s2, int64_t *acc1, int64_t *acc2)
+void sbn_forward_sums(const void *x, sbn_shape sh, double *s1, double *s2, int64_t *acc1, int64_t *acc2)
 {
-    sums(0, x, NULL, NULL, sh, s1, s2, acc1, acc2);
+    const sv_in in = {.x = x};
+    sums(sh.dt == SYNCBN_BF16 ? SV_BF16 : 0, &in, sh, s1, s2, acc1, acc2);
 }
 
-void sbn_backward_sums(const float *x, const float *dy, const double *mean, sbn_shape sh, double *s1,
-                       double *s2, int64_t *acc1, int64_t *acc2)
+void sbn_backward_sums(const void *x, const void *dy, const uint8_t *mask, const double *mean, sbn_shape sh,
+                       double *s1, double *s2, int64_t *acc1, int64_t *acc2)
 {
-    sums(1, x, dy, mean, sh, s1, s2, acc1, acc2);
-}
-
-/* ---- elementwise ----
- * Vector bodies compute every element with the same double operations, in the same
- * order, as the scalar steps, so the output bits depend neither on where a vector
- * boundary falls nor on the alignment of any buffer.
- *
- * Alignment. Users pass buffers at any 4-byte alignment (malloc, numpy, tensor
- * slices), and x, dy and the output may each be aligned differently. Loads are
- * unaligned vector loads wherever they fall. Large outputs are written with streaming
- * stores, and a streaming store that fills only part of a cache line, or a line
- * written partly by streaming and partly by ordinary stores, costs a partial write
- * to memory (measured 2-3x slower on narrow NHWC rows). So streaming stores are used
- * for whole 64-byte lines of the output only, located on the output's own address
- * grid, never on the row grid; the partial lines at either end of a span go through
- * ordinary stores. NHWC spans run over a thread's whole share of the tensor, with the
- * channel index wrapping, so only its two ends can be partial lines. */
-
-/* 8 consecutive doubles at p (any alignment). */
-static inline sbn_v8d loadd8(const double *p)
-{
-    sbn_v8d v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline sbn_v8d bcast8(double v) { return (sbn_v8d){v, v, v, v, v, v, v, v}; }
-
-/* Outputs at least this large are written with non-temporal (streaming) stores: they
- * cannot stay in cache anyway, and streaming skips the read-for-ownership of every
- * destination line, so a pass moves 8 instead of 12 bytes per element of y (12 instead
- * of 16 for dx). Only the store instruction differs; the values are the same. */
-#define SBN_NT_MIN_BYTES ((int64_t)16 << 20)
-#define SBN_LINE_FLOATS 16 /* one 64-byte cache line */
-
-#ifdef __AVX512F__
-#define SBN_HAVE_NT 1
-/* Stores 8 doubles rounded to float (to nearest, as a C cast): streaming (p must be
- * 32-byte aligned) or not. A pointer argument: GCC notes a psABI change for 64-byte
- * vectors passed by value. */
-static inline void put8(float *p, const sbn_v8d *v, int nt)
-{
-    const __m256 f = _mm512_cvtpd_ps((__m512d)*v);
-    if (nt)
-        _mm256_stream_ps(p, f);
-    else
-        _mm256_storeu_ps(p, f);
-}
-#else
-#define SBN_HAVE_NT 0
-static inline void put8(float *p, const sbn_v8d *v, int nt)
-{
-    (void)nt;
-    sbn_v8f f = __builtin_convertvector(*v, sbn_v8f);
-    memcpy(p, &f, sizeof f);
-}
-#endif
-
-/* Streaming stores are weakly ordered: each thread fences its own before the
- * region's closing barrier, so the data are visible to whoever reads them next. */
-static inline void nt_fence(int nt)
-{
-#if SBN_HAVE_NT
-    if (nt)
-        _mm_sfence();
-#else
-    (void)nt;
-#endif
-}
-
-/* The first k < 8 outputs of v stored to p as one masked vector step (load8_first
- * reads the matching inputs; masked-off lanes compute on zeros and are neither
- * stored nor seen). Without AVX-512VL the callers take scalar steps instead
- * (SBN_HAVE_MASKED = 0). */
-#if SBN_HAVE_MASKED
-static inline void put8_first(float *p, const sbn_v8d *v, int64_t k)
-{
-    _mm256_mask_storeu_ps(p, (__mmask8)((1u << k) - 1), _mm512_cvtpd_ps((__m512d)*v));
-}
-#else
-static inline void put8_first(float *p, const sbn_v8d *v, int64_t k) { (void)p, (void)v, (void)k; }
-#endif
-
-void sbn_coef_wrap(double *a, int64_t C)
-{
-    for (int64_t j = 0; j < SBN_COEF_PAD; j++)
-        a[C + j] = a[j % C];
-}
-
-/* The two elementwise passes, one body each (op is a compile-time constant):
- *   EW_NORM  out = (x - m) * k + a                  (y; a is the shift)
- *   EW_DX    out = k * (dy - a - (x - m) * b)       (dx)
- * with the per-channel coefficients m, k, a, b. */
-enum { EW_NORM, EW_DX };
-
-typedef struct {
-    float *out;
-    const float *x, *dy;
-    const double *m, *k, *a, *b; /* [C + SBN_COEF_PAD] each (b unused by EW_NORM) */
-    int64_t C;
-} ew_args;
-
-/* Coefficients of 8 consecutive outputs as vectors: the same channel in every lane
- * (NCHW: one row), or channels c .. c+7 (NHWC; the pad makes the wrap past C - 1 a
- * plain load). */
-typedef struct {
-    sbn_v8d m, k, a, b;
-} ew_coef;
-
-static inline __attribute__((always_inline)) void ew_coef_row(int op, const ew_args *e, int64_t c, ew_coef *q)
-{
-    q->m = bcast8(e->m[c]), q->k = bcast8(e->k[c]), q->a = bcast8(e->a[c]);
-    q->b = op == EW_DX ? bcast8(e->b[c]) : (sbn_v8d){0};
-}
-
-static inline __attribute__((always_inline)) void ew_coef_lanes(int op, const ew_args *e, int64_t c, ew_coef *q)
-{
-    q->m = loadd8(e->m + c), q->k = loadd8(e->k + c), q->a = loadd8(e->a + c);
-    q->b = op == EW_DX ? loadd8(e->b + c) : (sbn_v8d){0};
-}
-
-/* Outputs f .. f+7 (first t of them when t < 8: masked loads and store). */
-static inline __attribute__((always_inline)) void ew_vec(int op, const ew_args *e, int64_t f, const ew_coef *q,
-                                                          int64_t t, int nt)
-{
-    const sbn_v8d x = t == 8 ? load8(e->x + f) : load8_first(e->x + f, t);
-    sbn_v8d v;
-    if (op == EW_NORM) {
-        v = (x - q->m) * q->k + q->a;
-    } else {
-        const sbn_v8d g = t == 8 ? load8(e->dy + f) : load8_first(e->dy + f, t);
-        v = q->k * (g - q->a - (x - q->m) * q->b);
-    }
-    if (t == 8)
-        put8(e->out + f, &v, nt);
-    else
-        put8_first(e->out + f, &v, t);
-}
-
-static inline __attribute__((always_inline)) void ew_scalar(int op, const ew_args *e, int64_t f, int64_t c)
-{
-    const double x = e->x[f];
-    if (op == EW_NORM)
-        e->out[f] = (float)((x - e->m[c]) * e->k[c] + e->a[c]);
-    else
-        e->out[f] = (float)(e->k[c] * ((double)e->dy[f] - e->a[c] - (x - e->m[c]) * e->b[c]));
-}
-
-/* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
- * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
- * cache lines of out only, when nt. Returns the channel after f1 (lanes == 1). */
-static inline __attribute__((always_inline)) int64_t ew_span(int op, int lanes, const ew_args *args, int64_t f0,
-                                                             int64_t f1, int64_t c, int nt)
-{
-    /* A local copy: the compiler then knows the output stores cannot change the
-     * pointers, and keeps them in registers instead of reloading them every step. */
-    const ew_args local = *args, *e = &local;
-    const int64_t C = e->C;
-    ew_coef q;
-    if (!lanes)
-        ew_coef_row(op, e, c, &q);
-    /* [f0, h): ordinary stores up to the first line boundary of out; [h, g): whole
-     * lines; [g, f1): the rest. */
-    int64_t h = f0, g = f0;
-    if (nt) {
-        h = f0 + (int64_t)(((64 - ((uintptr_t)(e->out + f0) & 63)) & 63) / sizeof(float));
-        h = h < f1 ? h : f1;
-        g = h + (f1 - h) / SBN_LINE_FLOATS * SBN_LINE_FLOATS;
-    }
-    int64_t f = f0;
-    for (int part = 0; part < 3; part++) {
-        const int64_t end = part == 0 ? h : part == 1 ? g : f1;
-        const int stream = part == 1;
-        for (; f + 8 <= end; f += 8) {
-            if (lanes)
-                ew_coef_lanes(op, e, c, &q);
-            ew_vec(op, e, f, &q, 8, stream);
-            if (lanes)
-                c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
-        }
-        if (SBN_HAVE_MASKED && f < end) {
-            if (lanes)
-                ew_coef_lanes(op, e, c, &q);
-            ew_vec(op, e, f, &q, end - f, 0);
-            if (lanes)
-                c = (c + (end - f)) % C;
-            f = end;
-        }
-        for (; f < end; f++) {
-            ew_scalar(op, e, f, c);
-            if (lanes && ++c == C)
-                c = 0;
-        }
-    }
-    return c;
-}
-
-/* This thread's share [*r0, *r1) of R rows, contiguous (as a static schedule). */
-static void thread_rows(int64_t R, int64_t *r0, int64_t *r1)
-{
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    *r0 = R / T * t + (t < R % T ? t : R % T);
-    *r1 = *r0 + R / T + (t < R % T);
-}
-
-/* Whether a pass writes its output with streaming stores (see SBN_NT_MIN_BYTES). */
-static int ew_streams(sbn_shape sh)
-{
-    return SBN_HAVE_NT && sh.n * sh.C * sh.S * (int64_t)sizeof(float) >= SBN_NT_MIN_BYTES;
-}
-
-/* This thread's share of a pass. Called inside the parallel region of each public
- * function, so that the region's outlined body sees op as a constant. */
-static inline __attribute__((always_inline)) void ew_share(int op, const ew_args *e, sbn_shape sh, int nt)
-{
-    int64_t r0, r1;
-    if (sh.layout == SYNCBN_NCHW && sh.S > 1) { /* S == 1: same memory as NHWC */
-        thread_rows(sh.n * sh.C, &r0, &r1);
-        for (int64_t r = r0; r < r1; r++)
-            ew_span(op, 0, e, r * sh.S, (r + 1) * sh.S, r % sh.C, nt);
-    } else {
-        thread_rows(sh.n * sh.S, &r0, &r1);
-        ew_span(op, 1, e, r0 * sh.C, r1 * sh.C, 0, nt);
-    }
-    nt_fence(nt);
-}
-
-void sbn_normalize(float *y, const float *x, const double *mean, const double *scale, const double *shift,
-                   sbn_shape sh)
-{
-    const ew_args e = {.out = y, .x = x, .m = mean, .k = scale, .a = shift, .C = sh.C};
-    const int nt = ew_streams(sh);
-#pragma omp parallel if (sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK)
-    ew_share(EW_NORM, &e, sh, nt);
-}
-
-void sbn_backward_dx(float *dx, const float *x, const float *dy, const double *mean, const double *k,
-                     const double *a, const double *b, sbn_shape sh)
-{
-    const ew_args e = {.out = dx, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b, .C = sh.C};
-    const int nt = ew_streams(sh);
-#pragma omp parallel if (sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK)
-    ew_share(EW_DX, &e, sh, nt);
+    const sv_in in = {.x = x, .dy = dy, .mask = mask, .mean = mean};
+    sums(SV_KIND | (sh.dt == SYNCBN_BF16 ? SV_BF16 : 0) | (mask ? SV_RELU : 0), &in, sh, s1, s2, acc1, acc2);
 }
