@@ -1070,7 +1070,13 @@ START_TEST(errors_enomem_on_mask_growth)
             tu_image after = tu_take_image(l);
             TU_EXPECT(tu_same_image(before, after), "ENOMEM changed the layer (first allocation, %s)", what);
             free(after.bytes);
-            EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx, dzz, dw, db), SYNCBN_ESTATE);
+            EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx, NULL, dw, db), SYNCBN_ESTATE);
+            /* LIBRARY DISCREPANCY (see /work/notes/tests.md, "ESTATE vs EINVAL"): asking for
+             * dz after a failed forward that WAS given a z. There is no matching forward, so
+             * the contract's answer is ESTATE; the library (0b9ad96) says EINVAL ("dz
+             * without z") because it checks dz against the saved forward before the state. */
+            if (use_z)
+                EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx, dz, dw, db), SYNCBN_ESTATE);
             sbn_test_fail_alloc(-1);
             EXPECT_CODE(syncbn_forward_ex(l, x, zz, small, S, 1, y_ok), SYNCBN_OK);
             EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx_ok, dzz ? dz_ok : NULL, dw_ok, db_ok), SYNCBN_OK);
@@ -1087,8 +1093,8 @@ START_TEST(errors_enomem_on_mask_growth)
             after = tu_take_image(l);
             TU_EXPECT(tu_same_image(before, after), "ENOMEM changed the layer (growth, %s)", what);
             free(after.bytes);
-            EXPECT_CODE(syncbn_backward_ex(l, x, dy, n_big, S, dx, dzz, dw, db), SYNCBN_ESTATE);
-            EXPECT_CODE(syncbn_backward_ex(l, x, dy, n_med, S, dx, dzz, dw, db), SYNCBN_ESTATE);
+            EXPECT_CODE(syncbn_backward_ex(l, x, dy, n_big, S, dx, NULL, dw, db), SYNCBN_ESTATE);
+            EXPECT_CODE(syncbn_backward_ex(l, x, dy, n_med, S, dx, NULL, dw, db), SYNCBN_ESTATE);
 
             /* 3. injection still armed: batches that need no growth work, with the bits of step 1 */
             EXPECT_CODE(syncbn_forward_ex(l, x, zz, small, S, 1, y), SYNCBN_OK);
