@@ -154,8 +154,8 @@ SBN_INLINE void ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int
         else
             sbn_st8_first(dt, e->out, f, o, t);
     }
-    if (v & EW_DZ) { /* g is exact in the element type: rounding changes nothing */
-        const sbn_v8f o = sbn_round8(dt, &g);
+    if (v & EW_DZ) { /* g is exact in the element type: no rounding */
+        const sbn_v8f o = sbn_exact8(&g);
         if (t == 8)
             sbn_st8(dt, e->out2, f, o, v & EW_NOOUT ? nt : nt && e->nt2);
         else
@@ -270,7 +270,7 @@ SBN_INLINE void ew_share(int v, const ew_args *e, sbn_shape sh, int nt)
 /* Whether a pass writes its output with streaming stores (see SBN_NT_MIN_BYTES). */
 static int ew_streams(sbn_shape sh)
 {
-    return SBN_HAVE_NT && sh.n * sh.C * sh.S * sbn_esize(sh.dt) >= SBN_NT_MIN_BYTES;
+    return SBN_HAVE_NT && sh.n * sh.C * sh.S * 4 >= SBN_NT_MIN_BYTES;
 }
 
 /* One parallel region per variant: EW_CASE(v) instantiates ew_share for v. */

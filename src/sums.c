@@ -643,12 +643,32 @@ static void nchw_sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *
 SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C, int64_t t0, int64_t t1,
                          double *s1, double *s2)
 {
-    for (int64_t c = t0; c < t1; c++) {
+    const int kind = v & SV_KIND;
+    const sbn_v8d zero = {0};
+    int64_t c = t0;
+    for (; c + 8 <= t1; c += 8) { /* 8 channels a vector: the scalar loop's operations, lane by lane */
+        sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = zero;
+        if (kind)
+            m = sbn_loadd8(in->mean + c);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const int64_t i = base + r * C + c;
+            if (!kind) {
+                const sbn_v8d u = sv_x8(v, in, i);
+                a += zero + u, b += zero + u * u;
+            } else {
+                const sbn_v8d g = sv_g8(v, in, i);
+                a += zero + g, b += zero + g * (sv_x8(v, in, i) - m);
+            }
+        }
+        memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
+    }
+    for (; c < t1; c++) {
         double a = s1[c], b = s2[c];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const int64_t i = base + r * C + c;
-            if (!(v & SV_KIND)) {
+            if (!kind) {
                 const double u = sv_x1(v, in, i);
                 a += 0.0 + u, b += 0.0 + u * u;
             } else {
