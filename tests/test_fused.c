@@ -395,11 +395,12 @@ static void split(int k, int64_t B, int64_t *lo, int64_t *n)
 static const char *describe(const problem *p, int k)
 {
     static char buf[240];
-    snprintf(buf, sizeof buf, "B=%lld C=%lld S=%lld %s %s %s %s%s%s%s%s split=%d", (long long)p->B, (long long)p->C,
+    snprintf(buf, sizeof buf, "B=%lld C=%lld S=%lld %s %s %s %s%s%s%s%s%s%s split=%d", (long long)p->B, (long long)p->C,
              (long long)p->S, p->cfg.dtype == SYNCBN_BF16 ? "bf16" : "f32",
              p->cfg.activation == SYNCBN_ACT_RELU ? "relu" : "none", p->cfg.layout ? "NHWC" : "NCHW",
              p->cfg.reduction ? "repro" : "fast", p->z ? " +z" : "", p->dz ? " dz" : "",
-             p->data == DATA_EDGE ? " edge-data" : "", p->offset != 0 ? " offset" : "", k);
+             p->data == DATA_EDGE ? " edge-data" : "", p->offset != 0 ? " offset" : "",
+             p->cfg.affine ? "" : " no-affine", p->cfg.track_running_stats ? "" : " untracked", k);
     return buf;
 }
 
@@ -447,9 +448,11 @@ static void run_case(const problem *p, int k, int steps)
     TU_EXPECT(rc == SYNCBN_OK, "create: %s (%s)", syncbn_strerror(rc), what);
     if (rc != SYNCBN_OK) /* the same code on every rank: all leave together */
         goto out;
+    const int affine = p->cfg.affine, track = p->cfg.track_running_stats;
     for (int64_t c = 0; c < C; c++) {
-        syncbn_weight(l)[c] = weight_of(p, c), syncbn_bias(l)[c] = bias_of(p, c);
-        r.w[c] = weight_of(p, c), r.b[c] = bias_of(p, c), r.rm[c] = 0, r.rv[c] = 1;
+        if (affine)
+            syncbn_weight(l)[c] = weight_of(p, c), syncbn_bias(l)[c] = bias_of(p, c);
+        r.w[c] = affine ? weight_of(p, c) : 1.0, r.b[c] = affine ? bias_of(p, c) : 0.0, r.rm[c] = 0, r.rv[c] = 1;
     }
 
     for (int step = 0; step < steps; step++) {
@@ -459,7 +462,8 @@ static void run_case(const problem *p, int k, int steps)
         /* A rank that holds none of the batch passes NULL buffers (z and dz too). */
         rc = syncbn_forward_ex(l, n ? x : NULL, p->z && n ? z : NULL, n, S, 1, n ? y : NULL);
         TU_EXPECT(rc == SYNCBN_OK, "forward_ex: %s (%s)", syncbn_strerror(rc), what);
-        rc = syncbn_backward_ex(l, n ? x : NULL, n ? dy : NULL, n, S, n ? dx : NULL, p->dz && n ? dz : NULL, dw, db);
+        rc = syncbn_backward_ex(l, n ? x : NULL, n ? dy : NULL, n, S, n ? dx : NULL, p->dz && n ? dz : NULL,
+                                affine ? dw : NULL, affine ? db : NULL);
         TU_EXPECT(rc == SYNCBN_OK, "backward_ex: %s (%s)", syncbn_strerror(rc), what);
         const int ambiguous = reference_step(p, step, &g, &r, step + 1);
         TU_EXPECT(ambiguous == 0, "test data: %d pre-activations within rounding of 0 (%s)", ambiguous, what);
@@ -486,10 +490,14 @@ static void run_case(const problem *p, int k, int steps)
                               (long long)s, get(t, dx, a), rdx, what);
                 }
         for (int64_t c = 0; c < C; c++) {
-            TU_EXPECT(tu_close(dw[c], r.dw[c], RTOL, sqrt(N)), "dweight[%lld] %.9g vs %.9g (%s)", (long long)c, dw[c],
-                      r.dw[c], what);
-            TU_EXPECT(tu_close(db[c], r.db[c], RTOL, sqrt(N)), "dbias[%lld] %.9g vs %.9g (%s)", (long long)c, db[c],
-                      r.db[c], what);
+            if (affine) {
+                TU_EXPECT(tu_close(dw[c], r.dw[c], RTOL, sqrt(N)), "dweight[%lld] %.9g vs %.9g (%s)", (long long)c,
+                          dw[c], r.dw[c], what);
+                TU_EXPECT(tu_close(db[c], r.db[c], RTOL, sqrt(N)), "dbias[%lld] %.9g vs %.9g (%s)", (long long)c,
+                          db[c], r.db[c], what);
+            }
+            if (!track)
+                continue;
             TU_EXPECT(tu_close(syncbn_running_mean(l)[c], r.rm[c], RTOL, 1 + fabs(p->offset)),
                       "running_mean[%lld] %.9g vs %.9g (%s)", (long long)c, syncbn_running_mean(l)[c], r.rm[c], what);
             TU_EXPECT(tu_close(syncbn_running_var(l)[c], r.rv[c], RTOL, 1), "running_var[%lld] %.9g vs %.9g (%s)",
@@ -499,16 +507,29 @@ static void run_case(const problem *p, int k, int steps)
                   (long long)syncbn_num_batches_tracked(l), what);
     }
 
-    /* Eval: the same formula with the running statistics as stored (float32). Never
-     * communicates; a rank holding nothing passes NULLs. */
+    /* Eval: the same formula with the running statistics as stored (float32), or
+     * (untracked) this rank's own batch statistics. Never communicates; a rank holding
+     * nothing passes NULLs. */
     make_batch(p, steps, &g);
     scatter(p, &g, lo, n, x, z, dy);
     memset(y, 0xff, (size_t)len * es);
     rc = syncbn_forward_ex(l, n ? x : NULL, p->z && n ? z : NULL, n, S, 0, n ? y : NULL);
     TU_EXPECT(rc == SYNCBN_OK, "eval forward_ex: %s (%s)", syncbn_strerror(rc), what);
-    for (int64_t c = 0; c < C; c++) {
-        r.mean[c] = syncbn_running_mean(l)[c];
-        r.invstd[c] = 1 / sqrt((double)syncbn_running_var(l)[c] + p->cfg.eps);
+    for (int64_t c = 0; c < C && n > 0; c++) {
+        if (track) {
+            r.mean[c] = syncbn_running_mean(l)[c];
+            r.invstd[c] = 1 / sqrt((double)syncbn_running_var(l)[c] + p->cfg.eps);
+            continue;
+        }
+        double m = 0, v = 0;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t s = 0; s < S; s++)
+                m += g.x[lg(p, lo + i, c, s)];
+        m /= (double)(n * S);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t s = 0; s < S; s++)
+                v += pow(g.x[lg(p, lo + i, c, s)] - m, 2);
+        r.mean[c] = m, r.invstd[c] = 1 / sqrt(v / (double)(n * S) + p->cfg.eps);
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t c = 0; c < C; c++)
@@ -520,7 +541,8 @@ static void run_case(const problem *p, int k, int steps)
                     continue; /* too close to 0 to say which side the library lands on */
                 check_y(p, y, at(p, i, c, s), pre, 1 + (p->z ? fabs(g.z[e]) : 0), 0, "eval y", lo + i, c, s, what);
             }
-    rc = syncbn_backward_ex(l, n ? x : NULL, n ? dy : NULL, n, S, n ? dx : NULL, NULL, dw, db);
+    rc = syncbn_backward_ex(l, n ? x : NULL, n ? dy : NULL, n, S, n ? dx : NULL, NULL, affine ? dw : NULL,
+                            affine ? db : NULL);
     TU_EXPECT(rc == SYNCBN_ESTATE, "backward_ex after eval: %s (%s)", syncbn_strerror(rc), what);
     syncbn_destroy(l);
 out:
@@ -549,8 +571,8 @@ static problem make_problem(int64_t B, int64_t C, int64_t S, syncbn_dtype t, int
  * rank they are all the same, so only one runs). */
 static const int SPLITS[] = {SPLIT_EVEN, SPLIT_RANDOM, SPLIT_HOLES, SPLIT_LAST};
 
-/* dtype x variant x layout x reduction x split, for one shape. */
-static void sweep(int64_t B, int64_t C, int64_t S, int data, double offset)
+/* dtype x variant x layout x reduction x split, for one shape and option set. */
+static void sweep_opts(int64_t B, int64_t C, int64_t S, int data, double offset, int affine, int track)
 {
     const int nsplits = tu_nranks == 1 ? 1 : (int)(sizeof SPLITS / sizeof SPLITS[0]);
     for (int t = 0; t < 2; t++)
@@ -560,10 +582,15 @@ static void sweep(int64_t B, int64_t C, int64_t S, int data, double offset)
                     for (int k = 0; k < nsplits; k++) {
                         problem p = make_problem(B, C, S, (syncbn_dtype)t, v, (syncbn_layout)layout,
                                                  (syncbn_reduction)red, data);
-                        p.offset = offset;
+                        p.offset = offset, p.cfg.affine = affine, p.cfg.track_running_stats = track;
                         run_case(&p, SPLITS[k], 2);
                     }
     tu_verdict();
+}
+
+static void sweep(int64_t B, int64_t C, int64_t S, int data, double offset)
+{
+    sweep_opts(B, C, S, data, offset, 1, 1);
 }
 
 START_TEST(reference_small) { sweep(7, 5, 9, DATA_RANDOM, 0); }
@@ -575,6 +602,10 @@ END_TEST
 START_TEST(reference_wide_rows) { sweep(5, 3, 67, DATA_RANDOM, 0); }   /* S not a multiple of the lanes */
 END_TEST
 START_TEST(reference_offset) { sweep(8, 6, 49, DATA_RANDOM, 100); }    /* x = 100 + N(0,1) */
+END_TEST
+/* Without weight and bias (k = invstd, shift 0), and untracked (eval normalizes with
+ * this rank's own batch). */
+START_TEST(reference_no_affine_untracked) { sweep_opts(6, 5, 7, DATA_RANDOM, 0, 0, 0); }
 END_TEST
 
 /* Pre-activations exactly 0 (+0 and -0), the double-rounding trap, overflow to Inf
@@ -850,6 +881,12 @@ START_TEST(fused_equals_bn_then_relu)
                                                  use_z ? 4 : 1, (syncbn_layout)layout, (syncbn_reduction)red,
                                                  DATA_RANDOM);
                         fused_vs_unfused(p, tu_nranks == 1 ? SPLIT_EVEN : SPLIT_RANDOM);
+                        if (big)
+                            continue;
+                        /* exact zeros (+0 and -0), NaN and Inf pre-activations */
+                        p = make_problem(8, 6, 4, (syncbn_dtype)t, use_z ? 4 : 1, (syncbn_layout)layout,
+                                         (syncbn_reduction)red, DATA_EDGE);
+                        fused_vs_unfused(p, tu_nranks == 1 ? SPLIT_EVEN : SPLIT_HOLES);
                     }
     }
     omp_set_num_threads(threads);
@@ -1362,6 +1399,7 @@ static Suite *make_suite(void)
     tcase_add_test(tr, reference_nhwc_tails);
     tcase_add_test(tr, reference_wide_rows);
     tcase_add_test(tr, reference_offset);
+    tcase_add_test(tr, reference_no_affine_untracked);
     tcase_add_test(tr, reference_exact_zero_and_specials);
     tcase_add_test(tr, reference_two_threads);
     tcase_add_test(tr, backward_finite_differences);
