@@ -664,9 +664,10 @@ int syncbn_backward_ex(syncbn_layer *l, const void *x, const void *dy, int64_t n
     if (n == 0)
         dz = NULL; /* nothing to write */
     const int state_ok = l->saved && l->saved_n == n && l->saved_S == spatial;
-    /* dz asks for the gradient of z, which only a forward given a z has. */
+    /* dz asks for the gradient of z, which only a forward given a z has (without a
+     * matching forward at all, the error is the order: SYNCBN_ESTATE). */
     const int ok = shape_valid(n, C, spatial) && (n == 0 || (x && dy)) &&
-                   (l->cfg.affine || (!dweight && !dbias)) && (!dz || (l->saved && l->saved_z));
+                   (l->cfg.affine || (!dweight && !dbias)) && (!dz || !state_ok || l->saved_z);
     sbn_shape sh = {n, C, spatial, l->cfg.layout, l->cfg.dtype};
     const uint8_t *mask = l->cfg.activation == SYNCBN_ACT_RELU ? (const uint8_t *)l->mask : NULL;
 

@@ -147,36 +147,24 @@ SBN_INLINE double sbn_ld1(int dt, const void *p, int64_t i)
 
 /* ---- rounding: double to the element type, held as floats ----
  * float: as a C cast (to nearest-even). bfloat16: to nearest-even ONCE, from the
- * double itself: first to float rounding to ODD (truncate, then set the last bit if
- * anything was lost), which keeps every bit the final rounding needs (float has 16
- * more significant bits than bfloat16, at least the 2 that round-to-odd requires, and
- * so finer spacing in every binade, subnormals included), then to nearest-even at
- * bfloat16's 8 bits. Overflow gives Inf, NaN stays NaN (quiet). The result's low 16
- * bits are zero: widening it back is exact. */
-SBN_INLINE sbn_v8f sbn_round8(int dt, const sbn_v8d *v)
+ * double itself, never through float (which would round twice). Two ways, both
+ * exact, so every build gives the same bits:
+ *   - fast: round the double's own significand to bfloat16's 8 bits with integer
+ *     arithmetic (add half an ulp minus one, plus the kept lsb; clear the rest), then
+ *     convert to float, which is exact. Right wherever the result is a normal float:
+ *     bfloat16's normal range is float's, and overflow (>= 2^128 after rounding)
+ *     becomes Inf in the conversion. Not for results in the subnormal range (there
+ *     bfloat16 has fewer than 8 bits) or NaN.
+ *   - general (those lanes, rare): to float rounding to ODD (truncate, then set the
+ *     last bit if anything was lost), which keeps every bit the final rounding needs
+ *     (float has 16 more significant bits than bfloat16, at least the 2 that
+ *     round-to-odd requires, and finer spacing in every binade, subnormals included),
+ *     then to nearest-even at bfloat16's 8 bits. NaN stays NaN (quiet).
+ * The result's low 16 bits are zero: widening it back is exact. */
+SBN_INLINE sbn_v8f sbn_round8_odd(const sbn_v8d *v)
 {
-#ifdef __AVX512F__
-    if (dt == SYNCBN_BF16) { /* the same steps in fewer instructions: truncate directly */
-        __m256 t = _mm512_cvt_roundpd_ps((__m512d)*v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        const __mmask8 lost = _mm512_cmp_pd_mask(_mm512_cvtps_pd(t), (__m512d)*v, _CMP_NEQ_UQ);
-        sbn_v8w b = (sbn_v8w)_mm256_castps_si256(t);
-#ifdef __AVX512VL__
-        b = (sbn_v8w)_mm256_mask_or_epi32((__m256i)b, lost, (__m256i)b, _mm256_set1_epi32(1));
-#else
-        const sbn_v8w lane = {1, 2, 4, 8, 16, 32, 64, 128};
-        b |= (sbn_v8w)((lane & (uint32_t)lost) != 0) & 1u;
-#endif
-        b += 0x7FFFu + ((b >> 16) & 1u);
-        return (sbn_v8f)(b & 0xFFFF0000u);
-    }
-    const sbn_v8f f = (sbn_v8f)_mm512_cvtpd_ps((__m512d)*v);
-    return f;
-#else
-    const sbn_v8f f = (sbn_v8f)_mm512_cvtpd_ps((__m512d)*v);
     const sbn_v8f f = __builtin_convertvector(*v, sbn_v8f);
-    if (dt == SYNCBN_F32)
-        return f;
-    const sbn_v8d back = sbn_f8_to_d8(f);
+    const sbn_v8d back = __builtin_convertvector(f, sbn_v8d);
     const sbn_v8u mag = (sbn_v8u)sbn_bcast8(0) | INT64_MAX;
     const sbn_v8l away = (sbn_v8l)(((sbn_v8u)back & mag) > ((sbn_v8u)*v & mag)); /* -1: rounded away */
     const sbn_v8l lost = back != *v;                                               /* -1: inexact (or NaN) */
@@ -185,6 +173,34 @@ SBN_INLINE sbn_v8f sbn_round8(int dt, const sbn_v8d *v)
     b |= (sbn_v8w)__builtin_convertvector(lost, sbn_v8i) & 1u;
     b += 0x7FFFu + ((b >> 16) & 1u);
     return (sbn_v8f)(b & 0xFFFF0000u);
+}
+
+SBN_INLINE sbn_v8f sbn_round8(int dt, const sbn_v8d *v)
+{
+#ifdef __AVX512F__
+    if (dt == SYNCBN_F32)
+        return (sbn_v8f)_mm512_cvtpd_ps((__m512d)*v);
+#else
+    if (dt == SYNCBN_F32)
+        return __builtin_convertvector(*v, sbn_v8f);
+#endif
+    sbn_v8u u = (sbn_v8u)*v;
+    u += ((UINT64_C(1) << 44) - 1) + ((u >> 45) & 1);
+    u &= ~((UINT64_C(1) << 45) - 1);
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+    const __m256 f = _mm512_cvtpd_ps((__m512d)u);
+    if (__builtin_expect(_mm256_fpclass_ps_mask(f, 0x01 | 0x20 | 0x80) != 0, 0)) /* QNaN, subnormal, SNaN */
+        return sbn_round8_odd(v);
+    return (sbn_v8f)f;
+#else
+    const sbn_v8f f = __builtin_convertvector((sbn_v8d)u, sbn_v8f);
+    const sbn_v8w e = (sbn_v8w)f & 0x7F800000u;
+    const sbn_v8i bad = (sbn_v8i)(e == 0u) & (sbn_v8i)(((sbn_v8w)f & 0x7FFFFFFFu) != 0u); /* subnormal */
+    const sbn_v8i nan = (sbn_v8i)(((sbn_v8w)f & 0x7FFFFFFFu) > 0x7F800000u);
+    int any = 0;
+    for (int j = 0; j < 8; j++)
+        any |= bad[j] | nan[j];
+    return any ? sbn_round8_odd(v) : f;
 #endif
 }
 
@@ -203,6 +219,7 @@ SBN_INLINE float sbn_round1(int dt, double v)
     const float f = (float)v;
     if (dt == SYNCBN_F32)
         return f;
+    /* the general way of sbn_round8 (the fast one gives the same bits where it applies) */
     const double back = f;
     uint64_t bv, bb;
     memcpy(&bv, &v, sizeof bv), memcpy(&bb, &back, sizeof bb);
@@ -305,6 +322,8 @@ SBN_INLINE void sbn_nt_fence(int nt)
 SBN_INLINE unsigned sbn_mask8(const uint8_t *m, int64_t i)
 {
     const uint8_t *b = m + (i >> 3);
+    if (!(i & 7)) /* rows of a multiple of 8 elements: every step, and predictably so */
+        return b[0];
     return (unsigned)((b[0] | (unsigned)b[1] << 8) >> (i & 7)) & 0xFFu;
 }
 
@@ -334,11 +353,12 @@ SBN_INLINE unsigned sbn_relu8(sbn_v8f *f)
 {
 #ifdef __AVX512F__
     const __mmask8 pos = _mm256_cmp_ps_mask((__m256)*f, _mm256_setzero_ps(), _CMP_GT_OQ);
-    const __mmask8 keep = _mm256_cmp_ps_mask((__m256)*f, _mm256_setzero_ps(), _CMP_NLE_UQ); /* > 0 or NaN */
-    *f = (sbn_v8f)_mm256_maskz_mov_ps(keep, (__m256)*f);
+    /* max(+0, f + 0): f + 0 turns -0 into +0 (exactly; other values unchanged), and
+     * maxps returns its second operand when either is NaN, so NaN stays. */
+    *f = (sbn_v8f)_mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps((__m256)*f, _mm256_setzero_ps()));
     return pos;
 #else
-    const sbn_v8i pos = *f > 0, keep = !(*f <= 0);
+    const sbn_v8i pos = *f > 0, keep = ~(*f <= 0); /* NaN: not <= 0, kept */
     *f = (sbn_v8f)((sbn_v8i)*f & keep);
     const sbn_v8i lane = {1, 2, 4, 8, 16, 32, 64, 128};
     const sbn_v8i bits = pos & lane;

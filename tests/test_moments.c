@@ -11,9 +11,11 @@
  */
 #include "exactsum.h"
 #include "moments.h"
+#include "simd.h"
 #include "testutil.h"
 
 #include <check.h>
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -155,6 +157,107 @@ START_TEST(nonfinite_mean_masked_positions)
 }
 END_TEST
 
+/* ---- rounding double -> bfloat16 (simd.h) ----
+ * Reference: the bfloat16 values next to |d| (candidates from a float conversion,
+ * which is off by at most one step), the nearest chosen by EXACT distances (each
+ * difference of two nearby doubles is exact by Sterbenz's lemma, or both are
+ * multiples of 2^-1074), ties to the even bit pattern, Inf from (2 - 2^-8) 2^127 up. */
+static double bf16_value(uint16_t h)
+{
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static uint16_t bf16_reference(double d)
+{
+    const uint16_t sign = signbit(d) ? 0x8000 : 0;
+    const double a = fabs(d);
+    if (a >= ldexp(2 - ldexp(1, -8), 127))
+        return sign | 0x7F80;
+    const float f = (float)a;
+    uint32_t fb;
+    memcpy(&fb, &f, sizeof fb);
+    const int h0 = (int)(fb >> 16);
+    int best = -1;
+    double bestd = INFINITY;
+    for (int h = h0 - 1; h <= h0 + 1; h++) {
+        if (h < 0 || h > 0x7F7F)
+            continue;
+        const double dist = fabs(bf16_value((uint16_t)h) - a);
+        if (dist < bestd || (dist == bestd && !(h & 1)))
+            best = h, bestd = dist;
+    }
+    return sign | (uint16_t)best;
+}
+
+static uint16_t upper_bits(float f)
+{
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    ck_assert_msg((b & 0xFFFF) == 0, "low half not zero: %08x", b);
+    return (uint16_t)(b >> 16);
+}
+
+/* d as the value under test in lane `lane` of a vector whose other lanes hold
+ * `fill` (so that a lane needing the general way shares a vector with fast ones). */
+static void check_rounding(double d, double fill, int lane)
+{
+    sbn_v8d v = sbn_bcast8(fill);
+    v[lane] = d;
+    const sbn_v8f r = sbn_round8(SYNCBN_BF16, &v);
+    for (int j = 0; j < 8; j++) {
+        const double in = j == lane ? d : fill;
+        const float got8 = r[j], got1 = sbn_round1(SYNCBN_BF16, in);
+        if (isnan(in)) {
+            ck_assert_msg(isnan(got8) && isnan(got1), "NaN must stay NaN");
+            continue;
+        }
+        const uint16_t want = bf16_reference(in);
+        ck_assert_msg(upper_bits(got8) == want && upper_bits(got1) == want,
+                      "round(%a): vector %04x scalar %04x want %04x", in, upper_bits(got8), upper_bits(got1), want);
+    }
+}
+
+START_TEST(bf16_rounding_exact)
+{
+    uint64_t seed = 12345;
+    int lane = 0;
+    /* Around every bfloat16 step of many binades: the value, the tie, a double ulp
+     * either side of the tie, across the subnormal, normal and overflow ranges. */
+    const int exps[] = {-149, -140, -134, -133, -127, -126, -125, -60, -1, 0, 1, 30, 126, 127};
+    for (size_t ei = 0; ei < sizeof exps / sizeof exps[0]; ei++)
+        for (int m = 0; m < 256; m += 7) {
+            const double base = ldexp(1.0 + m / 128.0, exps[ei]), half = ldexp(1, exps[ei] - 8);
+            const double cases[] = {base, base + half, nextafter(base + half, 0), nextafter(base + half, INFINITY),
+                                    base - half, ldexp(m, -141), ldexp(m + 0.5, -133)};
+            for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+                check_rounding(cases[k], 1.5, lane++ & 7);
+                check_rounding(-cases[k], ldexp(1, -130), lane++ & 7);
+            }
+        }
+    const double special[] = {0.0, -0.0, INFINITY, -INFINITY, NAN, -NAN, DBL_MAX, 1e-300, -1e-300, FLT_MAX,
+                              ldexp(2 - ldexp(1, -8), 127), nextafter(ldexp(2 - ldexp(1, -8), 127), 0),
+                              ldexp(1, -126), nextafter(ldexp(1, -126), 0), ldexp(1, -134), ldexp(1, -135),
+                              nextafter(ldexp(1, -134), 1)};
+    for (size_t k = 0; k < sizeof special / sizeof special[0]; k++)
+        for (int l = 0; l < 8; l++)
+            check_rounding(special[k], -3.25, l);
+    /* Random doubles over the whole useful exponent range. */
+    for (int k = 0; k < 200000; k++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        const uint64_t mant = seed >> 12;
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        const int e = (int)(seed >> 33) % 300 - 160;
+        double d;
+        const uint64_t bits = (uint64_t)(e + 1023) << 52 | mant | (seed & 1) << 63;
+        memcpy(&d, &bits, sizeof d);
+        check_rounding(d, k & 1 ? 0.75 : ldexp(1, -140), k & 7);
+    }
+}
+END_TEST
+
 static Suite *moments_suite(void)
 {
     Suite *s = suite_create("moments");
@@ -162,6 +265,9 @@ static Suite *moments_suite(void)
     tcase_add_test(tc, sums_match_reference);
     tcase_add_test(tc, nonfinite_mean_masked_positions);
     suite_add_tcase(s, tc);
+    TCase *tr = tcase_create("rounding");
+    tcase_add_test(tr, bf16_rounding_exact);
+    suite_add_tcase(s, tr);
     return s;
 }
 
