@@ -1108,10 +1108,9 @@ START_TEST(errors_enomem_on_mask_growth)
             TU_EXPECT(tu_same_image(before, after), "ENOMEM changed the layer (first allocation, %s)", what);
             free(after.bytes);
             EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx, NULL, dw, db), SYNCBN_ESTATE);
-            /* LIBRARY DISCREPANCY (see /work/notes/tests.md, "ESTATE vs EINVAL"): asking for
-             * dz after a failed forward that WAS given a z. There is no matching forward, so
-             * the contract's answer is ESTATE; the library (0b9ad96) says EINVAL ("dz
-             * without z") because it checks dz against the saved forward before the state. */
+            /* also when asking for dz: the failed forward WAS given a z, and there is no
+             * matching forward at all, so the answer is the order (ESTATE), not "dz without
+             * z" (EINVAL; the library said so before 27d11bd) */
             if (use_z)
                 EXPECT_CODE(syncbn_backward_ex(l, x, dy, small, S, dx, dz, dw, db), SYNCBN_ESTATE);
             sbn_test_fail_alloc(-1);
