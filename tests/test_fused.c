@@ -195,14 +195,15 @@ static int64_t lg(const problem *p, int64_t i, int64_t c, int64_t s) { return (i
  * summation order (N a power of two, so even sum * (1/N) is exact), and about a third
  * of the elements equal the mean: their BN(x) is exactly +-0, and their
  * pre-activation is exactly bias + z. Per channel: */
-static const float EDGE_W[6] = {0.75f, -1.25f, 1.5f, 1.0f, 0.5f, 1.0f};
-static const float EDGE_B[6] = {
+static const float EDGE_W[7] = {0.75f, -1.25f, 1.5f, 1.0f, 0.5f, 1.0f, 3e-39f};
+static const float EDGE_B[7] = {
     0.0f,                /* 0: pre = +0 (z = +-0 there) */
     -0.0f,               /* 1: negative weight, bias -0: pre = -0 + -0 = -0 (ReLU: y must be +0) */
     0.375f,              /* 2: z = -0.375 there: pre = +0 */
     0x1p-8f + 0x1p-31f,  /* 3: z = 1 there: pre = 1 + 2^-8 + 2^-31, bf16 0x3f81 (via float: 0x3f80) */
     1e38f,               /* 4: z = bf16 max at some elements: pre overflows to +Inf */
     0.25f,               /* 5: z = NaN, +Inf, -Inf at some elements */
+    0.0f,                /* 6: weight 3e-39 (a float subnormal), z ~ 1e-39: outputs are bf16 subnormals */
 };
 
 static int edge_d(const problem *p, int step, int64_t i, int64_t c, int64_t s)
@@ -223,7 +224,7 @@ static double x_raw(const problem *p, int step, int64_t i, int64_t c, int64_t s)
 static double z_raw(const problem *p, int step, int64_t i, int64_t c, int64_t s)
 {
     const double normal = 1.5 * tu_normal(key(2, step, i, c, s));
-    if (p->data != DATA_EDGE || c > 5)
+    if (p->data != DATA_EDGE || c > 6)
         return normal;
     const int zero = edge_d(p, step, i, c, s) == 0;
     const uint64_t h = tu_hash(key(6, step, i, c, s));
@@ -233,7 +234,8 @@ static double z_raw(const problem *p, int step, int64_t i, int64_t c, int64_t s)
     case 2: return zero ? -0.375 : normal;
     case 3: return zero ? (h & 1 ? 1.0 : -1.0) : normal;
     case 4: return h % 4 == 0 ? 0x1.fep127 : normal;
-    default: return h % 8 == 0 ? NAN : h % 8 == 1 ? INFINITY : h % 8 == 2 ? -INFINITY : normal;
+    case 5: return h % 8 == 0 ? NAN : h % 8 == 1 ? INFINITY : h % 8 == 2 ? -INFINITY : normal;
+    default: return 1e-39 * normal;
     }
 }
 
@@ -241,14 +243,14 @@ static double dy_raw(int step, int64_t i, int64_t c, int64_t s) { return tu_norm
 
 static float weight_of(const problem *p, int64_t c)
 {
-    if (p->data == DATA_EDGE && c < 6)
+    if (p->data == DATA_EDGE && c < 7)
         return EDGE_W[c];
     return (float)(0.5 + tu_uniform(31u * (uint64_t)c + 7));
 }
 
 static float bias_of(const problem *p, int64_t c)
 {
-    if (p->data == DATA_EDGE && c < 6)
+    if (p->data == DATA_EDGE && c < 7)
         return EDGE_B[c];
     return (float)(tu_uniform(37u * (uint64_t)c + 5) - 0.5);
 }
@@ -608,12 +610,13 @@ END_TEST
 START_TEST(reference_no_affine_untracked) { sweep_opts(6, 5, 7, DATA_RANDOM, 0, 0, 0); }
 END_TEST
 
-/* Pre-activations exactly 0 (+0 and -0), the double-rounding trap, overflow to Inf
- * and NaN/Inf residuals: see EDGE_B. N = 32 and N = 8 (powers of two). */
+/* Pre-activations exactly 0 (+0 and -0), the double-rounding trap, overflow to Inf,
+ * NaN/Inf residuals and bf16-subnormal outputs: see EDGE_B. N = 32 and N = 8 (powers
+ * of two). */
 START_TEST(reference_exact_zero_and_specials)
 {
-    sweep(8, 6, 4, DATA_EDGE, 0);
-    sweep(8, 7, 1, DATA_EDGE, 0); /* a seventh, plain channel after the special ones */
+    sweep(8, 7, 4, DATA_EDGE, 0);
+    sweep(8, 8, 1, DATA_EDGE, 0); /* the subnormal channel 6, and a plain one after it */
 }
 END_TEST
 
