@@ -131,6 +131,15 @@ SBN_INLINE void bw_flush(const bitw *b)
         *b->w = b->acc;
 }
 
+/* The 64 bits of the next 64 elements: the word fills, whatever the position. */
+SBN_INLINE void bw_put64(bitw *b, uint64_t bits)
+{
+    b->acc |= bits << b->off;
+    bw_flush(b);
+    b->w++;
+    b->acc = b->off ? bits >> (64 - b->off) : 0;
+}
+
 /* The k bits (k <= 8) of the next k elements. */
 SBN_INLINE void bw_put(bitw *b, uint64_t bits, int64_t k)
 {
@@ -146,8 +155,9 @@ SBN_INLINE void bw_put(bitw *b, uint64_t bits, int64_t k)
 
 /* ---- one step ---- */
 
-/* Outputs f .. f+t-1 (t = 8, or 0 < t < 8 by masked loads and stores). */
-SBN_INLINE void ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int64_t t, int nt, bitw *bw)
+/* Outputs f .. f+t-1 (t = 8, or 0 < t < 8 by masked loads and stores). Returns their
+ * ReLU mask bits (normalize with EW_RELU; else 0). */
+SBN_INLINE unsigned ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int64_t t, int nt)
 {
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
     const sbn_v8d x = t == 8 ? sbn_ld8(dt, e->x, f) : sbn_ld8_first(dt, e->x, f, t);
@@ -156,16 +166,12 @@ SBN_INLINE void ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int
         if (v & EW_ADD)
             r += t == 8 ? sbn_ld8(dt, e->dy, f) : sbn_ld8_first(dt, e->dy, f, t);
         sbn_v8f o = sbn_round8(dt, &r);
-        if (v & EW_RELU) {
-            const unsigned bits = sbn_relu8(&o);
-            if (v & EW_MASK)
-                bw_put(bw, bits & ((1u << t) - 1), t);
-        }
+        const unsigned bits = v & EW_RELU ? sbn_relu8(&o) & ((1u << t) - 1) : 0;
         if (t == 8)
             sbn_st8(dt, e->out, f, o, nt);
         else
             sbn_st8_first(dt, e->out, f, o, t);
-        return;
+        return bits;
     }
     const int relu = (v & EW_RELU) != 0;
     const sbn_v8d g = t == 8 ? sbn_ldg8(dt, relu, e->dy, e->mask, f) : sbn_ldg8_first(dt, relu, e->dy, e->mask, f, t);
@@ -184,9 +190,10 @@ SBN_INLINE void ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int
         else
             sbn_st8_first(dt, e->out2, f, o, t);
     }
+    return 0;
 }
 
-SBN_INLINE void ew_scalar(int v, const ew_args *e, int64_t f, int64_t c, bitw *bw)
+SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
 {
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
     const double x = sbn_ld1(dt, e->x, f);
@@ -195,19 +202,16 @@ SBN_INLINE void ew_scalar(int v, const ew_args *e, int64_t f, int64_t c, bitw *b
         if (v & EW_ADD)
             r += sbn_ld1(dt, e->dy, f);
         float o = sbn_round1(dt, r);
-        if (v & EW_RELU) {
-            const unsigned bit = sbn_relu1(&o);
-            if (v & EW_MASK)
-                bw_put(bw, bit, 1);
-        }
+        const unsigned bit = v & EW_RELU ? sbn_relu1(&o) : 0;
         sbn_st1(dt, e->out, f, o);
-        return;
+        return bit;
     }
     const double g = sbn_ldg1(dt, (v & EW_RELU) != 0, e->dy, e->mask, f);
     if (!(v & EW_NOOUT))
         sbn_st1(dt, e->out, f, sbn_round1(dt, e->k[c] * (g - e->a[c] - (x - e->m[c]) * e->b[c])));
     if (v & EW_DZ)
         sbn_st1(dt, e->out2, f, sbn_round1(dt, g));
+    return 0;
 }
 
 /* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
@@ -238,23 +242,42 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     for (int part = 0; part < 3; part++) {
         const int64_t end = part == 0 ? h : part == 1 ? g : f1;
         const int stream = part == 1;
+        if (v & EW_MASK) /* 64 outputs a step: one word of mask bits, put at once */
+            for (; f + 64 <= end; f += 64) {
+                uint64_t bits = 0;
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) {
+                    if (lanes)
+                        ew_coef_lanes(v, e, c, &q);
+                    bits |= (uint64_t)ew_vec(v, e, f + 8 * j, &q, 8, stream) << 8 * j;
+                    if (lanes)
+                        c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
+                }
+                bw_put64(&lbw, bits);
+            }
         for (; f + 8 <= end; f += 8) {
             if (lanes)
                 ew_coef_lanes(v, e, c, &q);
-            ew_vec(v, e, f, &q, 8, stream, &lbw);
+            const unsigned bits = ew_vec(v, e, f, &q, 8, stream);
+            if (v & EW_MASK)
+                bw_put(&lbw, bits, 8);
             if (lanes)
                 c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
         }
         if (SBN_HAVE_MASKED(dt) && f < end) {
             if (lanes)
                 ew_coef_lanes(v, e, c, &q);
-            ew_vec(v, e, f, &q, end - f, 0, &lbw);
+            const unsigned bits = ew_vec(v, e, f, &q, end - f, 0);
+            if (v & EW_MASK)
+                bw_put(&lbw, bits, end - f);
             if (lanes)
                 c = (c + (end - f)) % C;
             f = end;
         }
         for (; f < end; f++) {
-            ew_scalar(v, e, f, c, &lbw);
+            const unsigned bit = ew_scalar(v, e, f, c);
+            if (v & EW_MASK)
+                bw_put(&lbw, bit, 1);
             if (lanes && ++c == C)
                 c = 0;
         }
