@@ -39,6 +39,7 @@ typedef struct {
     uint64_t seed;
     int64_t max_steps;  /* 0: no limit */
     int bn_mode, reduction;
+    int fused;          /* 0 with --unfused: plain BN layers, the ReLU in the pooling */
     const char *save, *resume, *log;
     int64_t save_every;
     int64_t train_limit, test_limit; /* 0: whole split */
@@ -62,6 +63,8 @@ static void usage(void) {
         "  --steps N             stop after global step N (default: no limit)\n"
         "  --bn sync|local       synchronized BN, or plain per-rank BN (default sync)\n"
         "  --reduction reproducible|fast   exact sums (default) or plain float sums\n"
+        "  --unfused             plain BN layers and the ReLU after them in the example's pooling,\n"
+        "                        instead of the BN layers' fused ReLU (same results, for comparison)\n"
         "  --save PATH           write a checkpoint at the end (and every --save-every steps)\n"
         "  --save-every N        checkpoint period in steps (default 0: only at the end)\n"
         "  --resume PATH         continue from a checkpoint (same --seed and --batch)\n"
@@ -94,14 +97,15 @@ static float parse_float(const char *opt, const char *s) {
 static options parse_options(int argc, char **argv) {
     options o = {.data_dir = TRAIN_DATA_DEFAULT_DIR, .epochs = 3, .batch = 128, .lr = 0.05f, .momentum = 0.9f,
                  .wd = 0.0f, .warmup = 30, .seed = 42, .bn_mode = TRAIN_BN_SYNC, .reduction = TRAIN_REPRODUCIBLE,
-                 .print_every = 50, .eval = 1, .timeout = 600};
+                 .print_every = 50, .eval = 1, .timeout = 600, .fused = 1};
     static const struct option longopts[] = {
         {"data", 1, 0, 'd'},        {"epochs", 1, 0, 'e'},     {"batch", 1, 0, 'b'},       {"lr", 1, 0, 'l'},
         {"momentum", 1, 0, 'm'},    {"wd", 1, 0, 'w'},         {"seed", 1, 0, 's'},        {"steps", 1, 0, 'n'},
         {"bn", 1, 0, 'B'},          {"reduction", 1, 0, 'R'},  {"save", 1, 0, 'S'},        {"resume", 1, 0, 'r'},
         {"log", 1, 0, 'L'},         {"save-every", 1, 0, 'E'}, {"train-limit", 1, 0, 'T'}, {"test-limit", 1, 0, 't'},
         {"print-every", 1, 0, 'p'}, {"no-eval", 0, 0, 'N'},    {"help", 0, 0, 'h'},        {"warmup", 1, 0, 'W'},
-        {"blas-core", 1, 0, 'C'},   {"timeout", 1, 0, 'O'},    {"quit-at", 1, 0, 'Q'},     {0, 0, 0, 0}};
+        {"blas-core", 1, 0, 'C'},   {"timeout", 1, 0, 'O'},    {"quit-at", 1, 0, 'Q'},     {"unfused", 0, 0, 'U'},
+        {0, 0, 0, 0}};
     int c;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -136,6 +140,7 @@ static options parse_options(int argc, char **argv) {
         case 'C': break; // acted on before MPI_Init, by train_blas_select
         case 'O': o.timeout = parse_float("--timeout", optarg); break;
         case 'Q': o.quit_at = parse_int("--quit-at", optarg, 1); break;
+        case 'U': o.fused = 0; break;
         case 'h': usage(); MPI_Finalize(); exit(0);
         default:
             usage();
@@ -211,6 +216,7 @@ int main(int argc, char **argv) {
     if (cap < 64) cap = 64;
     train_model m;
     train_bn_timeout = o.timeout;
+    train_bn_fused = o.fused;
     train_model_init(&m, o.seed, o.bn_mode, o.reduction, cap, MPI_COMM_WORLD);
 
     int64_t steps_per_epoch = (train.n + o.batch - 1) / o.batch; // the last batch may be smaller
@@ -223,11 +229,12 @@ int main(int argc, char **argv) {
         train_log0("resumed from %s at step %lld\n", o.resume, (long long)step);
     }
 
-    train_log0("syncbn-train: %d rank%s, batch %lld, %lld steps/epoch, %lld steps, bn %s, reduction %s, "
+    train_log0("syncbn-train: %d rank%s, batch %lld, %lld steps/epoch, %lld steps, bn %s (relu %s), reduction %s, "
                "lr %g (warm-up %lld steps) momentum %g wd %g seed %llu, %lld train / %lld test images\n"
                "syncbn-train: %s\n",
                train_nranks, train_nranks == 1 ? "" : "s", (long long)o.batch, (long long)steps_per_epoch,
                (long long)total_steps, o.bn_mode == TRAIN_BN_SYNC ? "sync" : "local",
+               o.fused ? "fused into BN" : "unfused, --unfused",
                o.reduction == TRAIN_REPRODUCIBLE ? "reproducible" : "fast", o.lr, (long long)o.warmup, o.momentum,
                o.wd, (unsigned long long)o.seed, (long long)train.n, (long long)test.n, train_blas_describe());
 

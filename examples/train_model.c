@@ -20,15 +20,9 @@
         int rc_ = (call);                                                             \
         if (rc_ != SYNCBN_OK) train_die("%s failed: %s", #call, syncbn_strerror(rc_)); \
     } while (0)
-// A call on an existing layer: the message adds the layer's own description of the
-// error (for SYNCBN_ETIMEOUT, which call waited how long). train_die then aborts.
-#define CHECK_BN(layer, call)                                                                          \
-    do {                                                                                               \
-        int rc_ = (call);                                                                              \
-        if (rc_ != SYNCBN_OK) train_die("%s failed: %s", #call, syncbn_last_error(layer));             \
-    } while (0)
 
 double train_bn_timeout = 0;
+int train_bn_fused = 1;
 
 // Parameter layout (offsets into params/grads), in the order of the model.
 enum {
@@ -57,6 +51,7 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     memset(m, 0, sizeof *m);
     m->bn_mode = bn_mode;
     m->reduction = reduction;
+    m->fused = train_bn_fused != 0;
     m->comm = comm;
     m->nparams = NPARAMS;
     m->params = falloc(NPARAMS);
@@ -87,6 +82,7 @@ void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction,
     syncbn_config cfg = syncbn_config_default(C1);
     cfg.reduction = reduction == TRAIN_REPRODUCIBLE ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
     cfg.timeout = bn_mode == TRAIN_BN_SYNC ? train_bn_timeout : 0; // nobody to wait for on MPI_COMM_SELF
+    cfg.activation = m->fused ? SYNCBN_ACT_RELU : SYNCBN_ACT_NONE;
     CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn1));
     cfg.channels = C2;
     CHECK_SBN(syncbn_create(&cfg, bncomm, &m->bn2));
@@ -141,19 +137,59 @@ static void push_bn_params(train_model *m) {
     memcpy(syncbn_bias(m->bn2), m->bn2_b, sizeof(float) * C2);
 }
 
+// BN -> ReLU -> maxpool, split where m->fused says (train_model.h). A failed call ends
+// the job with a message naming the call, the layer (`name`, e.g. "m->bn1") and the
+// layer's own description of the error (for SYNCBN_ETIMEOUT, which call waited how long).
+// Forward: y = relu(BN(x)) with the mask kept in the layer (fused), or y = BN(x).
+// Collective when training.
+static void bn_relu_forward(const train_model *m, syncbn_layer *bn, const char *name, const float *x, int64_t n,
+                            int64_t S, int training, float *y) {
+    int rc = m->fused ? syncbn_forward_ex(bn, x, NULL, n, S, training, y) : syncbn_forward(bn, x, n, S, training, y);
+    if (rc != SYNCBN_OK)
+        train_die("%s(%s, ...) failed: %s", m->fused ? "syncbn_forward_ex" : "syncbn_forward", name,
+                  syncbn_last_error(bn));
+}
+// Backward: dx = d(BN input), may equal dy; dweight, dbias: (C) global sums. Collective.
+static void bn_relu_backward(const train_model *m, syncbn_layer *bn, const char *name, const float *x, const float *dy,
+                             int64_t n, int64_t S, float *dx, float *dweight, float *dbias) {
+    int rc = m->fused ? syncbn_backward_ex(bn, x, dy, n, S, dx, NULL, dweight, dbias)
+                      : syncbn_backward(bn, x, dy, n, S, dx, dweight, dbias);
+    if (rc != SYNCBN_OK)
+        train_die("%s(%s, ...) failed: %s", m->fused ? "syncbn_backward_ex" : "syncbn_backward", name,
+                  syncbn_last_error(bn));
+}
+
+// One sample's pooling after the BN: x (C, H, W) is relu(BN) when fused (plain
+// maxpool), BN when not (the ReLU folded into the pooling).
+static void relu_pool_forward(const train_model *m, float *y, uint8_t *arg, const float *x, int C, int H, int W) {
+    if (m->fused)
+        maxpool2_forward(y, arg, x, C, H, W);
+    else
+        relu_maxpool2_forward(y, arg, x, C, H, W);
+}
+// dx: (C, H, W), overwritten; y: the pooled output (read unfused only). Fused, the
+// gradient reaches every window's maximum and the BN layer's mask then applies the ReLU.
+static void relu_pool_backward(const train_model *m, float *dx, const float *dy, const float *y, const uint8_t *arg,
+                               int C, int H, int W) {
+    if (m->fused)
+        maxpool2_backward(dx, dy, arg, C, H, W);
+    else
+        relu_maxpool2_backward(dx, dy, y, arg, C, H, W);
+}
+
 // Forward of n samples from m->x into m->logits. training: BN mode (collective if 1).
 static void forward(train_model *m, int64_t n, int training) {
     for (int64_t s = 0; s < n; s++)
         conv3x3_forward(m->c1 + s * C1 * HW1, m->col1 + s * 9 * HW1, m->x + s * HW1, m->conv1_w, 1, C1, 28, 28);
-    CHECK_BN(m->bn1, syncbn_forward(m->bn1, m->c1, n, HW1, training, m->b1));
+    bn_relu_forward(m, m->bn1, "m->bn1", m->c1, n, HW1, training, m->b1);
     for (int64_t s = 0; s < n; s++) {
-        relu_maxpool2_forward(m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->b1 + s * C1 * HW1, C1, 28, 28);
+        relu_pool_forward(m, m->p1 + s * C1 * HW2, m->arg1 + s * C1 * HW2, m->b1 + s * C1 * HW1, C1, 28, 28);
         conv3x3_forward(m->c2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2, m->p1 + s * C1 * HW2, m->conv2_w, C1, C2,
                         14, 14);
     }
-    CHECK_BN(m->bn2, syncbn_forward(m->bn2, m->c2, n, HW2, training, m->b2));
+    bn_relu_forward(m, m->bn2, "m->bn2", m->c2, n, HW2, training, m->b2);
     for (int64_t s = 0; s < n; s++)
-        relu_maxpool2_forward(m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->b2 + s * C2 * HW2, C2, 14, 14);
+        relu_pool_forward(m, m->p2 + s * FC_IN, m->arg2 + s * FC_IN, m->b2 + s * C2 * HW2, C2, 14, 14);
     if (m->reduction == TRAIN_FAST) {
         linear_forward_batched(m->logits, m->p2, m->fc_w, m->fc_b, (int)n, FC_IN, FC_OUT);
     } else {
@@ -353,21 +389,21 @@ double train_model_step(train_model *m, const float *x, const uint8_t *labels, i
                                 FC_IN, FC_OUT);
     }
 
-    // pool2 + relu2, bn2
+    // pool2 + relu2 (in the pooling, or in bn2's mask), bn2
     for (int64_t s = 0; s < n; s++)
-        relu_maxpool2_backward(m->db2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->p2 + s * FC_IN, m->arg2 + s * FC_IN, C2,
-                               14, 14);
-    CHECK_BN(m->bn2, syncbn_backward(m->bn2, m->c2, m->db2, n, HW2, m->db2, m->grads + OFF_BN2W, m->grads + OFF_BN2B));
+        relu_pool_backward(m, m->db2 + s * C2 * HW2, m->dp2 + s * FC_IN, m->p2 + s * FC_IN, m->arg2 + s * FC_IN, C2,
+                           14, 14);
+    bn_relu_backward(m, m->bn2, "m->bn2", m->c2, m->db2, n, HW2, m->db2, m->grads + OFF_BN2W, m->grads + OFF_BN2B);
 
     // conv2 (weights and input), pool1 + relu1, bn1
     for (int64_t s = 0; s < n; s++) {
         float *dw = repro ? dw_all + s * NG + DW_CONV2 : m->grads + OFF_CONV2;
         conv3x3_backward(dw, m->dp1 + s * C1 * HW2, m->dcol2, m->db2 + s * C2 * HW2, m->col2 + s * C1 * 9 * HW2,
                          m->conv2_w, repro ? 0.0f : 1.0f, C1, C2, 14, 14);
-        relu_maxpool2_backward(m->db1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->p1 + s * C1 * HW2,
-                               m->arg1 + s * C1 * HW2, C1, 28, 28);
+        relu_pool_backward(m, m->db1 + s * C1 * HW1, m->dp1 + s * C1 * HW2, m->p1 + s * C1 * HW2,
+                           m->arg1 + s * C1 * HW2, C1, 28, 28);
     }
-    CHECK_BN(m->bn1, syncbn_backward(m->bn1, m->c1, m->db1, n, HW1, m->db1, m->grads + OFF_BN1W, m->grads + OFF_BN1B));
+    bn_relu_backward(m, m->bn1, "m->bn1", m->c1, m->db1, n, HW1, m->db1, m->grads + OFF_BN1W, m->grads + OFF_BN1B);
 
     // conv1 (weights only: the input needs no gradient)
     for (int64_t s = 0; s < n; s++) {

@@ -7,6 +7,21 @@
  *   conv3x3 16->32, pad 1, no bias -> SyncBN(32) -> ReLU -> maxpool 2 (n, 32, 7, 7)
  *   linear 1568 -> 10 -> softmax cross-entropy, loss = (sum over the GLOBAL batch) / B
  *
+ * Where each ReLU runs:
+ *   fused (default): in the BN layer (SYNCBN_ACT_RELU, syncbn_forward_ex / _backward_ex),
+ *     which keeps a 1-bit mask of (pre-activation > 0) for the backward; the pooling
+ *     after it is plain maxpool2.
+ *   unfused (syncbn-train --unfused, the path before the library could fuse): a plain
+ *     BN layer (SYNCBN_ACT_NONE, syncbn_forward / syncbn_backward) and the ReLU folded
+ *     into the pooling (relu_maxpool2: relu(max) = max(relu); the gradient reaches the
+ *     window's maximum only where that maximum is > 0).
+ *   Both compute the same bits: the forward values are max(0, window max) either way,
+ *   and both backward passes let the gradient through exactly where the ReLU's input
+ *   (BN's output rounded to float) is > 0 and the element is its window's maximum, and
+ *   write +0 elsewhere (the library's convention is PyTorch's: its ReLU backward tests
+ *   the ReLU's input). So the parameters' hash does not depend on the choice
+ *   (tests/test_train_fused.sh, and test_train_layers' fused_matches_unfused).
+ *
  * Each rank runs the model on its own contiguous slice of n samples. Gradients:
  *   TRAIN_REPRODUCIBLE: every sample's weight-gradient contribution is computed
  *     with the same GEMM shapes, deposited into one exact accumulator per
@@ -46,6 +61,7 @@ enum { TRAIN_REPRODUCIBLE = 0, TRAIN_FAST = 1 };
 
 typedef struct {
     int bn_mode, reduction;
+    int fused;     /* 1: the ReLUs run inside the BN layers; 0: in the pooling (see above) */
     MPI_Comm comm; /* the data-parallel communicator (MPI_COMM_WORLD) */
 
     // parameters, one allocation; the views below point into it
@@ -66,12 +82,13 @@ typedef struct {
     float *x;        /* (cap, 1, 28, 28) */
     float *col1;     /* (cap, 9, HW1) */
     float *c1;       /* (cap, C1, HW1) conv1 output = BN1 input */
-    float *b1;       /* (cap, C1, HW1) BN1 output (ReLU is fused into the pooling) */
+    float *b1;       /* (cap, C1, HW1) BN1 output: relu(BN) when fused, else BN (the ReLU
+                        is then folded into the pooling) */
     float *p1;       /* (cap, C1, HW2) */
     uint8_t *arg1;   /* (cap, C1, HW2) */
     float *col2;     /* (cap, C1*9, HW2) */
     float *c2;       /* (cap, C2, HW2) */
-    float *b2;       /* (cap, C2, HW2) BN2 output */
+    float *b2;       /* (cap, C2, HW2) BN2 output, as b1 */
     float *p2;       /* (cap, FC_IN) */
     uint8_t *arg2;   /* (cap, FC_IN) */
     float *logits;   /* (cap, FC_OUT) */
@@ -98,6 +115,9 @@ typedef struct {
 // Seconds a synchronized BN call may wait for the other ranks (syncbn_config.timeout;
 // 0 = forever). Read by train_model_init; set it before. syncbn-train: --timeout.
 extern double train_bn_timeout;
+// 1 (default): the ReLU after each BN is fused into the BN layer; 0: a plain BN layer
+// and the ReLU in the pooling (syncbn-train --unfused). Read by train_model_init.
+extern int train_bn_fused;
 void train_model_init(train_model *m, uint64_t seed, int bn_mode, int reduction, int64_t cap, MPI_Comm comm);
 void train_model_free(train_model *m);
 

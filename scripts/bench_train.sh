@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# bench_train.sh - training throughput of syncbn-train (both reduction modes) next
-# to PyTorch CPU on the same model, batch and data, at equal thread counts:
+# bench_train.sh - training throughput of syncbn-train (both reduction modes, each
+# with the ReLUs fused into the BN layers, the default, and --unfused) next to
+# PyTorch CPU on the same model, batch and data, at equal thread counts:
 # 1 thread = 1 rank / torch.set_num_threads(1), 2 threads = 2 ranks / 2 threads.
 # Runs are interleaved (a b c a b c ...) so that background load hits every
 # configuration alike; the table shows the median images/s of the repetitions,
 # counting only the time spent in training steps (no data loading, no evaluation).
+# Fused and unfused runs of a repetition must print the same parameter hash (they
+# compute the same bits); the script fails if they do not.
 # PyTorch (Debian python3-torch, /usr/bin/python3) is optional: skipped if missing.
 #
 # Usage: scripts/bench_train.sh [--build DIR] [--steps N] [--reps R] [--threads "1 2"]
@@ -34,13 +37,23 @@ ips() { sed -n 's/^throughput \([0-9]*\) images.*/\1/p' "$1"; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 declare -A R
+rows="reproducible reproducible-unfused fast fast-unfused"
 for rep in $(seq "$reps"); do
   for t in $threads; do
-    for mode in reproducible fast; do
-      OMP_NUM_THREADS=1 run_train "$t" "$tmp/out.txt" --steps "$steps" --no-eval --print-every 1000000 --reduction "$mode"
-      R[$mode,$t]+="$(ips "$tmp/out.txt") "
-      blas=$(sed -n 's/^syncbn-train: \(OpenBLAS.*\)$/\1/p' "$tmp/out.txt")
+    for row in $rows; do
+      mode=${row%-unfused} flag=()
+      [ "$row" = "$mode" ] || flag=(--unfused)
+      # alternate which of the pair runs first, so that neither always follows the other
+      OMP_NUM_THREADS=1 run_train "$t" "$tmp/$row.txt" --steps "$steps" --no-eval --print-every 1000000 \
+        --reduction "$mode" "${flag[@]}"
+      R[$row,$t]+="$(ips "$tmp/$row.txt") "
+      blas=$(sed -n 's/^syncbn-train: \(OpenBLAS.*\)$/\1/p' "$tmp/$row.txt")
     done
+    for mode in reproducible fast; do
+      [ "$(hash_of "$tmp/$mode.txt" params)" = "$(hash_of "$tmp/$mode-unfused.txt" params)" ] ||
+        { echo "bench_train.sh: --reduction $mode: fused and --unfused give different parameters" >&2; exit 1; }
+    done
+    rows=$(echo "$rows" | awk '{ print $2, $1, $4, $3 }') # unfused first in the next repetition
     if [ $have_torch -eq 1 ]; then
       OMP_NUM_THREADS=$t /usr/bin/python3 scripts/train_torch.py --threads "$t" --steps "$steps" --no-eval \
         --data "$DATA" >"$tmp/torch.txt" 2>&1 || { cat "$tmp/torch.txt"; exit 1; }
@@ -52,33 +65,43 @@ done
 
 echo "training throughput, images/s (median of $reps runs of $steps steps, batch 128, $(getconf _NPROCESSORS_ONLN) cores)"
 echo "CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); syncbn-train ran $blas"
-printf '%-40s' "threads (= MPI ranks for syncbn-train)"
+printf '%-48s' "threads (= MPI ranks for syncbn-train)"
 for t in $threads; do printf '%12s' "$t"; done
 echo
-for row in reproducible fast torch; do
+for row in reproducible reproducible-unfused fast fast-unfused torch; do
   [ "$row" = torch ] && [ $have_torch -eq 0 ] && continue
   case $row in
     reproducible) label="syncbn-train --reduction reproducible" ;;
+    reproducible-unfused) label="syncbn-train --reduction reproducible --unfused" ;;
     fast) label="syncbn-train --reduction fast" ;;
+    fast-unfused) label="syncbn-train --reduction fast --unfused" ;;
     torch) label="PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)') CPU" ;;
   esac
-  printf '%-40s' "$label"
+  printf '%-48s' "$label"
   for t in $threads; do printf '%12s' "$(echo "${R[$row,$t]}" | median)"; done
   printf '   (runs: '
   for t in $threads; do printf '[%s]' "${R[$row,$t]% }"; done
   echo ')'
 done
-[ $have_torch -eq 1 ] || exit 0
 # The machine's load changes between repetitions: the paired ratio (both sides from
 # the same repetition) is steadier than a ratio of medians.
+# paired_ratio A B: median [min-max] of A/B over the repetitions (space-separated lists)
+paired_ratio() {
+  paste -d' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
+    awk '{ print $1 / $2 }' | sort -g |
+    awk '{ r[NR] = $1 } END { m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+           printf "%.2f [%.2f-%.2f]", m, r[1], r[NR] }'
+}
+echo "fused / unfused throughput, median of the per-repetition ratios [min-max]"
+for mode in reproducible fast; do
+  printf '%-48s' "syncbn-train --reduction $mode"
+  for t in $threads; do printf '%20s' "$(paired_ratio "${R[$mode,$t]}" "${R[$mode-unfused,$t]}")"; done
+  echo
+done
+[ $have_torch -eq 1 ] || exit 0
 echo "ratio to PyTorch, median of the per-repetition ratios [min-max]"
 for row in reproducible fast; do
-  printf '%-40s' "syncbn-train --reduction $row"
-  for t in $threads; do
-    printf '%20s' "$(paste -d' ' <(tr ' ' '\n' <<<"${R[$row,$t]}" | grep .) <(tr ' ' '\n' <<<"${R[torch,$t]}" | grep .) |
-      awk '{ print $1 / $2 }' | sort -g |
-      awk '{ r[NR] = $1 } END { m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
-             printf "%.2f [%.2f-%.2f]", m, r[1], r[NR] }')"
-  done
+  printf '%-48s' "syncbn-train --reduction $row"
+  for t in $threads; do printf '%20s' "$(paired_ratio "${R[$row,$t]}" "${R[torch,$t]}")"; done
   echo
 done

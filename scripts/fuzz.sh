@@ -23,7 +23,7 @@ set -x
 "$CC" -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -fopenmp=libgomp -DSYNCBN_BUILDING -Wall -Wextra -Wno-psabi \
   -Iinclude -Isrc $mpi_cflags \
-  tests/fuzz/fuzz_load.c src/checkpoint.c src/layer.c src/comm.c src/errors.c src/moments.c src/exactsum.c \
+  tests/fuzz/fuzz_load.c src/*.c \
   -o "$out/fuzz_load" $mpi_libs -lgomp -lz -lm
 set +x
 

@@ -2,11 +2,12 @@
  * checkpoint.c - syncbn_save / syncbn_load: one layer's state in a small, versioned,
  * CRC-checked file. Not collective: nothing here talks to MPI.
  *
- * File format, version 1. Every field little-endian, no padding:
+ * File format, version 2 (written by syncbn_save). Every field little-endian, no
+ * padding; H is the header size, 80 in version 2 and 72 in version 1:
  *
  *   offset  size  field
  *        0     8  magic "SYNCBNCK"
- *        8     4  u32 version (1)
+ *        8     4  u32 version (2; 1 for files of syncbn <= 0.2, see below)
  *       12     4  u32 affine (0/1)
  *       16     4  u32 track_running_stats (0/1)
  *       20     4  u32 layout (SYNCBN_NCHW/NHWC)
@@ -17,16 +18,28 @@
  *       48     8  f64 momentum (NaN: cumulative average)
  *       56     8  i64 num_batches_tracked (>= 0)
  *       64     8  u64 K, floats that follow: C * (2*affine + 2*track)
- *       72   4*K  f32 weight[C] bias[C] (if affine), running_mean[C] running_var[C] (if track)
- *   72+4K      4  u32 CRC-32 (zlib crc32) of bytes [0, 72+4K)
+ *       72     4  u32 dtype (SYNCBN_F32/BF16)            } version 2 only
+ *       76     4  u32 activation (SYNCBN_ACT_NONE/RELU)  }
+ *        H   4*K  f32 weight[C] bias[C] (if affine), running_mean[C] running_var[C] (if track)
+ *     H+4K     4  u32 CRC-32 (zlib crc32) of bytes [0, H+4K)
+ *
+ * Version 1 is the same without the dtype and activation words (H = 72): offsets
+ * 0..71 are identical, so one reader serves both. The version is checked first and
+ * fixes the expected size; the CRC is then checked before any other field is trusted.
  *
  * Load policy: the shape must match the layer (channels, affine, track), or the file
- * is rejected with SYNCBN_EFORMAT. eps, momentum, layout and reduction must be valid
- * values but need NOT match: they are hyperparameters, not state (as in PyTorch's
- * load_state_dict), the stored arrays do not depend on them, and the layer's own
- * values were agreed across ranks at create - a non-collective load must not be able
- * to make ranks disagree on them. They are kept in the file for inspection.
- * Stored floats are taken bit for bit, NaN included.
+ * is rejected with SYNCBN_EFORMAT. In version 2 dtype and activation must match the
+ * layer too: like the shape they are fixed at create and agreed across ranks, and a
+ * layer of another dtype or activation computes another function with the same
+ * parameters, so its file belongs to another model. A version-1 file predates both
+ * fields and loads into a layer of the same shape whatever its dtype and activation
+ * (what it stores, float32 parameters and statistics, means the same in each).
+ * eps, momentum, layout and reduction must be valid values but need NOT match: they
+ * are hyperparameters, not state (as in PyTorch's load_state_dict), the stored arrays
+ * do not depend on them, and the layer's own values were agreed across ranks at
+ * create - a non-collective load must not be able to make ranks disagree on them.
+ * They are kept in the file for inspection. Stored floats are taken bit for bit, NaN
+ * included.
  *
  * Save is atomic: the bytes go to a new temporary file next to the target, are
  * flushed and fsync'ed, renamed over the target, and the directory is fsync'ed, so
@@ -48,9 +61,10 @@
 #include "layer.h"
 
 #define CK_MAGIC "SYNCBNCK"
-#define CK_VERSION 1u
-#define CK_HEADER 72 /* bytes before the float arrays */
-#define CK_TRAILER 4 /* the CRC */
+#define CK_VERSION 2u  /* what syncbn_save writes */
+#define CK_HEADER_V1 72 /* bytes before the float arrays, version 1 */
+#define CK_HEADER_V2 80 /* version 2: + dtype, activation */
+#define CK_TRAILER 4    /* the CRC */
 
 /* ---- little-endian encoding, independent of the host's byte order ---- */
 
@@ -114,9 +128,16 @@ static uint64_t float_count(const syncbn_config *c)
     return (uint64_t)c->channels * (uint64_t)(2 * (c->affine != 0) + 2 * (c->track_running_stats != 0));
 }
 
-static size_t file_size(const syncbn_config *c)
+/* Header size of a file version (1 or 2). */
+static size_t header_size(uint32_t version)
 {
-    return CK_HEADER + 4 * (size_t)float_count(c) + CK_TRAILER;
+    return version == 1 ? CK_HEADER_V1 : CK_HEADER_V2;
+}
+
+/* Size of a file of this version for a layer of this configuration. */
+static size_t file_size(const syncbn_config *c, uint32_t version)
+{
+    return header_size(version) + 4 * (size_t)float_count(c) + CK_TRAILER;
 }
 
 /* The arrays of a layer in file order: up to 4 of C floats, NULL-free. */
@@ -148,9 +169,11 @@ static void encode(const syncbn_layer *l, unsigned char *buf)
     put_u64(buf + 48, f64_bits(c->momentum));
     put_u64(buf + 56, (uint64_t)l->num_batches_tracked);
     put_u64(buf + 64, float_count(c));
+    put_u32(buf + 72, (uint32_t)c->dtype);
+    put_u32(buf + 76, (uint32_t)c->activation);
     float *arr[4];
     const int na = arrays_of(l, arr);
-    unsigned char *p = buf + CK_HEADER;
+    unsigned char *p = buf + CK_HEADER_V2;
     for (int a = 0; a < na; a++)
         for (int64_t i = 0; i < c->channels; i++, p += 4) {
             uint32_t u;
@@ -211,7 +234,7 @@ static int save_file(const syncbn_layer *layer, const char *path)
 {
     if (!layer || !path || !*path)
         return SYNCBN_EINVAL;
-    const size_t size = file_size(&layer->cfg);
+    const size_t size = file_size(&layer->cfg, CK_VERSION);
     const size_t tmp_len = strlen(path) + 64;
     unsigned char *buf = malloc(size);
     char *tmp = malloc(tmp_len);
@@ -252,11 +275,12 @@ static int save_file(const syncbn_layer *layer, const char *path)
 static int validate(const syncbn_layer *l, const unsigned char *buf, size_t len)
 {
     const syncbn_config *c = &l->cfg;
-    if (len < CK_HEADER + CK_TRAILER || memcmp(buf, CK_MAGIC, 8) != 0)
+    if (len < CK_HEADER_V1 + CK_TRAILER || memcmp(buf, CK_MAGIC, 8) != 0)
         return SYNCBN_EFORMAT;
-    if (get_u32(buf + 8) != CK_VERSION)
+    const uint32_t version = get_u32(buf + 8);
+    if (version != 1 && version != 2)
         return SYNCBN_EFORMAT;
-    if (len != file_size(c) || get_u32(buf + len - CK_TRAILER) != crc_of(buf, len - CK_TRAILER))
+    if (len != file_size(c, version) || get_u32(buf + len - CK_TRAILER) != crc_of(buf, len - CK_TRAILER))
         return SYNCBN_EFORMAT;
     /* The bytes are what was written; now is it a file for THIS layer? */
     const uint32_t affine = get_u32(buf + 12), track = get_u32(buf + 16);
@@ -270,6 +294,9 @@ static int validate(const syncbn_layer *l, const unsigned char *buf, size_t len)
     if (channels != c->channels || (int)affine != (c->affine != 0) || (int)track != (c->track_running_stats != 0) ||
         get_u64(buf + 64) != float_count(c))
         return SYNCBN_EFORMAT;
+    /* Version 2: the element type and the activation are part of the model. */
+    if (version >= 2 && (get_u32(buf + 72) != (uint32_t)c->dtype || get_u32(buf + 76) != (uint32_t)c->activation))
+        return SYNCBN_EFORMAT;
     return SYNCBN_OK;
 }
 
@@ -277,8 +304,9 @@ static int load_file(syncbn_layer *layer, const char *path)
 {
     if (!layer || !path)
         return SYNCBN_EINVAL;
-    const size_t want = file_size(&layer->cfg);
-    /* One byte more than a valid file, so that a longer file is seen as such. */
+    /* The larger of the two versions' sizes, plus one byte, so that a longer file is
+     * seen as such; validate() then knows the version and the size it needs. */
+    const size_t want = file_size(&layer->cfg, CK_VERSION);
     unsigned char *buf = malloc(want + 1);
     if (!buf)
         return SYNCBN_ENOMEM;
@@ -298,7 +326,7 @@ static int load_file(syncbn_layer *layer, const char *path)
     if (rc == SYNCBN_OK) {
         float *arr[4];
         const int na = arrays_of(layer, arr);
-        const unsigned char *p = buf + CK_HEADER;
+        const unsigned char *p = buf + header_size(get_u32(buf + 8));
         for (int a = 0; a < na; a++)
             for (int64_t i = 0; i < layer->cfg.channels; i++, p += 4) {
                 uint32_t u = get_u32(p);

@@ -15,6 +15,10 @@
  * Each runs two training forwards (two running-statistics updates), a backward and
  * an eval forward. Outputs: y of the second training forward, dx, dweight, dbias,
  * running_mean, running_var and the eval y; y and dx are gathered in rank order.
+ * Then the issue-13 configurations, through syncbn_forward_ex / syncbn_backward_ex:
+ * {f32, bf16} x {none + z, relu, relu + z} x both layouts x (S, C) = (1, 64), (49, 3),
+ * (196, 257): 36 more, each with the same sequence of calls (z in every forward, dz
+ * asked for when there is a z) and outputs y, dx, dz (with z), dweight, dbias, eval y.
  * The global batch is the same at any rank count; ranks hold uneven slices (at 3
  * ranks the first holds none). Data come from integer hashing only (no libm), so
  * every build sees the same inputs.
@@ -76,22 +80,33 @@ static void fill(float *buf, const config *k, int64_t lo, int64_t hi, uint64_t s
             }
 }
 
-static void put(FILE *f, const char *cfg, const char *name, const float *v, int64_t count) {
+// count elements of es bytes each
+static void put_es(FILE *f, const char *cfg, const char *name, const void *v, int64_t count, size_t es) {
     if (rank == 0) fprintf(f, "%s %-12s %9lld %016llx\n", cfg, name, (long long)count,
-                           (unsigned long long)fnv1a(v, sizeof(float) * (size_t)count));
+                           (unsigned long long)fnv1a(v, es * (size_t)count));
 }
 
-// an output of which every rank holds its samples: concatenated in rank order on rank 0
-static void put_gathered(FILE *f, const char *cfg, const char *name, const float *mine, int64_t count, int64_t total) {
-    int c = (int)count, *counts = xmalloc(sizeof(int) * nranks), *displs = xmalloc(sizeof(int) * nranks);
+static void put(FILE *f, const char *cfg, const char *name, const float *v, int64_t count) {
+    put_es(f, cfg, name, v, count, sizeof(float));
+}
+
+// an output of which every rank holds its samples (elements of es bytes): concatenated
+// in rank order on rank 0
+static void put_gathered_es(FILE *f, const char *cfg, const char *name, const void *mine, int64_t count,
+                            int64_t total, size_t es) {
+    int c = (int)(count * (int64_t)es), *counts = xmalloc(sizeof(int) * nranks), *displs = xmalloc(sizeof(int) * nranks);
     MPI_Gather(&c, 1, MPI_INT, counts, 1, MPI_INT, 0, MPI_COMM_WORLD);
     for (int r = 0, d = 0; rank == 0 && r < nranks; d += counts[r], r++) displs[r] = d;
-    float *all = rank == 0 ? xmalloc(sizeof(float) * (size_t)total) : NULL;
-    MPI_Gatherv(mine, c, MPI_FLOAT, all, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD);
-    put(f, cfg, name, all, total);
+    char *all = rank == 0 ? xmalloc(es * (size_t)total) : NULL;
+    MPI_Gatherv(mine, c, MPI_BYTE, all, counts, displs, MPI_BYTE, 0, MPI_COMM_WORLD);
+    put_es(f, cfg, name, all, total, es);
     free(counts);
     free(displs);
     free(all);
+}
+
+static void put_gathered(FILE *f, const char *cfg, const char *name, const float *mine, int64_t count, int64_t total) {
+    put_gathered_es(f, cfg, name, mine, count, total, sizeof(float));
 }
 
 static void run(FILE *f, const config *k, int perturb) {
@@ -143,6 +158,92 @@ static void run(FILE *f, const config *k, int perturb) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
 }
 
+// ---- issue 13: fused activation, residual z, bfloat16 ----
+
+typedef struct {
+    syncbn_layout layout;
+    int64_t S, C;
+    syncbn_dtype dtype;
+    syncbn_activation act;
+    int z; // a residual in every forward, and dz from the backward
+} fconfig;
+
+// float to bfloat16, nearest-even, by integer operations (inputs only: any fixed rule
+// gives every build the same data)
+static uint16_t to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// like fill(), in the element type
+static void fill_t(void *buf, const fconfig *k, int64_t lo, int64_t hi, uint64_t salt, double offset, double scale) {
+    for (int64_t i = lo; i < hi; i++)
+        for (int64_t c = 0; c < k->C; c++)
+            for (int64_t s = 0; s < k->S; s++) {
+                uint64_t key = salt ^ (uint64_t)((i * k->C + c) * k->S + s);
+                int64_t at = k->layout == SYNCBN_NCHW ? ((i - lo) * k->C + c) * k->S + s : ((i - lo) * k->S + s) * k->C + c;
+                float v = (float)(offset + scale * (1 + c % 5) * sym(key));
+                if (k->dtype == SYNCBN_BF16) ((uint16_t *)buf)[at] = to_bf16(v);
+                else ((float *)buf)[at] = v;
+            }
+}
+
+static void run_fused(FILE *f, const fconfig *k, int perturb) {
+    char name[96];
+    snprintf(name, sizeof name, "%s S=%-4lld C=%-3lld %s %s%s", k->layout == SYNCBN_NCHW ? "NCHW" : "NHWC",
+             (long long)k->S, (long long)k->C, k->dtype == SYNCBN_BF16 ? "bf16" : "f32 ",
+             k->act == SYNCBN_ACT_RELU ? "relu" : "none", k->z ? "+z" : "  ");
+    int64_t N = k->S == 1 ? 256 : 7;
+    int64_t lo = N * rank * rank / (nranks * nranks), hi = N * (rank + 1) * (rank + 1) / (nranks * nranks);
+    int64_t n = hi - lo, per = k->C * k->S, total = N * per;
+    size_t es = k->dtype == SYNCBN_BF16 ? 2 : 4, bytes = es * (size_t)(n * per);
+    char *xa = xmalloc(bytes), *xb = xmalloc(bytes), *z = xmalloc(bytes), *dy = xmalloc(bytes), *y = xmalloc(bytes);
+    char *dx = xmalloc(bytes), *dz = xmalloc(bytes), *ye = xmalloc(bytes);
+    float *dw = xmalloc(sizeof(float) * (size_t)k->C), *db = xmalloc(sizeof(float) * (size_t)k->C);
+    fill_t(xa, k, lo, hi, 0x1000000000ULL, 0.0, 1.0);
+    fill_t(xb, k, lo, hi, 0x2000000000ULL, 0.5, 2.0);
+    fill_t(dy, k, lo, hi, 0x3000000000ULL, 0.0, 0.1);
+    fill_t(z, k, lo, hi, 0x6000000000ULL, 0.0, 0.5); // of the order of BN(x): the ReLU cuts about half
+    if (perturb && lo == 0 && n > 0) { // the first element of the global batch, lowest bit
+        if (k->dtype == SYNCBN_BF16) ((uint16_t *)xb)[0] ^= 1;
+        else {
+            uint32_t u;
+            memcpy(&u, xb, 4);
+            u ^= 1;
+            memcpy(xb, &u, 4);
+        }
+    }
+    syncbn_config cfg = syncbn_config_default(k->C);
+    cfg.layout = k->layout;
+    cfg.reduction = SYNCBN_REPRODUCIBLE;
+    cfg.dtype = k->dtype;
+    cfg.activation = k->act;
+    syncbn_layer *bn;
+    int rc = syncbn_create(&cfg, MPI_COMM_WORLD, &bn);
+    if (rc) die("syncbn_create (fused)", rc);
+    for (int64_t c = 0; c < k->C; c++) {
+        syncbn_weight(bn)[c] = (float)(1.0 + 0.5 * sym(0x4000000000ULL + (uint64_t)c));
+        syncbn_bias(bn)[c] = (float)(0.5 * sym(0x5000000000ULL + (uint64_t)c));
+    }
+    const void *zz = k->z ? z : NULL;
+    if ((rc = syncbn_forward_ex(bn, xa, zz, n, k->S, 1, y))) die("forward_ex (first)", rc);
+    if ((rc = syncbn_forward_ex(bn, xb, zz, n, k->S, 1, y))) die("forward_ex (second)", rc);
+    if ((rc = syncbn_backward_ex(bn, xb, dy, n, k->S, dx, k->z ? dz : NULL, dw, db))) die("backward_ex", rc);
+    if ((rc = syncbn_forward_ex(bn, xa, zz, n, k->S, 0, ye))) die("forward_ex (eval)", rc);
+
+    put_gathered_es(f, name, "y", y, n * per, total, es);
+    put_gathered_es(f, name, "dx", dx, n * per, total, es);
+    if (k->z) put_gathered_es(f, name, "dz", dz, n * per, total, es);
+    put_gathered_es(f, name, "y_eval", ye, n * per, total, es);
+    put(f, name, "dweight", dw, k->C);
+    put(f, name, "dbias", db, k->C);
+    syncbn_destroy(bn);
+    void *bufs[] = {xa, xb, z, dy, y, dx, dz, ye, dw, db};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -161,6 +262,17 @@ int main(int argc, char **argv) {
                 for (int mi = 0; mi < 2; mi++) {
                     config k = {l ? SYNCBN_NHWC : SYNCBN_NCHW, spatial[si], channels[ci], mi ? NAN : 0.1, mi ? 1000.0 : 0.0};
                     run(f, &k, argc == 3);
+                }
+    static const int64_t fshape[][2] = {{1, 64}, {49, 3}, {196, 257}}; // (S, C)
+    static const struct { syncbn_activation act; int z; } fvar[] = {
+        {SYNCBN_ACT_NONE, 1}, {SYNCBN_ACT_RELU, 0}, {SYNCBN_ACT_RELU, 1}};
+    for (int t = 0; t < 2; t++)
+        for (int v = 0; v < 3; v++)
+            for (int l = 0; l < 2; l++)
+                for (int si = 0; si < 3; si++) {
+                    fconfig k = {l ? SYNCBN_NHWC : SYNCBN_NCHW, fshape[si][0], fshape[si][1],
+                                 t ? SYNCBN_BF16 : SYNCBN_F32, fvar[v].act, fvar[v].z};
+                    run_fused(f, &k, argc == 3);
                 }
     if (f && fclose(f) != 0) die(argv[1], 0);
     MPI_Finalize();

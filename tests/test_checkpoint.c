@@ -3,7 +3,10 @@
  * file can be wrong (truncated at every length, any single bit flipped, another
  * version or shape with a valid CRC, unreadable, unwritable) answered with the right
  * code and the layer left exactly as it was. Also: a failed save leaves the previous
- * file intact.
+ * file intact. Format version 2 records dtype and activation: round trips for
+ * f32/bf16 x none/relu, files of another dtype or activation rejected, and version-1
+ * files (built here byte by byte from the documented layout) still loading into
+ * layers of every dtype and activation.
  *
  * Checkpoints are not collective; under mpirun every rank works in its own temporary
  * directory, while the training forwards in between are collective as usual.
@@ -115,6 +118,21 @@ static void fix_crc(unsigned char *buf, size_t len)
     put_u32(buf + len - 4, (uint32_t)crc32(0L, buf, (uInt)(len - 4)));
 }
 
+static void put_u64(unsigned char *p, uint64_t v)
+{
+    for (int k = 0; k < 8; k++)
+        p[k] = (unsigned char)(v >> (8 * k));
+}
+
+static uint32_t get_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Header sizes of the two versions (checkpoint.c: H). */
+#define V1_HEADER 72
+#define V2_HEADER 80
+
 
 /* Rank-dependent input of n samples for a layer with C channels and S positions. */
 static float *make_x(int64_t n, int64_t C, int64_t S, uint64_t salt)
@@ -125,8 +143,26 @@ static float *make_x(int64_t n, int64_t C, int64_t S, uint64_t salt)
     return x;
 }
 
+/* make_x in the layer's element type: float, or bfloat16 bit patterns (the float's
+ * upper half, rounded to nearest-even; the data are finite). Free the result. */
+static void *make_x_as(syncbn_dtype dtype, int64_t n, int64_t C, int64_t S, uint64_t salt)
+{
+    float *x = make_x(n, C, S, salt);
+    if (dtype != SYNCBN_BF16)
+        return x;
+    uint16_t *h = malloc((size_t)(n * C * S + 1) * sizeof *h);
+    for (int64_t e = 0; e < n * C * S; e++) {
+        uint32_t u;
+        memcpy(&u, &x[e], 4);
+        h[e] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    free(x);
+    return h;
+}
+
 /* A layer with non-trivial state: `steps` training forwards (collective), then
- * weight and bias set to values that differ per channel. */
+ * weight and bias set to values that differ per channel. Any dtype and activation
+ * (the forwards go through syncbn_forward_ex). */
 static syncbn_layer *trained_layer(syncbn_config cfg, int steps)
 {
     syncbn_layer *l = NULL;
@@ -136,8 +172,8 @@ static syncbn_layer *trained_layer(syncbn_config cfg, int steps)
     const int64_t n = 3, S = 5, C = cfg.channels;
     float *y = malloc((size_t)(n * C * S) * sizeof *y);
     for (int s = 0; s < steps; s++) {
-        float *x = make_x(n, C, S, (uint64_t)s + 1);
-        EXPECT_CODE(syncbn_forward(l, x, n, S, 1, y), SYNCBN_OK);
+        void *x = make_x_as(cfg.dtype, n, C, S, (uint64_t)s + 1);
+        EXPECT_CODE(syncbn_forward_ex(l, x, NULL, n, S, 1, y), SYNCBN_OK);
         free(x);
     }
     if (syncbn_weight(l))
@@ -285,7 +321,7 @@ START_TEST(corrupt_files)
     EXPECT_CODE(syncbn_save(src, good), SYNCBN_OK);
     size_t len;
     unsigned char *ok = read_file(good, &len);
-    TU_EXPECT(ok && len == 72 + 4 * 12 + 4, "unexpected file size %zu", len);
+    TU_EXPECT(ok && len == V2_HEADER + 4 * 12 + 4, "unexpected file size %zu", len);
     unsigned char *buf = malloc(len + 16);
 
     /* A training forward whose statistics must survive every failed load. */
@@ -315,7 +351,9 @@ START_TEST(corrupt_files)
 
     /* Well-formed files (valid CRC) that are still wrong. Offsets as in checkpoint.c. */
     struct { size_t off; uint32_t val; const char *what; } edits[] = {
-        {8, 2, "version 2"},     {8, 0, "version 0"},   {0, 0x4e4e5953u, "magic"},
+        {8, 1, "version 1 (a version-2 body)"}, {8, 3, "version 3"}, {8, 0, "version 0"},
+        {0, 0x4e4e5953u, "magic"}, {72, 1, "dtype bf16"}, {72, 2, "dtype 2"},
+        {76, 1, "activation relu"}, {76, 2, "activation 2"}, {72, 0x100u, "dtype high bits"},
         {12, 2, "affine flag 2"}, {16, 7, "track flag 7"}, {20, 2, "layout 2"},
         {24, 9, "reduction 9"},  {28, 1, "reserved"},    {32, 4, "channels 4"},
         {36, 1, "channels high"}, {44, 0xfff80000u, "eps NaN"}, {44, 0xbff00000u, "eps -1"},
@@ -374,6 +412,219 @@ START_TEST(wrong_shape)
     }
     free(before.bytes);
     syncbn_destroy(l);
+    remove_tmpdir();
+    tu_verdict();
+}
+END_TEST
+
+/* ---- version 2: dtype and activation ---- */
+
+static const syncbn_dtype dtypes[2] = {SYNCBN_F32, SYNCBN_BF16};
+static const syncbn_activation acts[2] = {SYNCBN_ACT_NONE, SYNCBN_ACT_RELU};
+
+/* Save + load for every dtype x activation: the file says version 2 with the layer's
+ * dtype and activation at offsets 72 and 76, the state comes back bit for bit, and the
+ * loaded layer computes the same eval and training outputs as the saved one. */
+START_TEST(v2_roundtrip_dtype_activation)
+{
+    make_tmpdir();
+    char path[256];
+    in_tmp(path, sizeof path, "v2.ckpt");
+    for (int d = 0; d < 2; d++)
+        for (int a = 0; a < 2; a++) {
+            syncbn_config cfg = syncbn_config_default(5);
+            cfg.dtype = dtypes[d], cfg.activation = acts[a];
+            cfg.reduction = a ? SYNCBN_REPRODUCIBLE : SYNCBN_FAST;
+            syncbn_layer *src = trained_layer(cfg, 3), *dst = NULL;
+            EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &dst), SYNCBN_OK);
+            EXPECT_CODE(syncbn_save(src, path), SYNCBN_OK);
+            size_t len;
+            unsigned char *bytes = read_file(path, &len);
+            TU_EXPECT(bytes && len == V2_HEADER + 4 * 20 + 4, "dtype %d act %d: file size %zu", d, a, len);
+            if (bytes && len >= V2_HEADER)
+                TU_EXPECT(get_u32(bytes + 8) == 2 && get_u32(bytes + 72) == (uint32_t)dtypes[d] &&
+                              get_u32(bytes + 76) == (uint32_t)acts[a],
+                          "dtype %d act %d: header says version %u dtype %u activation %u", d, a,
+                          get_u32(bytes + 8), get_u32(bytes + 72), get_u32(bytes + 76));
+            free(bytes);
+            EXPECT_CODE(syncbn_load(dst, path), SYNCBN_OK);
+            tu_image is = tu_take_image(src), id = tu_take_image(dst);
+            TU_EXPECT(tu_same_image(is, id), "dtype %d act %d: state after load differs", d, a);
+            free(is.bytes), free(id.bytes);
+
+            const int64_t n = 2, S = 5, C = cfg.channels, bytes_y = n * C * S * (d ? 2 : 4);
+            void *x = make_x_as(cfg.dtype, n, C, S, 77);
+            unsigned char *ys = malloc((size_t)bytes_y), *yd = malloc((size_t)bytes_y);
+            for (int training = 0; training < 2; training++) {
+                EXPECT_CODE(syncbn_forward_ex(src, x, NULL, n, S, training, ys), SYNCBN_OK);
+                EXPECT_CODE(syncbn_forward_ex(dst, x, NULL, n, S, training, yd), SYNCBN_OK);
+                TU_EXPECT(memcmp(ys, yd, (size_t)bytes_y) == 0, "dtype %d act %d: %s forward after load differs", d,
+                          a, training ? "training" : "eval");
+            }
+            free(x), free(ys), free(yd);
+            syncbn_destroy(src), syncbn_destroy(dst);
+        }
+    unlink(path);
+    remove_tmpdir();
+    tu_verdict();
+}
+END_TEST
+
+/* A version-2 file of another dtype or activation (same shape, same size): EFORMAT,
+ * the layer unchanged, and a pending backward still served. */
+START_TEST(v2_dtype_activation_mismatch)
+{
+    make_tmpdir();
+    char path[256];
+    in_tmp(path, sizeof path, "mm.ckpt");
+    for (int d = 0; d < 2; d++)
+        for (int a = 0; a < 2; a++) {
+            syncbn_config cfg = syncbn_config_default(4);
+            cfg.dtype = dtypes[d], cfg.activation = acts[a];
+            syncbn_layer *l = trained_layer(cfg, 2);
+            const int64_t n = 2, S = 5, esize = d ? 2 : 4;
+            void *x = make_x_as(cfg.dtype, n, 4, S, 5), *dy = make_x_as(cfg.dtype, n, 4, S, 6);
+            void *y = malloc((size_t)(n * 4 * S * esize)), *dx = malloc((size_t)(n * 4 * S * esize));
+            EXPECT_CODE(syncbn_forward_ex(l, x, NULL, n, S, 1, y), SYNCBN_OK);
+            tu_image before = tu_take_image(l);
+            for (int d2 = 0; d2 < 2; d2++)
+                for (int a2 = 0; a2 < 2; a2++) {
+                    if (d2 == d && a2 == a)
+                        continue;
+                    syncbn_config other = cfg;
+                    other.dtype = dtypes[d2], other.activation = acts[a2];
+                    syncbn_layer *o = trained_layer(other, 1);
+                    EXPECT_CODE(syncbn_save(o, path), SYNCBN_OK);
+                    expect_rejected(l, before, path, SYNCBN_EFORMAT, d2 != d ? "other dtype" : "other activation",
+                                    d * 8 + a * 4 + d2 * 2 + a2);
+                    syncbn_destroy(o);
+                }
+            float dw[4], db[4];
+            EXPECT_CODE(syncbn_backward_ex(l, x, dy, n, S, dx, NULL, dw, db), SYNCBN_OK);
+            free(before.bytes), free(x), free(dy), free(y), free(dx);
+            syncbn_destroy(l);
+        }
+    unlink(path);
+    remove_tmpdir();
+    tu_verdict();
+}
+END_TEST
+
+/* A version-1 file, written here field by field as the format of syncbn <= 0.2
+ * defines it (checkpoint.c: offsets 0..71, arrays at 72, CRC-32 of all before it). */
+static size_t v1_file(unsigned char *buf, size_t cap, int64_t C, int affine, int track, int64_t nbt,
+                      const float *arrays)
+{
+    const uint64_t K = (uint64_t)C * (uint64_t)(2 * affine + 2 * track);
+    if (K > (cap - V1_HEADER - 4) / 4)
+        return 0;
+    memcpy(buf, "SYNCBNCK", 8);
+    put_u32(buf + 8, 1);                     /* version */
+    put_u32(buf + 12, (uint32_t)affine);
+    put_u32(buf + 16, (uint32_t)track);
+    put_u32(buf + 20, SYNCBN_NHWC);          /* layout: need not match */
+    put_u32(buf + 24, SYNCBN_REPRODUCIBLE);  /* reduction: need not match */
+    put_u32(buf + 28, 0);                    /* reserved */
+    put_u64(buf + 32, (uint64_t)C);
+    put_u64(buf + 40, 0x3f50624dd2f1a9fcull); /* eps 1e-3 */
+    put_u64(buf + 48, 0x3fe0000000000000ull); /* momentum 0.5 */
+    put_u64(buf + 56, (uint64_t)nbt);
+    put_u64(buf + 64, K);
+    for (uint64_t i = 0; i < K; i++) {
+        uint32_t u;
+        memcpy(&u, &arrays[i], 4);
+        put_u32(buf + V1_HEADER + 4 * i, u);
+    }
+    const size_t body = V1_HEADER + 4 * (size_t)K;
+    put_u32(buf + body, (uint32_t)crc32(crc32(0L, Z_NULL, 0), buf, (uInt)body));
+    return body + 4;
+}
+
+START_TEST(v1_files_still_load)
+{
+    make_tmpdir();
+    char path[256];
+    in_tmp(path, sizeof path, "v1.ckpt");
+    const int64_t C = 3;
+    float arrays[12];
+    for (int i = 0; i < 12; i++)
+        arrays[i] = 0.375f * (float)i - 1.5f; /* weight, bias, running_mean, running_var */
+    arrays[9] = 0.5f, arrays[10] = 2.0f, arrays[11] = 1.25f; /* positive running_var */
+    unsigned char buf[V1_HEADER + 4 * 12 + 4];
+    const size_t cap = sizeof buf;
+    struct { int affine, track, nf; } shapes[] = {{1, 1, 12}, {1, 0, 6}, {0, 1, 6}, {0, 0, 0}};
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        /* arrays in file order: weight bias (if affine), mean var (if track) */
+        const float *src = shapes[k].affine ? arrays : arrays + 6;
+        const size_t len = v1_file(buf, cap, C, shapes[k].affine, shapes[k].track, 17 + (int64_t)k, src);
+        TU_EXPECT(len == V1_HEADER + 4 * (size_t)shapes[k].nf + 4, "v1 file size %zu", len);
+        write_file(path, buf, len);
+        for (int d = 0; d < 2; d++)
+            for (int a = 0; a < 2; a++) {
+                syncbn_config cfg = syncbn_config_default(C);
+                cfg.affine = shapes[k].affine, cfg.track_running_stats = shapes[k].track;
+                cfg.dtype = dtypes[d], cfg.activation = acts[a];
+                syncbn_layer *l = NULL;
+                EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &l), SYNCBN_OK);
+                if (!l)
+                    continue;
+                EXPECT_CODE(syncbn_load(l, path), SYNCBN_OK);
+                const float *want = src;
+                float *got[4] = {syncbn_weight(l), syncbn_bias(l), syncbn_running_mean(l), syncbn_running_var(l)};
+                for (int g = 0; g < 4; g++)
+                    if (got[g]) {
+                        TU_EXPECT(memcmp(got[g], want, (size_t)C * 4) == 0, "v1 shape %zu dtype %d act %d: array %d",
+                                  k, d, a, g);
+                        want += C;
+                    }
+                TU_EXPECT(syncbn_num_batches_tracked(l) == 17 + (int64_t)k, "v1: num_batches_tracked %lld",
+                          (long long)syncbn_num_batches_tracked(l));
+                syncbn_config got_cfg;
+                syncbn_get_config(l, &got_cfg);
+                TU_EXPECT(got_cfg.dtype == dtypes[d] && got_cfg.activation == acts[a] && got_cfg.eps == 1e-5 &&
+                              got_cfg.layout == SYNCBN_NCHW,
+                          "v1 load changed the layer's configuration");
+                /* and the layer works: a training forward */
+                void *x = make_x_as(cfg.dtype, 2, C, 5, 3), *y = malloc((size_t)(2 * C * 5 * 4));
+                EXPECT_CODE(syncbn_forward_ex(l, x, NULL, 2, 5, 1, y), SYNCBN_OK);
+                free(x), free(y);
+                /* a re-save is version 2 and loads back to the same state */
+                syncbn_layer *l2 = NULL;
+                EXPECT_CODE(syncbn_create(&cfg, MPI_COMM_WORLD, &l2), SYNCBN_OK);
+                char p2[256];
+                in_tmp(p2, sizeof p2, "v1resave.ckpt");
+                EXPECT_CODE(syncbn_save(l, p2), SYNCBN_OK);
+                EXPECT_CODE(syncbn_load(l2, p2), SYNCBN_OK);
+                tu_image i1 = tu_take_image(l), i2 = tu_take_image(l2);
+                TU_EXPECT(tu_same_image(i1, i2), "v1 -> v2 re-save does not round trip");
+                free(i1.bytes), free(i2.bytes);
+                unlink(p2);
+                syncbn_destroy(l2), syncbn_destroy(l);
+            }
+    }
+    /* A version-1 file of another shape is still rejected, the layer unchanged. */
+    syncbn_config cfg = syncbn_config_default(4);
+    cfg.activation = SYNCBN_ACT_RELU;
+    syncbn_layer *l = trained_layer(cfg, 1);
+    tu_image before = tu_take_image(l);
+    write_file(path, buf, v1_file(buf, cap, C, 1, 1, 1, arrays));
+    expect_rejected(l, before, path, SYNCBN_EFORMAT, "v1 other channels", 0);
+    /* ... and so is one with a bad CRC, or a version-1 header on a version-2 body. */
+    size_t len = v1_file(buf, cap, C, 1, 1, 1, arrays);
+    syncbn_layer *l3 = trained_layer(syncbn_config_default(3), 1);
+    tu_image before3 = tu_take_image(l3);
+    buf[len - 1] ^= 1;
+    write_file(path, buf, len);
+    expect_rejected(l3, before3, path, SYNCBN_EFORMAT, "v1 bad CRC", 0);
+    buf[len - 1] ^= 1;
+    /* v1 bytes with version 2 written in: 8 bytes short of a version-2 file */
+    put_u32(buf + 8, 2);
+    fix_crc(buf, len);
+    write_file(path, buf, len);
+    expect_rejected(l3, before3, path, SYNCBN_EFORMAT, "version 2 on a version-1 body", 0);
+    free(before.bytes), free(before3.bytes);
+    syncbn_destroy(l), syncbn_destroy(l3);
+    unlink(path);
     remove_tmpdir();
     tu_verdict();
 }
@@ -477,6 +728,9 @@ static Suite *make_suite(void)
     tcase_add_test(tc, hyperparameters_need_not_match);
     tcase_add_test(tc, corrupt_files);
     tcase_add_test(tc, wrong_shape);
+    tcase_add_test(tc, v2_roundtrip_dtype_activation);
+    tcase_add_test(tc, v2_dtype_activation_mismatch);
+    tcase_add_test(tc, v1_files_still_load);
     tcase_add_test(tc, io_errors);
     tcase_add_test(tc, atomic_save);
     suite_add_tcase(s, tc);

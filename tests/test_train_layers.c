@@ -3,7 +3,9 @@
  * gradient checks of every layer (conv, maxpool, relu, fused relu+maxpool,
  * linear, softmax cross-entropy, the BN layer as the model uses it) and of the
  * whole model, plus SHA-256 test vectors, the data loader's error handling and
- * checkpoint corruption detection.
+ * checkpoint corruption detection. Also: the example's ReLU (relu_forward /
+ * relu_backward) and the library's fused one (SYNCBN_ACT_RELU) give the same bits,
+ * exact zeros included, and the model trains to the same bits fused and unfused.
  *
  * Single process (BN over MPI_COMM_SELF); multi-rank behaviour is tested by
  * tests/test_train_invariance.sh. Gradient checks use L = sum(r * y) with fixed
@@ -224,6 +226,54 @@ START_TEST(grad_bn) {
 }
 END_TEST
 
+// The library's fused ReLU (SYNCBN_ACT_RELU) against a plain BN layer followed by the
+// example's relu_forward / relu_backward: bitwise equal outputs and gradients. Channel 0
+// has weight 0 and bias 0, so every pre-activation there is exactly +0 (the kink: no
+// gradient may pass), channel 1 weight 0 and bias -0.25 (all negative).
+static void relu_convention(syncbn_reduction red) {
+    const int64_t n = 3, C = 4, S = 12, N = n * C * S;
+    syncbn_config cfg = syncbn_config_default(C);
+    cfg.reduction = red;
+    syncbn_layer *plain, *fused;
+    ck_assert_int_eq(syncbn_create(&cfg, MPI_COMM_SELF, &plain), SYNCBN_OK);
+    cfg.activation = SYNCBN_ACT_RELU;
+    ck_assert_int_eq(syncbn_create(&cfg, MPI_COMM_SELF, &fused), SYNCBN_OK);
+    float *x = train_malloc(4 * N), *dy = train_malloc(4 * N), *y1 = train_malloc(4 * N), *y2 = train_malloc(4 * N);
+    float *g = train_malloc(4 * N), *dx1 = train_malloc(4 * N), *dx2 = train_malloc(4 * N);
+    float dw1[4], db1[4], dw2[4], db2[4];
+    fill(x, N, 2); fill(dy, N, 1);
+    const float w[4] = {0.0f, 0.0f, 1.5f, -0.75f}, b[4] = {0.0f, -0.25f, 0.125f, 0.5f};
+    for (int c = 0; c < C; c++) {
+        syncbn_weight(plain)[c] = syncbn_weight(fused)[c] = w[c];
+        syncbn_bias(plain)[c] = syncbn_bias(fused)[c] = b[c];
+    }
+    for (int training = 1; training >= 0; training--) {
+        ck_assert_int_eq(syncbn_forward(plain, x, n, S, training, y1), SYNCBN_OK);
+        relu_forward(y1, y1, N);
+        ck_assert_int_eq(syncbn_forward_ex(fused, x, NULL, n, S, training, y2), SYNCBN_OK);
+        ck_assert_mem_eq(y1, y2, 4 * N);
+        if (!training) break;
+        int64_t zeros = 0;
+        for (int64_t i = 0; i < N; i++) zeros += y1[i] == 0.0f;
+        ck_assert_int_ge(zeros, 2 * n * S); // channels 0 and 1 at least
+        relu_backward(g, dy, y1, N);
+        ck_assert_int_eq(syncbn_backward(plain, x, g, n, S, dx1, dw1, db1), SYNCBN_OK);
+        ck_assert_int_eq(syncbn_backward_ex(fused, x, dy, n, S, dx2, NULL, dw2, db2), SYNCBN_OK);
+        ck_assert_mem_eq(dx1, dx2, 4 * N);
+        ck_assert_mem_eq(dw1, dw2, sizeof dw1);
+        ck_assert_mem_eq(db1, db2, sizeof db1);
+        ck_assert(dw2[0] == 0.0f && db2[0] == 0.0f); // nothing passed the kink
+    }
+    syncbn_destroy(plain);
+    syncbn_destroy(fused);
+    free(x); free(dy); free(y1); free(y2); free(g); free(dx1); free(dx2);
+}
+START_TEST(relu_convention_matches_library) {
+    relu_convention(SYNCBN_FAST);
+    relu_convention(SYNCBN_REPRODUCIBLE);
+}
+END_TEST
+
 // ---------------------------------------------------------------------------- the whole model
 
 typedef struct { train_model *m; float *x; uint8_t *labels; int64_t n; } model_ctx;
@@ -284,6 +334,51 @@ START_TEST(fast_matches_reproducible) {
     free(x);
     train_model_free(&a);
     train_model_free(&b);
+}
+END_TEST
+
+// The model with the ReLUs fused into its BN layers and unfused (--unfused) trains to
+// the same bits: losses, gradients and parameters after every step, and the eval
+// logits. Some BN channels are held at weight 0 (their pre-activations are exactly
+// bias: 0, the kink, or negative), so ties at 0 in the pooling and the mask's
+// treatment of exact zeros are exercised, not only the generic case.
+static void fused_vs_unfused(int reduction) {
+    train_model m[2];
+    for (int k = 0; k < 2; k++) {
+        train_bn_fused = k == 0;
+        train_model_init(&m[k], 21, TRAIN_BN_SYNC, reduction, 12, MPI_COMM_SELF);
+        m[k].bn1_w[0] = 0.0f, m[k].bn1_b[0] = 0.0f;
+        m[k].bn1_w[1] = 0.0f, m[k].bn1_b[1] = -0.5f;
+        m[k].bn2_w[3] = 0.0f, m[k].bn2_b[3] = 0.0f;
+    }
+    train_bn_fused = 1;
+    ck_assert(m[0].fused && !m[1].fused);
+    float *x = train_malloc(4 * 12 * 784);
+    uint8_t labels[12];
+    for (int step = 0; step < 3; step++) {
+        fill(x, 12 * 784, 1.0f);
+        for (int s = 0; s < 12; s++) labels[s] = (uint8_t)((s + step) % 10);
+        double l0 = train_model_step(&m[0], x, labels, 12, 12), l1 = train_model_step(&m[1], x, labels, 12, 12);
+        ck_assert(memcmp(&l0, &l1, sizeof l0) == 0);
+        ck_assert_mem_eq(m[0].grads, m[1].grads, 4 * m[0].nparams);
+        ck_assert_float_eq(m[0].grads[m[0].bn1_w - m[0].params], 0.0f); // channel 0 sits at the kink
+        for (int k = 0; k < 2; k++) train_model_sgd(&m[k], 0.05f, 0.9f, 0.0f);
+        ck_assert_mem_eq(m[0].params, m[1].params, 4 * m[0].nparams);
+    }
+    int64_t c0 = train_model_correct(&m[0], x, labels, 12), c1 = train_model_correct(&m[1], x, labels, 12);
+    ck_assert_int_eq(c0, c1);
+    ck_assert_mem_eq(m[0].logits, m[1].logits, 4 * 12 * FC_OUT);
+    char h0[65], h1[65];
+    train_model_hash(&m[0], h0);
+    train_model_hash(&m[1], h1);
+    ck_assert_str_eq(h0, h1);
+    free(x);
+    train_model_free(&m[0]);
+    train_model_free(&m[1]);
+}
+START_TEST(fused_matches_unfused) {
+    fused_vs_unfused(TRAIN_REPRODUCIBLE);
+    fused_vs_unfused(TRAIN_FAST);
 }
 END_TEST
 
@@ -485,9 +580,11 @@ static Suite *make_suite(void) {
     tcase_add_test(g, grad_linear_batched);
     tcase_add_test(g, grad_softmax_ce);
     tcase_add_test(g, grad_bn);
+    tcase_add_test(g, relu_convention_matches_library);
     tcase_add_test(g, grad_model_reproducible);
     tcase_add_test(g, grad_model_fast);
     tcase_add_test(g, fast_matches_reproducible);
+    tcase_add_test(g, fused_matches_unfused);
     tcase_add_test(g, deposit_matches_sbx_add);
     tcase_add_test(g, model_gradient_is_exact_sum);
     suite_add_tcase(s, g);

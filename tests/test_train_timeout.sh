@@ -48,7 +48,8 @@ echo "mpirun exit status $status after $took s"
 grep -q "rank $((NP - 1)) leaves the training loop before step 4" "$tmp/out.txt" || fail "the last rank did not leave"
 # every other rank that timed out names the call and the wait; at least one must
 # have printed before MPI_Abort took the job down
-pat="error (rank [0-9]*): syncbn_forward(m->bn1, .*) failed: forward, call 7 of layer 0 (C = [0-9]*): no answer from the other ranks after $limit.0 s"
+# (syncbn_forward_ex: the BN layers' fused ReLU, the default; syncbn_forward: --unfused)
+pat="error (rank [0-9]*): syncbn_forward\(_ex\)\{0,1\}(m->bn1, .*) failed: forward[a-z_]*, call 7 of layer 0 (C = [0-9]*): no answer from the other ranks after $limit.0 s"
 n=$(grep -c "$pat" "$tmp/out.txt")
 [ "$n" -ge 1 ] || fail "no timeout message"
 grep "$pat" "$tmp/out.txt" | head -3

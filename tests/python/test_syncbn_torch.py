@@ -404,7 +404,8 @@ def test_codes_and_config_match_header(comm):
     body = re.search(r"typedef struct \{(.*?)\} syncbn_config;", header, re.S).group(1)
     fields = re.findall(r"^\s*(\w+)\s+(\w+);", body, re.M)
     ctype = {"int64_t": ctypes.c_int64, "double": ctypes.c_double, "int": ctypes.c_int,
-             "syncbn_layout": ctypes.c_int, "syncbn_reduction": ctypes.c_int}
+             "syncbn_layout": ctypes.c_int, "syncbn_reduction": ctypes.c_int,
+             "syncbn_dtype": ctypes.c_int, "syncbn_activation": ctypes.c_int}
     want = [(name, ctype.get(t)) for t, name in fields] + [("_tail", ctypes.c_char * 64)]
     got = [(name, t) for name, t in _lib.Config._fields_]
     if [n for n, _ in want] != [n for n, _ in got] or any(a is not b and a != b for (_, a), (_, b) in
