@@ -84,8 +84,9 @@
  *
  * Buffers: x, z, y, dy, dx, dz come from plain malloc, as in user code (glibc gives
  * 16-byte alignment); --aligned takes 64-byte aligned ones instead, and --offset K
- * (0..1024) starts every buffer K elements later (K floats, or K bf16 values): --aligned --offset 1
- * is 4 (bf16: 2) bytes past a cache line, what a tensor slice or numpy view may give.
+ * (0..1024) starts every buffer K elements later (K floats, or K bf16 values):
+ * --aligned --offset 1 is 4 (bf16: 2) bytes past a cache line, what a tensor slice
+ * or numpy view may give.
  */
 #include <omp.h>
 #include <stdint.h>
