@@ -27,7 +27,8 @@
 // it with g++ against Debian's libdnnl-dev; the library never depends on oneDNN.
 //
 // Output, one line per (shape, layout, act, dtype), parsed by bench_compare.sh:
-//   RESULT impl=onednn layout=nhwc shape=32,64,56,56 fwd_ms=4.31 fwdbwd_ms=9.80 bwd_ms=5.49 act=none dtype=f32 impl_name=..
+//   RESULT impl=onednn layout=nhwc shape=32,64,56,56 fwd_ms=4.31 fwdbwd_ms=9.80 bwd_ms=5.49
+//          act=none dtype=f32 impl_name=bnorm_jit:avx512_core   (one line)
 // fwd_ms is the median of the training forward (all its primitives); fwdbwd_ms the
 // median over repetitions of (forward + backward) of the same repetition. impl_name
 // is oneDNN's implementation of the BN forward (a "ref:" name means oneDNN fell back
