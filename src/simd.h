@@ -340,6 +340,17 @@ SBN_INLINE sbn_v8d sbn_keep_bits(const sbn_v8d *v, unsigned bits)
 #endif
 }
 
+/* The same for 8 floats. */
+SBN_INLINE sbn_v8f sbn_keep_bits_f(sbn_v8f v, unsigned bits)
+{
+#ifdef __AVX512VL__
+    return (sbn_v8f)_mm256_maskz_mov_ps((__mmask8)bits, (__m256)v);
+#else
+    const sbn_v8w lane = {1, 2, 4, 8, 16, 32, 64, 128};
+    return (sbn_v8f)((sbn_v8w)v & (sbn_v8w)((lane & bits) != 0));
+#endif
+}
+
 /* *v with lanes k..7 set to +0 (0 <= k <= 8). */
 SBN_INLINE sbn_v8d sbn_keep_first(const sbn_v8d *v, int64_t k)
 {

@@ -700,7 +700,18 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
             }
             continue;
         }
-        for (int64_t j = 0; j < nc; j++) {
+        int64_t j = 0;
+        for (; j + 8 <= nc; j += 8) { /* widened exactly; masked dy is +0 */
+            const sbn_v8f u = sbn_ldf8(SV_DT(v), in->x, row + j);
+            memcpy(xb + k * SBN_XC + j, &u, sizeof u);
+            if (v & SV_KIND) {
+                sbn_v8f g = sbn_ldf8(SV_DT(v), in->dy, row + j);
+                if (v & SV_RELU)
+                    g = sbn_keep_bits_f(g, sbn_mask8(in->mask, row + j));
+                memcpy(gb + k * SBN_XC + j, &g, sizeof g);
+            }
+        }
+        for (; j < nc; j++) {
             xb[k * SBN_XC + j] = (float)sv_x1(v, in, row + j);
             if (v & SV_KIND)
                 gb[k * SBN_XC + j] = (float)sv_g1(v, in, row + j);
