@@ -128,7 +128,12 @@ typedef enum { SYNCBN_FAST = 0, SYNCBN_REPRODUCIBLE = 1 } syncbn_reduction;
  * SYNCBN_F32:  float.
  * SYNCBN_BF16: bfloat16, passed as uint16_t bit patterns (the upper half of an IEEE
  *   float32; PyTorch's torch.bfloat16). Inputs are widened exactly; each output is
- *   computed in double and rounded ONCE to bfloat16, to nearest-even (NaN stays NaN).
+ *   computed in double and rounded ONCE to bfloat16, to nearest-even; a NaN output
+ *   is the canonical quiet NaN 0x7FC0.
+ * NaN outputs (a NaN z, or NaN x in eval) are NaN for both types; for float their
+ *   sign and payload are not part of the bitwise guarantees below (x86 passes on
+ *   whichever NaN operand comes first, and vector and scalar steps order operands
+ *   differently), for bfloat16 they are canonical and so covered.
  * Weight, bias, running statistics, dweight and dbias are float32 in every case. */
 typedef enum { SYNCBN_F32 = 0, SYNCBN_BF16 = 1 } syncbn_dtype;
 
@@ -239,8 +244,10 @@ SYNCBN_EXTERN int syncbn_backward(syncbn_layer *layer, const float *x, const flo
  *   addition. BN(x) + z is formed in double and rounded once to the element type.
  *   y may equal x or z. A training forward of a SYNCBN_ACT_RELU layer records the
  *   ReLU mask (1 bit per element) in memory the layer owns. That memory only grows,
- *   when a batch larger than any before arrives; if growing fails, the call returns
- *   SYNCBN_ENOMEM on every rank with the layer unchanged (the old mask stays).
+ *   when a batch larger than any before arrives; if growing fails on any rank, the call
+ *   returns SYNCBN_ENOMEM on every rank with parameters, running statistics and
+ *   num_batches_tracked unchanged (the failing rank keeps its old mask; a later
+ *   backward answers SYNCBN_ESTATE, as after any failed training forward).
  *   Collective when training, as syncbn_forward.
  * syncbn_backward_ex: Collective. Must follow a training forward with the same x, n
  *   and spatial (and the same z, whose value the mask already holds).

@@ -34,7 +34,6 @@
 
 #include <omp.h>
 
-#define SBN_OMP_MIN_WORK (1 << 15) /* below this many elements, stay on one thread */
 
 /* Outputs at least this large are written with non-temporal (streaming) stores: they
  * cannot stay in cache anyway, and streaming skips the read-for-ownership of every
@@ -315,7 +314,9 @@ SBN_INLINE void ew_share(int v, const ew_args *e, sbn_shape sh, int nt)
     sbn_nt_fence(nt);
 }
 
-/* Whether a pass writes its output with streaming stores (see SBN_NT_MIN_BYTES). */
+/* Whether a pass writes its output with streaming stores: from SBN_NT_MIN_BYTES of
+ * float output, i.e. 4M elements, for both types (a bfloat16 pass of that size reads
+ * and writes, with x and dy or z, far more than the last-level cache holds). */
 static int ew_streams(sbn_shape sh)
 {
     return SBN_HAVE_NT && sh.n * sh.C * sh.S * 4 >= SBN_NT_MIN_BYTES;

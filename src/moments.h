@@ -57,6 +57,9 @@ void sbn_backward_sums(const void *x, const void *dy, const uint8_t *mask, const
  * j mod C), so that an NHWC vector of channels c .. c+7 is one load even where it
  * wraps past C - 1. sbn_coef_wrap(a, C) fills them in. */
 #define SBN_COEF_PAD 8
+
+/* Below this many elements a kernel stays on one thread. */
+#define SBN_OMP_MIN_WORK (1 << 15)
 void sbn_coef_wrap(double *a, int64_t C);
 
 /* y = act((x - mean[c]) * scale[c] + shift[c] [+ z]), in double, rounded once to the

@@ -154,13 +154,19 @@ SBN_INLINE double sbn_ld1(int dt, const void *p, int64_t i)
  *     convert to float, which is exact. Right wherever the result is a normal float:
  *     bfloat16's normal range is float's, and overflow (>= 2^128 after rounding)
  *     becomes Inf in the conversion. Not for results in the subnormal range (there
- *     bfloat16 has fewer than 8 bits) or NaN.
+ *     bfloat16 has fewer than 8 bits), nor for NaN (whose payload the carry could
+ *     run into the exponent and sign: a NaN would become -0).
  *   - general (those lanes, rare): to float rounding to ODD (truncate, then set the
  *     last bit if anything was lost), which keeps every bit the final rounding needs
  *     (float has 16 more significant bits than bfloat16, at least the 2 that
  *     round-to-odd requires, and finer spacing in every binade, subnormals included),
- *     then to nearest-even at bfloat16's 8 bits. NaN stays NaN (quiet).
+ *     then to nearest-even at bfloat16's 8 bits. A NaN becomes THE canonical quiet
+ *     NaN 0x7FC0, whatever its sign and payload: x86 propagates the payload of
+ *     whichever NaN operand comes first, and the compiler orders the operands of
+ *     + and * differently in vector, masked and scalar steps and in each build, so
+ *     only a canonical NaN keeps every build's bits the same.
  * The result's low 16 bits are zero: widening it back is exact. */
+#define SBN_BF16_NAN 0x7FC00000u /* as float bits */
 SBN_INLINE sbn_v8f sbn_round8_odd(const sbn_v8d *v)
 {
     const sbn_v8f f = __builtin_convertvector(*v, sbn_v8f);
@@ -172,7 +178,9 @@ SBN_INLINE sbn_v8f sbn_round8_odd(const sbn_v8d *v)
     b += (sbn_v8w)__builtin_convertvector(away, sbn_v8i); /* one step towards zero */
     b |= (sbn_v8w)__builtin_convertvector(lost, sbn_v8i) & 1u;
     b += 0x7FFFu + ((b >> 16) & 1u);
-    return (sbn_v8f)(b & 0xFFFF0000u);
+    b &= 0xFFFF0000u;
+    const sbn_v8w nan = (sbn_v8w)__builtin_convertvector(*v != *v, sbn_v8i);
+    return (sbn_v8f)((b & ~nan) | (SBN_BF16_NAN & nan));
 }
 
 SBN_INLINE sbn_v8f sbn_round8(int dt, const sbn_v8d *v)
@@ -189,14 +197,17 @@ SBN_INLINE sbn_v8f sbn_round8(int dt, const sbn_v8d *v)
     u &= ~((UINT64_C(1) << 45) - 1);
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
     const __m256 f = _mm512_cvtpd_ps((__m512d)u);
-    if (__builtin_expect(_mm256_fpclass_ps_mask(f, 0x01 | 0x20 | 0x80) != 0, 0)) /* QNaN, subnormal, SNaN */
+    /* NaN is decided on the input (the carry may have made it anything); a finite
+     * or infinite input gives a finite or infinite f, so only subnormal f is left. */
+    if (__builtin_expect((_mm256_fpclass_ps_mask(f, 0x20) | _mm512_cmp_pd_mask((__m512d)*v, (__m512d)*v,
+                                                                                 _CMP_UNORD_Q)) != 0, 0))
         return sbn_round8_odd(v);
     return (sbn_v8f)f;
 #else
     const sbn_v8f f = __builtin_convertvector((sbn_v8d)u, sbn_v8f);
     const sbn_v8w e = (sbn_v8w)f & 0x7F800000u;
     const sbn_v8i bad = (sbn_v8i)(e == 0u) & (sbn_v8i)(((sbn_v8w)f & 0x7FFFFFFFu) != 0u); /* subnormal */
-    const sbn_v8i nan = (sbn_v8i)(((sbn_v8w)f & 0x7FFFFFFFu) > 0x7F800000u);
+    const sbn_v8i nan = __builtin_convertvector(*v != *v, sbn_v8i); /* on the input, as above */
     int any = 0;
     for (int j = 0; j < 8; j++)
         any |= bad[j] | nan[j];
@@ -220,6 +231,12 @@ SBN_INLINE float sbn_round1(int dt, double v)
     if (dt == SYNCBN_F32)
         return f;
     /* the general way of sbn_round8 (the fast one gives the same bits where it applies) */
+    if (v != v) {
+        const uint32_t nb = SBN_BF16_NAN;
+        float r;
+        memcpy(&r, &nb, sizeof r);
+        return r;
+    }
     const double back = f;
     uint64_t bv, bb;
     memcpy(&bv, &v, sizeof bv), memcpy(&bb, &back, sizeof bb);

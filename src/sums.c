@@ -18,7 +18,6 @@
 
 #define SBN_LANES 16
 #define SBN_CBLOCK 256              /* NHWC channel sub-block held in registers/L1 */
-#define SBN_OMP_MIN_WORK (1 << 15)  /* below this many elements, stay on one thread */
 #define SBN_RENORM_EVERY (1 << 29)  /* deposits between exactsum normalizations */
 #define SBN_ROW_SPLIT_BYTES 256     /* NHWC: below this many bytes of a row per thread, split samples */
 #define SBN_PART_MAX 4096           /* ... if n*C partials fit on the stack (64 KiB) */
@@ -37,7 +36,7 @@ enum { SV_KIND = 1, SV_BF16 = 2, SV_RELU = 4 };
     case SV_KIND: CALL(SV_KIND); break;                                       \
     case SV_KIND | SV_BF16: CALL(SV_KIND | SV_BF16); break;                   \
     case SV_KIND | SV_RELU: CALL(SV_KIND | SV_RELU); break;                   \
-    default: CALL(SV_KIND | SV_BF16 | SV_RELU); break;                        \
+    default: CALL(SV_KIND | SV_BF16 | SV_RELU); break; /* the last one left */ \
     }
 
 /* The inputs of a typed pass, addressed by element index. */
