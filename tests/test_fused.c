@@ -1302,28 +1302,6 @@ static void repro_run(shape sh, syncbn_dtype t, int variant, MPI_Comm comm, int6
     free(x), free(z), free(dy);
 }
 
-/* This rank's slice under split k: 0 even, 1 all on rank 0, 2 all on the last rank,
- * 3 all on rank 1, 4.. pseudo-random uneven (as test_reproducible.c). */
-static void repro_split(int k, int64_t B, int64_t *lo, int64_t *n)
-{
-    const int P = tu_nranks;
-    int64_t cnt[64] = {0}, left = B;
-    for (int q = 0; q < P; q++) {
-        switch (k) {
-        case 0: cnt[q] = (q + 1) * B / P - q * B / P; break;
-        case 1: cnt[q] = q == 0 ? B : 0; break;
-        case 2: cnt[q] = q == P - 1 ? B : 0; break;
-        case 3: cnt[q] = q == 1 % P ? B : 0; break;
-        default: cnt[q] = q == P - 1 ? left : (int64_t)(tu_uniform(31u * (uint64_t)k + (uint64_t)q) * (double)(left + 1));
-        }
-        left -= cnt[q];
-    }
-    *lo = 0;
-    for (int q = 0; q < tu_rank; q++)
-        *lo += cnt[q];
-    *n = cnt[tu_rank];
-}
-
 static int same_slice(const outputs *whole, const outputs *part, shape sh, int64_t lo, int64_t n, size_t es, int dz)
 {
     const int64_t per = sh.C * sh.S, len = n * per, all = sh.B * per;
@@ -1359,7 +1337,7 @@ static void repro_contract(shape sh, int nsplits)
             for (int k = 0; k < nsplits; k++)
                 for (int th = 1; th <= 2; th++) {
                     int64_t lo, n;
-                    repro_split(k, sh.B, &lo, &n);
+                    tu_split(k, sh.B, &lo, &n);
                     outputs part;
                     outputs_alloc(&part, n * sh.C * sh.S, sh.C, es);
                     omp_set_num_threads(th);

@@ -109,28 +109,6 @@ static void run(shape sh, syncbn_reduction red, MPI_Comm comm, int64_t lo, int64
     free(x), free(dy);
 }
 
-/* This rank's slice under split k: 0 even, 1 all on rank 0, 2 all on the last rank,
- * 3 [0, everything, 0, ...] style holes, 4.. pseudo-random uneven. */
-static void split(int k, int64_t B, int64_t *lo, int64_t *n)
-{
-    const int P = tu_nranks;
-    int64_t cnt[64] = {0}, left = B;
-    for (int q = 0; q < P; q++) {
-        switch (k) {
-        case 0: cnt[q] = (q + 1) * B / P - q * B / P; break;
-        case 1: cnt[q] = q == 0 ? B : 0; break;
-        case 2: cnt[q] = q == P - 1 ? B : 0; break;
-        case 3: cnt[q] = q == 1 % P ? B : 0; break;
-        default: cnt[q] = q == P - 1 ? left : (int64_t)(tu_uniform(31u * (uint64_t)k + (uint64_t)q) * (double)(left + 1));
-        }
-        left -= cnt[q];
-    }
-    *lo = 0;
-    for (int q = 0; q < tu_rank; q++)
-        *lo += cnt[q];
-    *n = cnt[tu_rank];
-}
-
 enum { NSPLITS = 7 };
 
 /* Compares one distributed run with the 1-rank answer; returns 1 if all bytes match. */
@@ -161,7 +139,7 @@ static int differing_runs(shape sh, syncbn_reduction red)
     for (int k = 0; k < NSPLITS; k++)
         for (int threads = 1; threads <= 2; threads++) {
             int64_t lo, n;
-            split(k, sh.B, &lo, &n);
+            tu_split(k, sh.B, &lo, &n);
             outputs part;
             outputs_alloc(&part, n * sh.C * sh.S, sh.C);
             omp_set_num_threads(threads);

@@ -88,3 +88,25 @@ int tu_main(int argc, char **argv, Suite *(*make_suite)(void))
     MPI_Finalize();
     return worst ? 1 : 0;
 }
+
+/* This rank's slice under split k: 0 even, 1 all on rank 0, 2 all on the last rank,
+ * 3 [0, everything, 0, ...] style holes, 4.. pseudo-random uneven. */
+void tu_split(int k, int64_t B, int64_t *lo, int64_t *n)
+{
+    const int P = tu_nranks;
+    int64_t cnt[64] = {0}, left = B;
+    for (int q = 0; q < P; q++) {
+        switch (k) {
+        case 0: cnt[q] = (q + 1) * B / P - q * B / P; break;
+        case 1: cnt[q] = q == 0 ? B : 0; break;
+        case 2: cnt[q] = q == P - 1 ? B : 0; break;
+        case 3: cnt[q] = q == 1 % P ? B : 0; break;
+        default: cnt[q] = q == P - 1 ? left : (int64_t)(tu_uniform(31u * (uint64_t)k + (uint64_t)q) * (double)(left + 1));
+        }
+        left -= cnt[q];
+    }
+    *lo = 0;
+    for (int q = 0; q < tu_rank; q++)
+        *lo += cnt[q];
+    *n = cnt[tu_rank];
+}

@@ -24,6 +24,10 @@ extern int tu_rank, tu_nranks;
 uint64_t tu_hash(uint64_t key);
 double tu_uniform(uint64_t key); /* [0, 1) */
 double tu_normal(uint64_t key);  /* standard normal */
+/* This rank's slice [*lo, *lo + *n) of B samples under split k: 0 even, 1 all on
+ * rank 0, 2 all on the last rank, 3 all on rank 1 (holes elsewhere), 4.. pseudo-random
+ * uneven (the same on every rank). */
+void tu_split(int k, int64_t B, int64_t *lo, int64_t *n);
 
 void tu_fail(const char *file, int line, const char *fmt, ...);
 #define TU_EXPECT(cond, ...)                               \
