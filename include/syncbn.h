@@ -118,8 +118,13 @@ typedef enum { SYNCBN_NCHW = 0, SYNCBN_NHWC = 1 } syncbn_layout;
  *   same source built for any x86-64 instruction-set level (-march=native with
  *   AVX-512, x86-64-v3 / AVX2, baseline x86-64 via -DSYNCBN_NATIVE=OFF) gives the
  *   same bits. Still assumed, not tested: the same compiler and version, and flags
- *   that keep IEEE semantics (the build enforces -ffp-contract=off, i.e. no FMA
- *   contraction, and uses no -ffast-math); a correctly rounded sqrt (the only libm
+ *   that keep IEEE semantics (the build adds -ffp-contract=off, i.e. no FMA
+ *   contraction, and -fno-fast-math -fno-unsafe-math-optimizations after any user
+ *   flags; tested with CMAKE_C_FLAGS=-ffast-math); the default floating-point
+ *   environment in the calling threads (round to nearest, no flush-to-zero or
+ *   denormals-are-zero: a program LINKED with -ffast-math sets both at startup, as
+ *   does torch.set_flush_denormal(True), and then subnormal results flush to zero,
+ *   so they differ from a build that does not); a correctly rounded sqrt (the only libm
  *   call; IEEE requires it). Partial sums below 2^-320 in magnitude are rounded to
  *   that granularity (deterministically). */
 typedef enum { SYNCBN_FAST = 0, SYNCBN_REPRODUCIBLE = 1 } syncbn_reduction;

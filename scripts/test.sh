@@ -4,8 +4,9 @@
 # of libFuzzer on the checkpoint loader (scripts/fuzz.sh; 60 s by hand).
 # After the Release suite it also builds the library for other x86-64 instruction-set
 # levels (build-portable: -DSYNCBN_NATIVE=OFF; build-avx2: x86-64-v3, when the CPU has
-# AVX2) and requires reproducible-mode outputs to be bitwise equal across the builds
-# (tests/test_repro_builds.sh, about a minute).
+# AVX2; build-fastmath: the portable build configured with CMAKE_C_FLAGS=-ffast-math,
+# which CMakeLists.txt must undo) and requires reproducible-mode outputs to be bitwise
+# equal across the builds (tests/test_repro_builds.sh, about a minute and a half).
 #   scripts/test.sh            both suites
 #   scripts/test.sh --quick    Release suite and the cross-build check only
 set -euo pipefail
@@ -29,7 +30,7 @@ run_suite() { # <build dir> <extra cmake args...>
 echo "== Release build =="
 run_suite build
 
-echo "== reproducible mode across builds: native, AVX2-only, portable =="
+echo "== reproducible mode across builds: native, AVX2-only, portable, portable under -ffast-math =="
 # Only the library, tests/repro_dump and tests/test_moments are built in the extra
 # directories.
 levels=(build)
@@ -45,6 +46,8 @@ extra_build() { # <dir> <extra cmake args...>
 }
 grep -qw avx2 /proc/cpuinfo && extra_build build-avx2 -DCMAKE_C_FLAGS=-march=x86-64-v3
 extra_build build-portable
+# A user's -ffast-math must not reach the kernels (CMakeLists.txt undoes it).
+extra_build build-fastmath -DCMAKE_C_FLAGS=-ffast-math
 tests/test_repro_builds.sh "${levels[@]}"
 
 if [ "${1:-}" != "--quick" ]; then

@@ -29,6 +29,13 @@
 
 #include "syncbn.h"
 
+/* Reassociation would change every sum's bits (and the reproducible mode's across
+ * builds), finite-math would drop the NaN and Inf checks: CMakeLists.txt turns them
+ * off after any user flags; this catches a build that does not go through it. */
+#if defined(__FAST_MATH__) || __FINITE_MATH_ONLY__
+#error "syncbn's kernels must be built without -ffast-math / -ffinite-math-only"
+#endif
+
 #pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors only cross static, inlined calls */
 typedef double sbn_v8d __attribute__((vector_size(64)));
 typedef double sbn_v4d __attribute__((vector_size(32)));
