@@ -130,16 +130,7 @@ SBN_INLINE void bw_flush(const bitw *b)
         *b->w = b->acc;
 }
 
-/* The 64 bits of the next 64 elements: the word fills, whatever the position. */
-SBN_INLINE void bw_put64(bitw *b, uint64_t bits)
-{
-    b->acc |= bits << b->off;
-    bw_flush(b);
-    b->w++;
-    b->acc = b->off ? bits >> (64 - b->off) : 0;
-}
-
-/* The k bits (k <= 8) of the next k elements. */
+/* The k bits (k <= 64) of the next k elements. */
 SBN_INLINE void bw_put(bitw *b, uint64_t bits, int64_t k)
 {
     b->acc |= bits << b->off;
@@ -213,6 +204,9 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
     return 0;
 }
 
+/* The channel 8 elements after channel c (NHWC; a division only when C < 8). */
+SBN_INLINE int64_t next8(int64_t c, int64_t C) { return C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C; }
+
 /* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
  * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
  * cache lines of the output only, when nt. Returns the channel after f1 (lanes == 1). */
@@ -250,9 +244,9 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
                         ew_coef_lanes(v, e, c, &q);
                     bits |= (uint64_t)ew_vec(v, e, f + 8 * j, &q, 8, stream) << 8 * j;
                     if (lanes)
-                        c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
+                        c = next8(c, C);
                 }
-                bw_put64(&lbw, bits);
+                bw_put(&lbw, bits, 64);
             }
         for (; f + 8 <= end; f += 8) {
             if (lanes)
@@ -261,7 +255,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
             if (v & EW_MASK)
                 bw_put(&lbw, bits, 8);
             if (lanes)
-                c = C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C;
+                c = next8(c, C);
         }
         if (SBN_HAVE_MASKED(dt) && f < end) {
             if (lanes)
