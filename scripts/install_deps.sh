@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages syncbn needs, only those that are missing.
-# Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [peers] [net] [python]
+# Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [sim] [peers] [net] [python]
 #   build  compiler, CMake, Open MPI, OpenBLAS, Check, zlib (always included)
 #   data   Fashion-MNIST (dataset-fashion-mnist) for the training example
 #   fuzz   clang + libFuzzer runtime for scripts/fuzz.sh
-#   plot   gnuplot for the loss-curve PNG
+#   plot   gnuplot for the loss-curve and scaling PNGs
+#   sim    SimGrid (smpicc, smpirun) for the simulated scaling study, scripts/scale_sim.sh
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
 #   net    iproute2 for the two-host (network namespace) run
 #   python PyTorch, NumPy, mpi4py and pytest for the Python package (src/python/syncbn)
@@ -17,6 +18,7 @@ for group in "$@"; do
     data) pkgs+=(dataset-fashion-mnist) ;;
     fuzz) pkgs+=(clang libclang-rt-14-dev) ;;
     plot) pkgs+=(gnuplot-nox) ;;
+    sim) pkgs+=(libsimgrid-dev) ;;
     peers) pkgs+=(python3-torch python3-numpy libdnnl-dev) ;;
     net) pkgs+=(iproute2) ;;
     python) pkgs+=(python3-torch python3-numpy python3-mpi4py python3-pytest) ;;
