@@ -22,7 +22,7 @@ if(SYNCBN_BUILD_EXAMPLES)
     list(GET _pql 0 _p)
     list(GET _pql 1 _q)
     add_test(NAME kill_resume_elastic_${_p}to${_q}
-      COMMAND ${PROJECT_SOURCE_DIR}/scripts/kill_resume.sh --quick $<TARGET_FILE:syncbn-train>)
+      COMMAND ${PROJECT_SOURCE_DIR}/scripts/check/kill_resume.sh --quick $<TARGET_FILE:syncbn-train>)
     set_tests_properties(kill_resume_elastic_${_p}to${_q} PROPERTIES
       ENVIRONMENT "NP=${_p};NP_RESUME=${_q}" PROCESSORS 2 TIMEOUT 300 SKIP_RETURN_CODE 77)
   endforeach()

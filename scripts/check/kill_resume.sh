@@ -11,7 +11,7 @@
 # lost a node and goes on with what is left (or gets more). In reproducible mode (the
 # training example's default) the result does not depend on the number of ranks, so
 # the resumed run must still end with the uninterrupted NP-rank run's hash:
-#   NP=4 NP_RESUME=3 scripts/kill_resume.sh --quick
+#   NP=4 NP_RESUME=3 scripts/check/kill_resume.sh --quick
 #
 # How the job ends: mpirun (Open MPI's ORTE) notices that a local rank died from a
 # signal and kills the remaining ranks; the survivors would otherwise sit in their
