@@ -2,7 +2,7 @@
 # Kill and resume: a rank killed with SIGKILL mid-training ends the WHOLE job in
 # bounded time (no hang), and the run resumed from its last checkpoint reaches the
 # same final parameter hash as an uninterrupted run.
-#   scripts/kill_resume.sh [--quick] [path/to/syncbn-train]
+#   scripts/check/kill_resume.sh [--quick] [path/to/syncbn-train]
 # --quick: fewer steps and images, kill right after the first checkpoint (the CTest
 # version); otherwise after the third. NP=3 for three ranks. Exit 0 = pass, 77 = skipped
 # (no data set), anything else = failure.
@@ -11,13 +11,13 @@
 # lost a node and goes on with what is left (or gets more). In reproducible mode (the
 # training example's default) the result does not depend on the number of ranks, so
 # the resumed run must still end with the uninterrupted NP-rank run's hash:
-#   NP=4 NP_RESUME=3 scripts/kill_resume.sh --quick
+#   NP=4 NP_RESUME=3 scripts/check/kill_resume.sh --quick
 #
 # How the job ends: mpirun (Open MPI's ORTE) notices that a local rank died from a
 # signal and kills the remaining ranks; the survivors would otherwise sit in their
 # next MPI_Allreduce forever. `timeout` guards this script against the opposite.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 quick=0
 [ "${1:-}" = "--quick" ] && { quick=1; shift; }
 train=${1:-build/examples/syncbn-train}
