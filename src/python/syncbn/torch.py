@@ -63,7 +63,7 @@ class SyncBatchNorm(_BatchNorm):
     communicator, MPI.COMM_WORLD by default). Input: float32 (N, C), (N, C, L),
     (N, C, H, W) or (N, C, D, H, W), contiguous or channels_last; N may be 0 on some
     ranks. reduction: "fast" or "reproducible" (bitwise the same for any number of
-    ranks and any split; see the README). timeout: seconds a training forward or
+    ranks and any split; see docs/reproducible.md). timeout: seconds a training forward or
     backward may wait for the other ranks before raising SyncBNError ETIMEOUT
     instead of hanging (0, the default: wait forever); after a timeout every later
     call on that communicator raises ETIMEOUT at once (the library's contract)."""
