@@ -3,7 +3,7 @@
 # Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [sim] [peers] [net] [python]
 #   build  compiler, CMake, Open MPI, OpenBLAS, Check, zlib (always included)
 #   data   Fashion-MNIST (dataset-fashion-mnist) for the training example
-#   fuzz   clang + libFuzzer runtime for scripts/fuzz.sh
+#   fuzz   clang + libFuzzer runtime for scripts/check/fuzz.sh
 #   plot   gnuplot for the loss-curve and scaling PNGs
 #   sim    SimGrid (smpicc, smpirun) for the simulated scaling study, scripts/scale_sim.sh
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
