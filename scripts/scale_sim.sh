@@ -25,6 +25,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+cd "$root"
 
 plist="2 4 8 16 32 64 128 256 512 1024"
 modes=fast,repro,torch,floor
@@ -38,7 +39,7 @@ plot=1
 quick=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) quick=1; plist="4 16 64"; modes=fast,repro; platforms=ethernet; batch=64; plot=0; shift ;;
+    --quick) quick=1; plist="4 16 64"; modes=repro; platforms=ethernet; batch=64; plot=0; shift ;;
     --p) plist=$2; shift 2 ;;
     --modes) modes=$2; shift 2 ;;
     --platforms) platforms=$2; shift 2 ;;
@@ -74,20 +75,30 @@ build() { # <compiler> <exe> <extra flags...>
   "$cc" "${cflags[@]}" "$@" -c "$here/sim/scale_driver.c" -o "$obj/scale_driver.o"
   "$cc" -fopenmp "$obj"/*.o -o "$exe" -lz -lm
 }
-echo "== building the driver with smpicc =="
-build smpicc "$out/scale_driver_smpi" -DSCALE_SIM_NBC_BLOCKING 2>&1 | grep -v '^$' || true
-[ -x "$out/scale_driver_smpi" ] || { echo "scale_sim.sh: smpicc build failed" >&2; exit 1; }
+stale() { # <exe>: missing, or older than a source (a rerun after a library change rebuilds)
+  [ ! -x "$1" ] || [ -n "$(find "$root/src" "$root/include" "$here/sim/scale_driver.c" -name '*.[ch]' -newer "$1" | head -1)" ]
+}
+if stale "$out/scale_driver_smpi"; then
+  echo "== building the driver with smpicc =="
+  rm -f "$out/scale_driver_smpi"
+  build smpicc "$out/scale_driver_smpi" -DSCALE_SIM_NBC_BLOCKING 2>&1 | grep -v '^$' || true
+  [ -x "$out/scale_driver_smpi" ] || { echo "scale_sim.sh: smpicc build failed" >&2; exit 1; }
+fi
 if [ -z "$real" ]; then
-  echo "== building the driver with mpicc =="
-  build mpicc "$out/scale_driver_mpi"
   real="$out/scale_driver_mpi"
+  if stale "$real"; then
+    echo "== building the driver with mpicc =="
+    build mpicc "$real"
+  fi
 fi
 
 # ---- the real reference: mpirun at P = 1..4 ----
 common=(--res "$res" --batch "$batch")
 declare -A ref
 fail=0
-for layers in distinct all; do
+layer_sets="distinct all"
+[ "$quick" = 1 ] && layer_sets=all # the real workload only
+for layers in $layer_sets; do
   for P in 1 2 3 4; do
     h=$(mpirun -np "$P" --oversubscribe "$real" --modes repro --layers "$layers" "${common[@]}" |
         sed -n 's/.*hash=\([0-9a-f]*\).*/\1/p')
@@ -139,13 +150,10 @@ simrun() { # <platform> <P> <layers> <modes>
 }
 declare -A xmlname=([fattree]=fattree_100g [ethernet]=ethernet_25g)
 start=$(date +%s)
-for plat in ${platforms//,/ }; do
-  echo "== simulated: $plat =="
-  for P in $plist; do
-    simrun "${xmlname[$plat]}" "$P" distinct "$modes"
-    if [ "$P" -le "$layers_all_max" ]; then
-      simrun "${xmlname[$plat]}" "$P" all "$(tr , '\n' <<<"$modes" | grep -E '^(fast|repro)$' | paste -sd, || echo repro)"
-    fi
+for P in $plist; do # P outermost: an interrupted study still has every platform up to some P
+  for plat in ${platforms//,/ }; do
+    [ "$quick" = 1 ] || simrun "${xmlname[$plat]}" "$P" distinct "$modes"
+    [ "$P" -gt "$layers_all_max" ] || simrun "${xmlname[$plat]}" "$P" all "$modes"
   done
 done
 echo "simulations: $(( $(date +%s) - start )) s of real time"
