@@ -38,7 +38,10 @@ list=$tmp/list
 for md in "$src/README.md" "$src"/docs/*.md; do
   extract "$md" >>"$list"
 done
-[ -s "$list" ] || { echo "FAIL: no snippets found (marker lines missing?)"; exit 1; }
+# The README's two quick starts must stay marked: a lost marker would untest them.
+for name in quickstart.c quickstart.py; do
+  grep -q "README.md $name\$" "$list" || { echo "FAIL: README.md has no snippet $name (marker line missing?)"; exit 1; }
+done
 dups=$(awk '{print $2}' "$list" | sort | uniq -d)
 [ -z "$dups" ] || { echo "FAIL: snippet names used twice: $dups"; exit 1; }
 
