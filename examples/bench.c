@@ -70,7 +70,7 @@
  *          ... act=relu dtype=f32 fwdbwd_bpe=32.375
  * (one RESULT line per case; act, dtype and the model's fwd+bwd bytes per element
  * come last, so parsers of the older lines keep working), parsed by
- * scripts/bench_compare.sh and scripts/bench_ab.sh.
+ * scripts/bench/bench_compare.sh and scripts/bench/bench_ab.sh.
  *
  * What it does not do: check numerics (the tests do that), or time anything that
  * a unit test asserts on.

@@ -12,7 +12,7 @@ syncbn_add_mpi_test(train_layers test_train_layers RANKS 1 TIMEOUT 120)
 # Multi-rank runs of the real program on a small subset (exit 77 = data not installed);
 # train_blas: the choice and pinning of OpenBLAS kernels (examples/train_blas.h);
 # train_fused: the BN layers' fused ReLU and --unfused give the same bits.
-foreach(_t invariance resume blas fused)
+foreach(_t invariance resume blas fused elastic)
   add_test(NAME train_${_t}
     COMMAND ${PROJECT_SOURCE_DIR}/tests/test_train_${_t}.sh $<TARGET_FILE:syncbn-train>)
   set_tests_properties(train_${_t} PROPERTIES

@@ -31,7 +31,7 @@ typedef struct {
 int train_dataset_load(train_dataset *ds, const char *dir, const char *split, char *err, int errlen);
 void train_dataset_free(train_dataset *ds);
 
-/* Pixel normalization shared with scripts/train_torch.py: (p/255 - mean)/std. */
+/* Pixel normalization shared with scripts/bench/train_torch.py: (p/255 - mean)/std. */
 #define TRAIN_PIXEL_MEAN 0.2860f
 #define TRAIN_PIXEL_STD 0.3530f
 

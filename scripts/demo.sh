@@ -99,12 +99,12 @@ done
 echo "one sample per rank (8 ranks, batch 8): sync BN test accuracy ${ACC[small_sync_np8]} (= 1 rank), per-rank BN ${ACC[small_local_np8]}: $gap points lower"
 
 say "loss plots"
-png=$(scripts/plot_loss.sh "$out/loss.png" \
+png=$(scripts/tools/plot_loss.sh "$out/loss.png" \
   "sync BN, 1 rank (acc ${ACC[sync_np1]})=$out/sync_np1.csv" "sync BN, 2 ranks (acc ${ACC[sync_np2]})=$out/sync_np2.csv" \
   "sync BN, 4 ranks (acc ${ACC[sync_np4]})=$out/sync_np4.csv" \
   "local BN, 2 ranks (acc ${ACC[local_np2]})=$out/local_np2.csv" "local BN, 4 ranks (acc ${ACC[local_np4]})=$out/local_np4.csv")
 echo "batch 128: $(cd "$(dirname "$png")" && pwd)/$(basename "$png")"
-png=$(scripts/plot_loss.sh --title "batch 8 = 1 sample per rank on 8 ranks: per-rank BN loses $gap points of test accuracy" \
+png=$(scripts/tools/plot_loss.sh --title "batch 8 = 1 sample per rank on 8 ranks: per-rank BN loses $gap points of test accuracy" \
   "$out/loss_small_batch.png" \
   "sync BN, 1 rank (acc ${ACC[small_sync_np1]})=$out/small_sync_np1.csv" \
   "sync BN, 8 ranks (acc ${ACC[small_sync_np8]})=$out/small_sync_np8.csv" \

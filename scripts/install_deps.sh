@@ -3,7 +3,7 @@
 # Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [peers] [net] [python]
 #   build  compiler, CMake, Open MPI, OpenBLAS, Check, zlib (always included)
 #   data   Fashion-MNIST (dataset-fashion-mnist) for the training example
-#   fuzz   clang + libFuzzer runtime for scripts/fuzz.sh
+#   fuzz   clang + libFuzzer runtime for scripts/check/fuzz.sh
 #   plot   gnuplot for the loss-curve PNG
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
 #   net    iproute2 for the two-host (network namespace) run

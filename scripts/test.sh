@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds, and runs the whole CTest suite
 # twice - the Release build, then an AddressSanitizer + UBSan build - and then 30 s
-# of libFuzzer on the checkpoint loader (scripts/fuzz.sh; 60 s by hand).
+# of libFuzzer on the checkpoint loader (scripts/check/fuzz.sh; 60 s by hand).
 # After the Release suite it also builds the library for other x86-64 instruction-set
 # levels (build-portable: -DSYNCBN_NATIVE=OFF; build-avx2: x86-64-v3, when the CPU has
 # AVX2; build-fastmath: the portable build configured with CMAKE_C_FLAGS=-ffast-math,
@@ -53,10 +53,10 @@ tests/test_repro_builds.sh "${levels[@]}"
 if [ "${1:-}" != "--quick" ]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build =="
   # Open MPI's own allocations at exit are not ours to fix: leak checking is done by
-  # scripts/valgrind.sh with Open MPI's suppression file instead.
+  # scripts/check/valgrind.sh with Open MPI's suppression file instead.
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan -DSYNCBN_SANITIZE=ON
 
   echo "== libFuzzer on syncbn_load (clang build of the library) =="
-  scripts/fuzz.sh 30
+  scripts/check/fuzz.sh 30
 fi

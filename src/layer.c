@@ -18,7 +18,7 @@
  * the buffer above in a second MPI_Iallreduce, only once the headers agree. Calls
  * made out of step therefore only ever meet a message of their own size and type:
  * Open MPI, given mismatched counts, fails with MPI_ERR_TRUNCATE (fatal), returns
- * wrong data, or overflows the receive buffer (scripts/iallreduce_mismatch.c), and a
+ * wrong data, or overflows the receive buffer (scripts/check/iallreduce_mismatch.c), and a
  * deadline alone would not make that safe. The data messages only start once all
  * ranks have agreed they are in the same call of the same layer, hence the same C.
  * The price: a call message of 155 words, and a second message for large layers

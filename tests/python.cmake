@@ -33,8 +33,8 @@ foreach(np 1 2 3 4)
 endforeach()
 
 # The PyTorch DDP example on Fashion-MNIST, 20 steps at P = 1 and 2: SyncBatchNorm's
-# loss curves agree to rounding, plain BN's do not (scripts/torch_ddp_curves.sh).
-add_test(NAME torch_ddp_curves COMMAND ${PROJECT_SOURCE_DIR}/scripts/torch_ddp_curves.sh 20)
+# loss curves agree to rounding, plain BN's do not (scripts/check/torch_ddp_curves.sh).
+add_test(NAME torch_ddp_curves COMMAND ${PROJECT_SOURCE_DIR}/scripts/check/torch_ddp_curves.sh 20)
 set_tests_properties(torch_ddp_curves PROPERTIES
   ENVIRONMENT "SYNCBN_LIBRARY=$<TARGET_FILE:syncbn>;RANKS=1 2;OUT=${CMAKE_CURRENT_BINARY_DIR}/torch_ddp;SYNCBN_MPIEXEC=${MPIEXEC_EXECUTABLE}"
   PROCESSORS 2 TIMEOUT 300 SKIP_RETURN_CODE 77)

@@ -1,4 +1,4 @@
-# Sourced by tests/test_train_*.sh and scripts/check_invariance.sh: runs syncbn-train
+# Sourced by tests/test_train_*.sh and scripts/check/check_invariance.sh: runs syncbn-train
 # under mpirun and extracts its hashes. Needs TRAIN (the program's path).
 MPIEXEC=${SYNCBN_MPIEXEC:-mpirun}
 DATA=${SYNCBN_DATA:-/usr/share/datasets/fashion-mnist}

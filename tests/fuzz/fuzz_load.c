@@ -1,5 +1,5 @@
 /*
- * fuzz_load.c - libFuzzer target for syncbn_load (built by scripts/fuzz.sh with
+ * fuzz_load.c - libFuzzer target for syncbn_load (built by scripts/check/fuzz.sh with
  * clang -fsanitize=fuzzer,address,undefined straight from the library sources).
  *
  * Each input is written to a file and loaded into four layers of different shapes,

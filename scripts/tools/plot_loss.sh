@@ -4,8 +4,8 @@
 # minus the FIRST run's, step by step: runs that are bitwise identical to it lie
 # exactly on zero.
 #
-# Usage: scripts/plot_loss.sh [--title TEXT] OUT.png LABEL=FILE.csv [LABEL=FILE.csv ...]
-#   e.g. scripts/plot_loss.sh out/loss.png "sync P=1=out/s1.csv" "local P=4=out/l4.csv"
+# Usage: scripts/tools/plot_loss.sh [--title TEXT] OUT.png LABEL=FILE.csv [LABEL=FILE.csv ...]
+#   e.g. scripts/tools/plot_loss.sh out/loss.png "sync P=1=out/s1.csv" "local P=4=out/l4.csv"
 #   (the label is everything before the LAST '='; --title adds a line under the title)
 set -euo pipefail
 subtitle=""

@@ -2,16 +2,22 @@
 # Kill and resume: a rank killed with SIGKILL mid-training ends the WHOLE job in
 # bounded time (no hang), and the run resumed from its last checkpoint reaches the
 # same final parameter hash as an uninterrupted run.
-#   scripts/kill_resume.sh [--quick] [path/to/syncbn-train]
+#   scripts/check/kill_resume.sh [--quick] [path/to/syncbn-train]
 # --quick: fewer steps and images, kill right after the first checkpoint (the CTest
 # version); otherwise after the third. NP=3 for three ranks. Exit 0 = pass, 77 = skipped
 # (no data set), anything else = failure.
+#
+# Elastic resume: NP_RESUME=Q resumes on Q ranks instead of NP, as a job does that
+# lost a node and goes on with what is left (or gets more). In reproducible mode (the
+# training example's default) the result does not depend on the number of ranks, so
+# the resumed run must still end with the uninterrupted NP-rank run's hash:
+#   NP=4 NP_RESUME=3 scripts/check/kill_resume.sh --quick
 #
 # How the job ends: mpirun (Open MPI's ORTE) notices that a local rank died from a
 # signal and kills the remaining ranks; the survivors would otherwise sit in their
 # next MPI_Allreduce forever. `timeout` guards this script against the opposite.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 quick=0
 [ "${1:-}" = "--quick" ] && { quick=1; shift; }
 train=${1:-build/examples/syncbn-train}
@@ -21,21 +27,22 @@ data=${SYNCBN_DATA:-/usr/share/datasets/fashion-mnist}
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1
 np=${NP:-2}
+np_resume=${NP_RESUME:-$np}
 if [ $quick = 1 ]; then steps=36 every=6 limit=1536; else steps=120 every=10 limit=8192; fi
 bound=${KILL_BOUND:-30} # seconds the job may take to end after the kill
 work=$(mktemp -d /tmp/syncbn_kill.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 common=(--data "$data" --steps "$steps" --train-limit "$limit" --no-eval --print-every 1 --seed 7)
-run() { # <log> <args...>: one mpirun, under a timeout guard
-  local log=$1
-  shift
-  echo "+ mpirun -np $np --oversubscribe $train ${common[*]} $*"
-  timeout -k 10 600 mpirun -np "$np" --oversubscribe "$train" "${common[@]}" "$@" >"$log" 2>&1
+run() { # <ranks> <log> <args...>: one mpirun, under a timeout guard
+  local ranks=$1 log=$2
+  shift 2
+  echo "+ mpirun -np $ranks --oversubscribe $train ${common[*]} $*"
+  timeout -k 10 600 mpirun -np "$ranks" --oversubscribe "$train" "${common[@]}" "$@" >"$log" 2>&1
 }
 hash_of() { grep -o 'params sha256 [0-9a-f]*' "$1" | awk '{print $3}'; }
 
 echo "== 1. uninterrupted run ($np ranks, $steps steps)"
-run "$work/ref.log" || { cat "$work/ref.log"; echo "FAIL: reference run failed"; exit 1; }
+run "$np" "$work/ref.log" || { cat "$work/ref.log"; echo "FAIL: reference run failed"; exit 1; }
 ref=$(hash_of "$work/ref.log")
 echo "reference hash $ref"
 
@@ -105,14 +112,14 @@ if pgrep -P "$mpirun_pid" >/dev/null 2>&1; then
   exit 1
 fi
 
-echo "== 3. resume from the last checkpoint to step $steps"
-run "$work/resumed.log" --resume "$work/ck" --save "$work/ck" --save-every "$every" ||
+echo "== 3. resume from the last checkpoint to step $steps on $np_resume rank(s)"
+run "$np_resume" "$work/resumed.log" --resume "$work/ck" --save "$work/ck" --save-every "$every" ||
   { cat "$work/resumed.log"; echo "FAIL: resumed run failed"; exit 1; }
 grep -m1 -i 'resum' "$work/resumed.log" || true
 got=$(hash_of "$work/resumed.log")
 echo "resumed hash   $got"
 if [ -z "$ref" ] || [ "$got" != "$ref" ]; then
-  echo "FAIL: resumed run does not reach the uninterrupted run's parameters"
+  echo "FAIL: resumed run ($np_resume ranks) does not reach the uninterrupted $np-rank run's parameters"
   exit 1
 fi
-echo "PASS: killed job ended in bounded time; resume reached the same params sha256"
+echo "PASS: killed $np-rank job ended in bounded time; resume on $np_resume rank(s) reached the same params sha256"

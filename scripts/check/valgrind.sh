@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # valgrind memcheck on the MPI test binaries at 2 ranks:
-#   scripts/valgrind.sh [test binary names...]
+#   scripts/check/valgrind.sh [test binary names...]
 # Default: the MPI tests of the layer (test_layer test_checkpoint test_misuse
 # test_reproducible). test_exactsum is pure integer arithmetic already covered by
 # the ASan+UBSan build and takes over 15 minutes under valgrind: name it to include it.
@@ -10,7 +10,7 @@
 #
 # Own build without -march=native: valgrind 3.19 cannot execute AVX-512.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 dir=${SYNCBN_VALGRIND_BUILD:-build-valgrind}
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(test_layer test_checkpoint test_misuse test_reproducible)

@@ -6,14 +6,14 @@
 # reduction) it prints the median over rounds of the per-round ratio B/A of the
 # fwd+bwd time, with its range. B/A < 1: B is faster.
 #
-# Usage: scripts/bench_ab.sh A_LIBDIR B_LIBDIR [--rounds R] [--threads T] -- [syncbn-bench args]
+# Usage: scripts/bench/bench_ab.sh A_LIBDIR B_LIBDIR [--rounds R] [--threads T] -- [syncbn-bench args]
 #   A_LIBDIR, B_LIBDIR: directories holding libsyncbn (e.g. build/src of two
 #   checkouts of the same ABI version: the bench binary asks for its own soname). The bench binary is build/examples/syncbn-bench of this tree, or
 #   $BENCH. Example (the library before and after a change, buffers at +1 float):
 #   git worktree add /tmp/old HEAD~3 && cmake -S /tmp/old -B /tmp/old/build && cmake --build /tmp/old/build
-#   scripts/bench_ab.sh /tmp/old/build/src build/src --rounds 7 -- --aligned --offset 1
+#   scripts/bench/bench_ab.sh /tmp/old/build/src build/src --rounds 7 -- --aligned --offset 1
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ $# -ge 2 ] || { sed -n '2,15p' "$0"; exit 2; }
 liba=$(cd "$1" && pwd) libb=$(cd "$2" && pwd)
 shift 2

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The training example over Open MPI's TCP transport only (--mca btl self,tcp)
 # must reach the same final parameter hash as over shared memory (the default).
-#   scripts/tcp_check.sh [path/to/syncbn-train]      (NP=2 STEPS=40 by default)
+#   scripts/check/tcp_check.sh [path/to/syncbn-train]      (NP=2 STEPS=40 by default)
 # Exit 0 = equal hashes, 77 = skipped (no data set), else failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 train=${1:-build/examples/syncbn-train}
 data=${SYNCBN_DATA:-/usr/share/datasets/fashion-mnist}
 [ -x "$train" ] || { echo "tcp_check: no $train (build the examples first)" >&2; exit 1; }

@@ -10,7 +10,7 @@
 # that library, do not install or build"; RANKS and OUT override the rank counts and
 # the output directory. Exit 77 (skip) without the Fashion-MNIST files.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 steps=${1:-100}
 if [ -z "${SYNCBN_LIBRARY:-}" ]; then
   scripts/install_deps.sh build data python

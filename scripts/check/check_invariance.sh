@@ -6,13 +6,13 @@
 # for contrast (its low bits may depend on the split; that is not a failure).
 # Exits non-zero if any reproducible hash differs (or local BN matches sync BN).
 #
-# Usage: scripts/check_invariance.sh [--build DIR] [--steps N] [--out DIR] [extra syncbn-train options]
+# Usage: scripts/check/check_invariance.sh [--build DIR] [--steps N] [--out DIR] [extra syncbn-train options]
 #   --build DIR  build directory holding examples/syncbn-train (default build; built
 #                there, with missing Debian packages installed, if it is not)
 #   --steps N    training steps per run (default 40)
 #   --out DIR    where outputs go (default out/invariance)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 build=build steps=40 out=out/invariance extra=()
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Fuzzes syncbn_load with libFuzzer for a set time (default 60 s):
-#   scripts/fuzz.sh [seconds]
+#   scripts/check/fuzz.sh [seconds]
 # Builds tests/fuzz/fuzz_load.c with clang -fsanitize=fuzzer,address,undefined
 # directly from the library sources (not through the main CMake build), starts from
 # the seed corpus in tests/fuzz/corpus/ (read only; new inputs go to a scratch
 # directory), and fails on any crash, sanitizer report or property violation.
 # Needs clang and libclang-rt-14-dev (scripts/install_deps.sh fuzz).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 secs=${1:-60}
 out=${SYNCBN_FUZZ_DIR:-build-fuzz}
 # Scratch files for each input: on tmpfs when there is one (save fsyncs).

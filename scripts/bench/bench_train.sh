@@ -10,9 +10,9 @@
 # compute the same bits); the script fails if they do not.
 # PyTorch (Debian python3-torch, /usr/bin/python3) is optional: skipped if missing.
 #
-# Usage: scripts/bench_train.sh [--build DIR] [--steps N] [--reps R] [--threads "1 2"]
+# Usage: scripts/bench/bench_train.sh [--build DIR] [--steps N] [--reps R] [--threads "1 2"]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 build=build steps=150 reps=3 threads="1 2"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,7 +55,7 @@ for rep in $(seq "$reps"); do
     done
     rows=$(echo "$rows" | awk '{ print $2, $1, $4, $3 }') # unfused first in the next repetition
     if [ $have_torch -eq 1 ]; then
-      OMP_NUM_THREADS=$t /usr/bin/python3 scripts/train_torch.py --threads "$t" --steps "$steps" --no-eval \
+      OMP_NUM_THREADS=$t /usr/bin/python3 scripts/bench/train_torch.py --threads "$t" --steps "$steps" --no-eval \
         --data "$DATA" >"$tmp/torch.txt" 2>&1 || { cat "$tmp/torch.txt"; exit 1; }
       R[torch,$t]+="$(ips "$tmp/torch.txt") "
     fi

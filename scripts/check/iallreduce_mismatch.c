@@ -3,7 +3,7 @@
  * different counts (erroneous in MPI: "undefined"). The reason why syncbn, with a
  * timeout, first exchanges a header of the same size for every call (README,
  * "Timeouts"). Not part of the build; run it by hand under AddressSanitizer:
- *   mpicc -O1 -g -fsanitize=address,undefined -o /tmp/mm scripts/iallreduce_mismatch.c
+ *   mpicc -O1 -g -fsanitize=address,undefined -o /tmp/mm scripts/check/iallreduce_mismatch.c
  *   ASAN_OPTIONS=detect_leaks=0 mpirun -np 2 /tmp/mm 27 33      # counts of rank 0, rank 1
  * Open MPI 4.1 (vader, shared memory): small counts give MPI_ERR_TRUNCATE on one
  * rank (fatal, despite MPI_ERRORS_RETURN on the communicator) and a wrong "success"

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""bench_torch.py - PyTorch CPU batch-normalization peer for scripts/bench_compare.sh.
+"""bench_torch.py - PyTorch CPU batch-normalization peer for scripts/bench/bench_compare.sh.
 
 Times PyTorch's own CPU kernels (aten::native_batch_norm in training mode, then
 aten::native_batch_norm_backward with all three gradients) on the same shapes as

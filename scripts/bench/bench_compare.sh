@@ -2,7 +2,7 @@
 # bench_compare.sh - syncbn vs oneDNN vs PyTorch batch normalization, side by side.
 #
 # Builds syncbn-bench (in build-bench/, if needed), compiles the oneDNN driver
-# scripts/bench_dnnl.cpp with g++ against Debian's libdnnl-dev, and runs syncbn
+# scripts/bench/bench_dnnl.cpp with g++ against Debian's libdnnl-dev, and runs syncbn
 # (fast and reproducible, NCHW and NHWC), oneDNN (NCHW, NHWC) and PyTorch
 # (contiguous = NCHW, channels_last = NHWC) on the same shapes, at the same
 # OMP_NUM_THREADS (1 and 2 by default). Every program reports the median over
@@ -33,7 +33,7 @@
 # table lists them per mode, and the issue-13 targets are checked on paired ratios
 # as above (4 standard shapes x 2 layouts x the thread counts).
 #
-# Usage: scripts/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
+# Usage: scripts/bench/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
 #                                 [--shape N,C,H,W]... [--build-dir DIR] [--no-np2]
 #                                 [--quick] [--no-modes] [--interleave] [--from FILE]
 #   --quick     3 runs x 9 reps, no aligned/offset runs, no P=2 run (about a third of
@@ -43,14 +43,14 @@
 #               --interleave): steadier ratios on a busy machine for tensors above the
 #               LLC; smaller ones then share the cache between modes
 #   --from FILE print the tables of an earlier run's raw results (saved with
-#               KEEP_RESULTS=FILE scripts/bench_compare.sh ...) without running anything;
+#               KEEP_RESULTS=FILE scripts/bench/bench_compare.sh ...) without running anything;
 #               --threads and --shape select what is shown
 # The full run took 16-22 minutes on this 2-CPU machine (shared, load 2-7), --quick
 # about a third of that.
 # The machine is shared and noisy: read the ratios, not the absolute numbers.
 set -euo pipefail
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build="$root/build-bench"
 threads_list="1 2"
 runs=5
@@ -112,18 +112,18 @@ fi
 [ -x "$bench" ] || { echo "bench_compare.sh: syncbn-bench was not built" >&2; exit 1; }
 
 dnnl_bin=""
-dnnl_why="libdnnl-dev not installed (scripts/bench_compare.sh --install)"
+dnnl_why="libdnnl-dev not installed (scripts/bench/bench_compare.sh --install)"
 if [ -f /usr/include/oneapi/dnnl/dnnl.hpp ] && command -v g++ >/dev/null; then
   dnnl_bin="$build/bench_dnnl"
-  if [ ! -x "$dnnl_bin" ] || [ "$root/scripts/bench_dnnl.cpp" -nt "$dnnl_bin" ]; then
-    if ! g++ -O2 -std=c++17 -o "$dnnl_bin" "$root/scripts/bench_dnnl.cpp" -ldnnl; then
+  if [ ! -x "$dnnl_bin" ] || [ "$root/scripts/bench/bench_dnnl.cpp" -nt "$dnnl_bin" ]; then
+    if ! g++ -O2 -std=c++17 -o "$dnnl_bin" "$root/scripts/bench/bench_dnnl.cpp" -ldnnl; then
       dnnl_bin=""; dnnl_why="bench_dnnl.cpp failed to compile"
     fi
   fi
 fi
 torch_py=/usr/bin/python3
 torch_ok=0
-torch_why="python3-torch not installed (scripts/bench_compare.sh --install)"
+torch_why="python3-torch not installed (scripts/bench/bench_compare.sh --install)"
 if [ -x "$torch_py" ] && "$torch_py" -c 'import torch' 2>/dev/null; then torch_ok=1; fi
 
 # Idle OpenMP workers sleep instead of spinning, for every implementation alike: on
@@ -176,7 +176,7 @@ for t in $threads_list; do
     if [ "$torch_ok" = 1 ]; then
       targs=()
       [ "$modes" = 0 ] || targs=(--act none,relu,add-relu --dtype f32,bf16)
-      OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench_torch.py" --reps "$reps" "${targs[@]}" "${shape_args[@]}" |
+      OMP_NUM_THREADS=$t "$torch_py" "$root/scripts/bench/bench_torch.py" --reps "$reps" "${targs[@]}" "${shape_args[@]}" |
         sed -n -e "s/^RESULT /RESULT threads=$t run=$k /p" -e "/^UNSUPPORTED/p" >>"$results"
     fi
   done

@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """train_torch.py - PyTorch peer of syncbn-train (same model, data, optimizer, batch).
 
-Used by scripts/bench_train.sh to compare throughput (images/s of training steps)
+Used by scripts/bench/bench_train.sh to compare throughput (images/s of training steps)
 and accuracy at an equal number of threads. Single process (torch.set_num_threads);
 plain BatchNorm2d, which in one process is what SyncBN computes.
 What it does not do: multi-process training or bitwise comparison with the C code.
 
-Usage: /usr/bin/python3 scripts/train_torch.py [--threads N] [--epochs N] [--steps N]
+Usage: /usr/bin/python3 scripts/bench/train_torch.py [--threads N] [--epochs N] [--steps N]
        [--batch B] [--lr X] [--momentum X] [--seed N] [--data DIR] [--no-eval]
 """
 import argparse

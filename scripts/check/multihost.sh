@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two emulated hosts: network namespaces joined by a veth pair, Open MPI launching
 # the remote daemon through a small agent that enters the other namespace.
-#   scripts/multihost.sh [path/to/syncbn-train]     (STEPS=40 by default)
+#   scripts/check/multihost.sh [path/to/syncbn-train]     (STEPS=40 by default)
 #
 #   namespace sbn_h1_<pid>  veth sbnv1_<pid> 10.77.0.1/24  mpirun + rank 0 (hostname sbn-h1)
 #   namespace sbn_h2_<pid>  veth sbnv2_<pid> 10.77.0.2/24  orted  + rank 1 (hostname sbn-h2)
@@ -14,7 +14,7 @@
 # If namespaces cannot be created (no root, container without CAP_SYS_ADMIN), prints
 # a SKIP: line and exits 0. Namespaces are removed on exit (trap).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 root=$PWD
 train=$(realpath "${1:-build/examples/syncbn-train}" 2>/dev/null || true)
 data=${SYNCBN_DATA:-/usr/share/datasets/fashion-mnist}

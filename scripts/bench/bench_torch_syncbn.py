@@ -13,7 +13,7 @@ ctypes on prepared pointers, which is also reported).
 Both sides allocate y and dx afresh each call (as autograd does), so both pay the
 page faults of those buffers; the C calls alone reuse theirs.
 
-Usage: OMP_NUM_THREADS=T mpirun -np 1 /usr/bin/python3 scripts/bench_torch_syncbn.py [--reps R] [--runs K]
+Usage: OMP_NUM_THREADS=T mpirun -np 1 /usr/bin/python3 scripts/bench/bench_torch_syncbn.py [--reps R] [--runs K]
 Uses src/python of this tree and build/src/libsyncbn.so (or $SYNCBN_LIBRARY).
 """
 import argparse
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "python"))
 import syncbn.torch as st  # noqa: E402
 from syncbn import _lib  # noqa: E402
 

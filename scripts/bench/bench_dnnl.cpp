@@ -1,4 +1,4 @@
-// bench_dnnl.cpp - oneDNN 2.6 batch-normalization peer for scripts/bench_compare.sh.
+// bench_dnnl.cpp - oneDNN 2.6 batch-normalization peer for scripts/bench/bench_compare.sh.
 //
 // Times oneDNN's CPU batch normalization (training forward with scale and shift,
 // then backward with diff_scale/diff_shift) on the same shapes as syncbn-bench, in
