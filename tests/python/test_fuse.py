@@ -125,27 +125,69 @@ def compare(got, ref, rtol, tag, failures, same_keys=True):
                 failures.append(f"{tag} {k}: max diff {err:.3g} > {rtol:g} * {scale:.3g}")
 
 
-# Fused add: relative tolerance on each tensor's max. One rounding of BN(x) + z per
-# element differs by at most half an ulp (6e-8 in float32), amplified through the
-# later layers; measured on ResNet-18/50 at 1-4 ranks: below 1e-5 (README of the
-# tests: docs/pytorch.md). Gradients through a ReLU whose input moved across 0 change
-# outright, which this bound would also catch if it happened.
+# A fused add rounds BN(x) + z once instead of twice (half an ulp per element at
+# most). How far that moves a deep network's outputs and gradients depends on the
+# network's conditioning: at these tiny batches ResNet-50's deepest BN layers
+# normalize a handful of values per channel, and a change of one rounding in the
+# input moves some of its gradients by 30% (measured). So the fused model's distance
+# to the unfused one is compared with the unfused model's own distance when only
+# its input is moved by about one rounding (x * (1 + 2^-24 g), g standard normal):
+# per tensor, relative to the tensor's max, the fused distances' maximum and median
+# must not exceed RTOL_FACTOR times the perturbed distances' (plus 1e-6). A wrong
+# fusion (a lost z, a wrong mask) moves many tensors by O(1), far beyond it.
+RTOL_FACTOR = 4.0
+
+# The small models below have one fused add and no deep stack: results move by
+# rounding of the outputs only (measured below 1e-6), gradients not at all unless a
+# ReLU input sits within one rounding of 0.
 ADD_RTOL = 1e-4
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("patterns", [("bn_relu",), ("bn_relu", "bn_add_relu")])
-def test_resnet_fused_equals_unfused(comm, name, patterns):
+def rel_distances(got, ref, tag, failures):
+    """{name: max |got - ref| / max |ref|} over the tensors of both."""
+    if set(got) != set(ref):
+        failures.append(f"{tag}: compared tensors differ: {set(got) ^ set(ref)}")
+    d = {}
+    for k in sorted(set(got) & set(ref)):
+        a, b = got[k], ref[k]
+        if a is None or b is None or a.numel() == 0:
+            continue
+        if a.dtype != b.dtype or a.shape != b.shape:
+            failures.append(f"{tag} {k}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}")
+            continue
+        diff, scale = (a.double() - b.double()).abs().max().item(), b.double().abs().max().item()
+        d[k] = diff / scale if scale > 0 else diff
+    return d
+
+
+@pytest.mark.parametrize("name, images, side", [("resnet18", 4, 32), ("resnet50", 2, 64)])
+def test_resnet_fused_equals_unfused(comm, name, images, side):
     """A training step (outputs, x.grad, every parameter's gradient, running
-    statistics) and an eval forward, 2 images of 3x32x32 per rank."""
-    if name == "resnet50" and patterns == ("bn_relu",):
-        pytest.skip("bitwise BN -> ReLU is covered by resnet18; resnet50 runs with every pattern")
-    model = resnet(name)
-    fused = st.fuse_activations(copy.deepcopy(model), patterns)
-    x, w = rank_input((2, 3, 32, 32), 1), rank_input((2, 10), 2)
-    ref, got = run_step(model, x, w), run_step(fused, x, w)
+    statistics) and an eval forward, on `images` images of 3 x side x side per rank
+    (the last stage then normalizes 4 values per channel and rank). BN -> ReLU
+    alone (resnet18): bitwise. Every pattern: within the rounding sensitivity above.
+    ResNet-50 at P <= 2 only, for CI time (its fusions are ResNet-18's kinds)."""
+    if name == "resnet50" and comm.Get_size() > 2:
+        pytest.skip("ResNet-50 numerics run at 1 and 2 ranks (CI time)")
+    base = resnet(name)
+    x, w = rank_input((images, 3, side, side), 1), rank_input((images, 10), 2)
+    ref = run_step(copy.deepcopy(base), x, w)
     failures = []
-    compare(got, ref, None if patterns == ("bn_relu",) else ADD_RTOL, f"{name} {'+'.join(patterns)}", failures)
+    if name == "resnet18":
+        bitwise = run_step(st.fuse_activations(copy.deepcopy(base), ("bn_relu",)), x, w)
+        compare(bitwise, ref, None, f"{name} bn_relu", failures)
+    got = run_step(st.fuse_activations(copy.deepcopy(base)), x, w)
+    g = torch.Generator().manual_seed(77 + comm.Get_rank())
+    xp = (x.double() * (1 + 2.0 ** -24 * torch.randn(x.shape, dtype=torch.float64, generator=g))).float()
+    perturbed = run_step(copy.deepcopy(base), xp, w)
+    d_fused = rel_distances(got, ref, f"{name} fused", failures)
+    d_pert = rel_distances(perturbed, ref, f"{name} perturbed", failures)
+    for stat in (max, lambda v: sorted(v)[len(v) // 2]):
+        f, p = stat(d_fused.values()), stat(d_pert.values())
+        if not f <= RTOL_FACTOR * p + 1e-6:
+            worst = max(d_fused, key=d_fused.get)
+            failures.append(f"{name}: fused distance {f:.3g} > {RTOL_FACTOR} * {p:.3g} (the perturbed input's); "
+                            f"worst {worst} {d_fused[worst]:.3g}")
     agree(failures)
 
 
