@@ -31,6 +31,20 @@ def agree(failures, comm=MPI.COMM_WORLD):
                             f"{comm.Get_rank()}: " + "; ".join(failures[:20]))
 
 
+def close(got, ref, tol, what, failures):
+    """Appends to failures unless max|got - ref| <= tol * max(1, max|ref|) (NaN fails)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    if got.shape != ref.shape:
+        failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+        return
+    if got.numel() == 0:
+        return
+    err = (got - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    if not err <= tol * scale:  # also catches NaN
+        failures.append(f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}")
+
+
 @pytest.fixture
 def comm():
     return MPI.COMM_WORLD

@@ -19,7 +19,7 @@ from mpi4py import MPI
 import syncbn
 import syncbn.torch as st
 from syncbn import _lib
-from conftest import agree
+from conftest import agree, close
 
 C = 5
 REF_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -33,19 +33,6 @@ def counts_for(split, P):
     if split == "uneven":
         return [2 + 3 * r for r in range(P)]
     return [0 if r % 2 else 4 for r in range(P)]
-
-
-def close(got, ref, tol, what, failures):
-    got, ref = got.detach().double(), ref.detach().double()
-    if got.shape != ref.shape:
-        failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
-        return
-    if got.numel() == 0:
-        return
-    err = (got - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    if not err <= tol * scale:  # also catches NaN
-        failures.append(f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}")
 
 
 def random_state(gen, affine, track):

@@ -4,11 +4,24 @@ the one mirror of syncbn_config, argument types, and C codes -> SyncBNError.
 What it does not do: no compiled extension, no MPI calls of its own. mpi4py is
 imported before the library is loaded, so that Open MPI (which libsyncbn links)
 is initialized by mpi4py and loaded with RTLD_GLOBAL for its plugins.
+
+Lifetime of C layers. syncbn_destroy is collective only when it destroys the LAST
+layer of a communicator (it then frees the library's private duplicate of it, an
+MPI_Comm_free); any other destroy only frees this rank's memory. So the first layer
+created on a communicator is preceded by an anchor: a one-channel layer created
+collectively with it and kept until the process ends. With the anchor alive no
+other destroy can be the last one, and a Layer that Python drops (on any rank, at
+any time, in any order: the garbage collector does not run in step across ranks)
+is queued by its finalizer and destroyed at the next call of this package into the
+library (a Layer's create, a training forward, close()), in the thread making that
+call, never from inside the garbage collector (syncbn_create and syncbn_destroy must
+not run concurrently).
 """
 import ctypes
 import os
 import pathlib
 import threading
+import weakref
 
 # The codes of SYNCBN_ERRNO_MAP in include/syncbn.h (tests/python checks this table
 # against the header). Messages come from the library (syncbn_strerror).
@@ -17,6 +30,8 @@ CODES = {0: "OK", -1: "EINVAL", -2: "ENOMEM", -3: "EMISMATCH", -4: "EEMPTY", -5:
 
 NCHW, NHWC = 0, 1
 FAST, REPRODUCIBLE = 0, 1
+F32, BF16 = 0, 1
+ACT_NONE, ACT_RELU = 0, 1
 
 # Names tried on the system's library path (dlopen: LD_LIBRARY_PATH, ld.so.cache, /usr/lib...).
 SYSTEM_NAMES = ("libsyncbn.so.0.3", "libsyncbn.so")  # the ABI this package mirrors (0.3: dtype, activation)
@@ -116,6 +131,8 @@ def _declare(lib):
         "syncbn_get_config": (c_int, [vp, ctypes.POINTER(Config)]),
         "syncbn_forward": (c_int, [vp, vp, c_int64, c_int64, c_int, vp]),
         "syncbn_backward": (c_int, [vp, vp, vp, c_int64, c_int64, vp, vp, vp]),
+        "syncbn_forward_ex": (c_int, [vp, vp, vp, c_int64, c_int64, c_int, vp]),
+        "syncbn_backward_ex": (c_int, [vp, vp, vp, c_int64, c_int64, vp, vp, vp, vp]),
     }
     for name, (res, args) in sigs.items():
         f = getattr(lib, name)
@@ -160,13 +177,70 @@ def comm_handle(comm):
     return ctypes.c_void_p(MPI._handleof(comm))
 
 
-class Layer:
-    """One C layer (collective create) and float32 tensor views of the arrays it owns."""
+_anchors = {}  # MPI handle of a communicator -> (the mpi4py communicator, anchor layer handle)
+_pending = []  # handles of dropped Layers, destroyed by collect()
+_pending_lock = threading.Lock()
+_live = [0]  # C layers alive that this module created, anchors included
 
-    def __init__(self, comm, channels, eps, momentum, affine, track, layout, reduction, timeout=0.0):
+
+def _drop(handle):
+    """A Layer's finalizer: queue only (it may run inside the garbage collector, in
+    any thread, while another thread is in the library)."""
+    with _pending_lock:
+        _pending.append(handle)
+
+
+def collect():
+    """Destroys the queued layers of dropped Layers. Not collective (no queued layer
+    is the last of its communicator: see the module's docstring)."""
+    with _pending_lock:
+        handles = _pending[:]
+        del _pending[:]
+    L = lib()
+    for h in handles:
+        L.syncbn_destroy(h)
+        _live[0] -= 1
+
+
+def live_layers():
+    """C layers alive that this package created (anchors included), after collect()."""
+    collect()
+    return _live[0]
+
+
+def _create(cfg, comm):
+    handle = ctypes.c_void_p()
+    check(lib().syncbn_create(ctypes.byref(cfg), comm_handle(comm), ctypes.byref(handle)))
+    _live[0] += 1
+    return handle.value
+
+
+def _ensure_anchor(comm, timeout):
+    """Collective on the first layer of `comm` in this process (every rank creates its
+    first layer on `comm` at the same call, so they agree)."""
+    from mpi4py import MPI
+    key = MPI._handleof(comm)
+    known = _anchors.get(key)
+    # A communicator freed through the object we keep has another handle now: its
+    # handle value may have been reused by a new communicator, which needs its own.
+    if known is not None and MPI._handleof(known[0]) == key:
+        return
+    cfg = lib().syncbn_config_default(1)
+    cfg.timeout = timeout
+    _anchors[key] = (comm, _create(cfg, comm))
+
+
+class Layer:
+    """One C layer (collective create) and float32 tensor views of the arrays it owns.
+    Dropping the last reference queues the C layer for destruction (see collect)."""
+
+    def __init__(self, comm, channels, eps, momentum, affine, track, layout, reduction, timeout=0.0,
+                 dtype=F32, activation=ACT_NONE):
         import torch
         import numpy as np
 
+        collect()
+        _ensure_anchor(comm, timeout)
         L = lib()
         cfg = L.syncbn_config_default(channels)
         cfg.eps = eps
@@ -174,10 +248,11 @@ class Layer:
         cfg.affine, cfg.track_running_stats = int(affine), int(track)
         cfg.layout, cfg.reduction = layout, reduction
         cfg.timeout = timeout
-        handle = ctypes.c_void_p()
-        check(L.syncbn_create(ctypes.byref(cfg), comm_handle(comm), ctypes.byref(handle)))
-        self.handle = handle.value
-        self.layout = layout
+        cfg.dtype, cfg.activation = dtype, activation
+        self.handle = _create(cfg, comm)
+        self._finalizer = weakref.finalize(self, _drop, self.handle)
+        self._finalizer.atexit = False  # at exit MPI may be finalized already: leave it
+        self.layout, self.dtype, self.activation = layout, dtype, activation
         self.generation = 0  # training forwards made; a backward must follow its own
 
         def view(getter):
@@ -189,3 +264,11 @@ class Layer:
 
         self.weight, self.bias = view(L.syncbn_weight), view(L.syncbn_bias)
         self.running_mean, self.running_var = view(L.syncbn_running_mean), view(L.syncbn_running_var)
+
+    def close(self):
+        """Queues the C layer for destruction now and destroys the queue. The views
+        above must not be used afterwards."""
+        self.weight = self.bias = self.running_mean = self.running_var = None
+        self.handle = None
+        self._finalizer()
+        collect()
