@@ -1,4 +1,4 @@
-# Tests of the syncbn-train example (issue 4). Included from tests/CMakeLists.txt.
+# Tests of the syncbn-train example. Included from tests/CMakeLists.txt.
 if(NOT TARGET syncbn_train_core AND NOT SYNCBN_BUILD_EXAMPLES)
   return()
 endif()

@@ -1,4 +1,4 @@
-# syncbn-train: the data-parallel Fashion-MNIST example (issue 4).
+# syncbn-train: the data-parallel Fashion-MNIST example.
 # Included from examples/CMakeLists.txt.
 
 pkg_check_modules(OPENBLAS IMPORTED_TARGET openblas)

@@ -58,7 +58,7 @@
  * 5 ms, then in sleeps of at most 1 ms (a rank waiting longer uses ~2% of a core).
  * Cost: one MPI_Iallreduce of a fixed 155-word message per call for FAST layers with
  * C <= 64, plus a second one of the data for larger or REPRODUCIBLE layers; with
- * timeout = 0 nothing changes (one blocking MPI_Allreduce). Figures in README.md.
+ * timeout = 0 nothing changes (one blocking MPI_Allreduce). Figures in docs/performance.md.
  *
  * Threads: kernels may use OpenMP. A layer must not be used by two threads at once;
  * syncbn_create/syncbn_destroy must not run concurrently with each other.
@@ -221,7 +221,7 @@ SYNCBN_EXTERN int syncbn_get_config(const syncbn_layer *layer, syncbn_config *cf
  *   answers SYNCBN_ESTATE.
  * Buffers: any alignment that float allows (4 bytes), each buffer independently;
  *   the results are the same bits whatever the alignment, and the speed is that of
- *   64-byte aligned buffers (within 10%, README "Performance"). */
+ *   64-byte aligned buffers (within 10%, docs/performance.md). */
 SYNCBN_EXTERN int syncbn_forward(syncbn_layer *layer, const float *x, int64_t n, int64_t spatial,
                                  int training, float *y);
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages syncbn needs, only those that are missing.
-# Usage: scripts/install_deps.sh [build] [data] [fuzz] [plot] [peers] [net] [python]
+# Usage: scripts/install_deps.sh [build] [data] [fuzz] [tsan] [plot] [peers] [net] [python]
 #   build  compiler, CMake, Open MPI, OpenBLAS, Check, zlib (always included)
 #   data   Fashion-MNIST (dataset-fashion-mnist) for the training example
 #   fuzz   clang + libFuzzer runtime for scripts/check/fuzz.sh
+#   tsan   clang + LLVM's OpenMP (libomp, with the Archer tool) for the ThreadSanitizer build
 #   plot   gnuplot for the loss-curve PNG
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
 #   net    iproute2 for the two-host (network namespace) run
@@ -16,6 +17,7 @@ for group in "$@"; do
     build) ;;
     data) pkgs+=(dataset-fashion-mnist) ;;
     fuzz) pkgs+=(clang libclang-rt-14-dev) ;;
+    tsan) pkgs+=(clang libclang-rt-14-dev libomp-14-dev) ;;
     plot) pkgs+=(gnuplot-nox) ;;
     peers) pkgs+=(python3-torch python3-numpy libdnnl-dev) ;;
     net) pkgs+=(iproute2) ;;

@@ -7,12 +7,14 @@
 # AVX2; build-fastmath: the portable build configured with CMAKE_C_FLAGS=-ffast-math,
 # which CMakeLists.txt must undo) and requires reproducible-mode outputs to be bitwise
 # equal across the builds (tests/test_repro_builds.sh, about a minute and a half).
+# The full run adds a ThreadSanitizer build (clang, LLVM's OpenMP under its Archer
+# tool): the kernel tests at 2 and 4 OpenMP threads on 1 rank (about 3 minutes).
 #   scripts/test.sh            both suites
 #   scripts/test.sh --quick    Release suite and the cross-build check only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install_deps.sh build data fuzz python
+scripts/install_deps.sh build data fuzz tsan python
 
 # Open MPI refuses to run as root unless told; harmless for other users.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -56,6 +58,25 @@ if [ "${1:-}" != "--quick" ]; then
   # scripts/check/valgrind.sh with Open MPI's suppression file instead.
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan -DSYNCBN_SANITIZE=ON
+
+  echo "== ThreadSanitizer build (clang, libomp + Archer): kernel tests at 2 and 4 threads =="
+  # Archer tells TSan about libomp's barriers and locks through OMPT, so only real
+  # races between our threads are reported; tests/tsan.supp covers only libomp's and
+  # Open MPI's own internals. Only the kernel tests are built; test_layer runs its
+  # "core" case and test_moments its "sums" case (their other cases are single-
+  # threaded or repeat the same kernels on 17 MB, 10x slower under TSan).
+  CC=clang cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Release -DSYNCBN_TSAN=ON -DSYNCBN_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build build-tsan -j2 --target test_fused test_layer test_moments
+  tsan_env=(OMP_TOOL_LIBRARIES=/usr/lib/llvm-14/lib/libarcher.so
+            TSAN_OPTIONS="suppressions=$PWD/tests/tsan.supp")
+  for threads in 2 4; do
+    for test_case in test_fused: test_layer:core test_moments:sums; do # <binary>:<Check case, or all>
+      echo "-- $test_case at $threads threads"
+      tcase=${test_case#*:}
+      (cd build-tsan && env "${tsan_env[@]}" OMP_NUM_THREADS=$threads ${tcase:+CK_RUN_CASE=$tcase} \
+        mpirun -np 1 --oversubscribe "tests/${test_case%%:*}")
+    done
+  done
 
   echo "== libFuzzer on syncbn_load (clang build of the library) =="
   scripts/check/fuzz.sh 30

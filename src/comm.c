@@ -126,7 +126,7 @@ double sbn_now(void)
  * Proportional rather than doubling naps matter because an allreduce takes several
  * rounds, each of which needs both ranks to call MPI_Test: with doubling naps, two
  * napping ranks wake each other up a nap at a time (measured: 3 ms for a 0.3 ms call
- * under load). Measured in README.md ("Timeouts"). */
+ * under load). Measured in docs/performance.md ("Cost of a timeout"). */
 #define SPIN 5e-3
 #define NAP_MIN 10e-6
 #define NAP_MAX 1e-3

@@ -22,7 +22,7 @@
  * deadline alone would not make that safe. The data messages only start once all
  * ranks have agreed they are in the same call of the same layer, hence the same C.
  * The price: a call message of 155 words, and a second message for large layers
- * (README, "Timeouts").
+ * (docs/api.md, "Timeouts").
  * "invalid"/"state" count the ranks that found a bad argument or, in a backward, an
  * out-of-order call (in a forward: a failed allocation of the ReLU mask) locally: such a rank still joins the allreduce (with zero data), so every rank
  * learns of the error at once and returns the same code, instead of the others

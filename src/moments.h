@@ -7,7 +7,7 @@
  * These are the named per-channel steps of BN; a synchronized BN inserts its one
  * allreduce between the sums and the normalization.
  *
- * Reduction order (a design decision, see README "Numerics"):
+ * Reduction order (a design decision, see docs/reproducible.md):
  *   - Every sum runs over one (sample, channel) pair first: a "per-sample partial" in
  *     double, accumulated over the S spatial positions in a fixed order that depends
  *     only on S and the layout (never on the thread count).

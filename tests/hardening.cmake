@@ -1,4 +1,4 @@
-# Hardening (issue 6): checkpoints, misuse across ranks, fault scripts.
+# Hardening: checkpoints, misuse across ranks, fault scripts.
 # Checkpoints are not collective, but the layers between saves train collectively,
 # so the test also runs at 2 ranks (each rank in its own temporary directory).
 syncbn_add_check_exe(test_checkpoint SOURCES test_checkpoint.c testutil.c LIBS syncbn ZLIB::ZLIB)

@@ -1,4 +1,4 @@
-# Tests of the Python package (issue 12) and of the installed packages. Included from
+# Tests of the Python package and of the installed packages. Included from
 # tests/CMakeLists.txt.
 #   python_np<P>: pytest under the real mpirun at 1-4 ranks, against this build's
 #                 libsyncbn (SYNCBN_LIBRARY), package from src/python;

@@ -15,7 +15,7 @@
  * Each runs two training forwards (two running-statistics updates), a backward and
  * an eval forward. Outputs: y of the second training forward, dx, dweight, dbias,
  * running_mean, running_var and the eval y; y and dx are gathered in rank order.
- * Then the issue-13 configurations, through syncbn_forward_ex / syncbn_backward_ex:
+ * Then the fused and bfloat16 configurations, through syncbn_forward_ex / syncbn_backward_ex:
  * {f32, bf16} x {none + z, relu, relu + z} x both layouts x (S, C) = (1, 64), (49, 3),
  * (196, 257): 36 more, each with the same sequence of calls (z in every forward, dz
  * asked for when there is a z) and outputs y, dx, dz (with z), dweight, dbias, eval y.
@@ -158,7 +158,7 @@ static void run(FILE *f, const config *k, int perturb) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
 }
 
-// ---- issue 13: fused activation, residual z, bfloat16 ----
+// ---- fused activation, residual z, bfloat16 ----
 
 typedef struct {
     syncbn_layout layout;

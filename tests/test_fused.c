@@ -1,10 +1,10 @@
 /*
- * test_fused.c - issue 13 under real mpirun at any rank count: the fused activation
+ * test_fused.c - fused epilogues and bfloat16 under real mpirun at any rank count: the fused activation
  * (SYNCBN_ACT_RELU), the residual input z (BN + add [+ ReLU]) and bfloat16 tensors,
  * through syncbn_forward_ex / syncbn_backward_ex.
  *
  * Every rank builds the WHOLE global batch from global indices and computes a float64
- * reference from the definitions in the issue (written here, sharing nothing with
+ * reference from the documented definitions (written here, sharing nothing with
  * the library); each rank passes its slice (even, uneven, empty, all on one rank) to
  * the library and checks what it got:
  *   - f32 outputs to a relative 1e-5 (as test_layer.c);
@@ -552,7 +552,7 @@ out:
     free(g.x), free(g.z), free(g.dy), free(r.buf);
 }
 
-/* The activation / residual variants of issue 13 (plain ACT_NONE too: new for bf16). */
+/* The activation / residual variants (plain ACT_NONE too: new for bf16). */
 static const struct {
     syncbn_activation act;
     int z, dz;

@@ -157,6 +157,210 @@ START_TEST(nonfinite_mean_masked_positions)
 }
 END_TEST
 
+/* ---- the documented FAST order, for every element type and the ReLU mask ----
+ * The reference below is scalar double code written from the order in moments.h
+ * and sums.c, not from the kernels: a per-sample partial of an NCHW row (S > 1) is
+ * 16 lane sums (lane j: positions s = j mod 16 in increasing s, from +0) combined
+ * as the tree of sbn_lanes16 ((j + j+8), then (j + j+4), then (0 + 2) + (1 + 3));
+ * an NHWC partial (and any S == 1 one) is the plain sum over s in order, from +0;
+ * a channel's total adds the partials in sample order, from +0. FAST must give its
+ * bits exactly; REPRODUCIBLE (which rounds the exact sum of the same partials) must
+ * lie within one rounding of it. Data span 2^-20..2^20, so any other order would
+ * change bits. */
+static double bf16_value(uint16_t h);
+
+typedef struct {
+    int64_t n, C, S;
+    int layout, off; /* off: element offset of the tensors (bfloat16: 2-byte aligned) */
+} typed_case;
+
+static double elem(int bf16, const void *p, int64_t e)
+{
+    if (!bf16)
+        return ((const float *)p)[e];
+    return bf16_value(((const uint16_t *)p)[e]);
+}
+
+/* Term of element e of channel c: x, x^2 (kind 0: which = 0, 1) or g, g*(x - m). */
+static double term(int kind, int which, int bf16, const void *x, const void *dy, const uint8_t *mask,
+                   const double *mean, int64_t c, int64_t e)
+{
+    const double u = elem(bf16, x, e);
+    if (!kind)
+        return which ? u * u : u;
+    const double g = mask && !((mask[e >> 3] >> (e & 7)) & 1) ? 0.0 : elem(bf16, dy, e);
+    return which ? g * (u - mean[c]) : g;
+}
+
+static double partial_ref(int kind, int which, int bf16, const void *x, const void *dy, const uint8_t *mask,
+                          const double *mean, sbn_shape sh, int64_t i, int64_t c)
+{
+    if (sh.layout == SYNCBN_NHWC || sh.S == 1) {
+        double p = 0;
+        for (int64_t s = 0; s < sh.S; s++)
+            p += term(kind, which, bf16, x, dy, mask, mean, c, at(sh, i, c, s));
+        return p;
+    }
+    double L[16] = {0};
+    for (int64_t s = 0; s < sh.S; s++)
+        L[s % 16] += term(kind, which, bf16, x, dy, mask, mean, c, at(sh, i, c, s));
+    double v[8], w[4];
+    for (int j = 0; j < 8; j++)
+        v[j] = L[j] + L[j + 8];
+    for (int j = 0; j < 4; j++)
+        w[j] = v[j] + v[j + 4];
+    return (w[0] + w[2]) + (w[1] + w[3]);
+}
+
+/* Both modes of a typed call at `threads`: FAST into s1, s2; REPRODUCIBLE into the
+ * zeroed accumulators a1, a2. */
+static void run_both(int kind, const void *x, const void *dy, const uint8_t *mask, const double *mean,
+                     sbn_shape sh, int threads, double *s1, double *s2, int64_t *a1, int64_t *a2)
+{
+    omp_set_num_threads(threads);
+    if (kind) {
+        sbn_backward_sums(x, dy, mask, mean, sh, s1, s2, NULL, NULL);
+        sbn_backward_sums(x, dy, mask, mean, sh, NULL, NULL, a1, a2);
+    } else {
+        sbn_forward_sums(x, sh, s1, s2, NULL, NULL);
+        sbn_forward_sums(x, sh, NULL, NULL, a1, a2);
+    }
+}
+
+START_TEST(sums_fast_order_every_type)
+{
+    /* Small shapes stay on one thread; the large ones take each threaded path:
+     * NCHW short and long rows, NHWC wide rows (channel split), NHWC narrow rows
+     * (sample split), S == 1 (FAST row adds, REPRODUCIBLE packed blocks). */
+    const typed_case cases[] = {
+        {3, 5, 1, SYNCBN_NCHW, 0},    {2, 3, 17, SYNCBN_NCHW, 1},   {2, 17, 9, SYNCBN_NHWC, 1},
+        {3, 7, 49, SYNCBN_NCHW, 0},   {2, 65, 31, SYNCBN_NHWC, 0},  {4, 9, 196, SYNCBN_NCHW, 1},
+        {5, 40, 196, SYNCBN_NCHW, 1}, {2, 20, 1030, SYNCBN_NCHW, 0}, {3, 300, 49, SYNCBN_NHWC, 1},
+        {32, 16, 80, SYNCBN_NHWC, 0}, {200, 190, 1, SYNCBN_NHWC, 1}, {260, 130, 1, SYNCBN_NCHW, 0},
+    };
+    uint64_t key = 99;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            const typed_case tc = cases[ci];
+            sbn_shape sh = {.n = tc.n, .C = tc.C, .S = tc.S, .layout = tc.layout,
+                            .dt = bf16 ? SYNCBN_BF16 : SYNCBN_F32};
+            const int64_t E = sh.n * sh.C * sh.S, es = bf16 ? 2 : 4, W1 = sbx_words(SBX_LINEAR),
+                          W2 = sbx_words(SBX_QUADRATIC);
+            char *xbuf = malloc((E + 1) * es), *dybuf = malloc((E + 1) * es);
+            uint8_t *mask = malloc(E / 8 + 2);
+            double *mean = malloc(sh.C * sizeof *mean);
+            ck_assert(xbuf && dybuf && mask && mean);
+            void *x = xbuf + tc.off * es, *dy = dybuf + tc.off * es;
+            for (int64_t e = 0; e < E; e++) {
+                /* sign, exponent in [-20, 20], 8 or 24 significant bits */
+                const uint64_t hx = tu_hash(key++), hg = tu_hash(key++);
+                const float fx = (float)ldexp((double)(hx >> 40) / (1 << 24) + 1, (int)(hx % 41) - 20) *
+                                 (hx & 4096 ? -1 : 1);
+                const float fg = (float)ldexp((double)(hg >> 40) / (1 << 24) + 1, (int)(hg % 41) - 20) *
+                                 (hg & 4096 ? -1 : 1);
+                uint32_t bx, bg;
+                memcpy(&bx, &fx, 4), memcpy(&bg, &fg, 4);
+                if (bf16)
+                    ((uint16_t *)x)[e] = (uint16_t)(bx >> 16), ((uint16_t *)dy)[e] = (uint16_t)(bg >> 16);
+                else
+                    ((float *)x)[e] = fx, ((float *)dy)[e] = fg;
+            }
+            for (int64_t b = 0; b < E / 8 + 2; b++)
+                mask[b] = (uint8_t)tu_hash(key++);
+            for (int64_t c = 0; c < sh.C; c++)
+                mean[c] = ldexp((double)(tu_hash(key++) % 1000) - 500, -6);
+            for (int variant = 0; variant < 3; variant++) { /* forward; backward; backward with the mask */
+                const int kind = variant > 0;
+                const uint8_t *mk = variant == 2 ? mask : NULL;
+                double *ref1 = calloc(sh.C, sizeof(double)), *ref2 = calloc(sh.C, sizeof(double)),
+                       *abs1 = calloc(sh.C, sizeof(double)), *abs2 = calloc(sh.C, sizeof(double));
+                for (int64_t c = 0; c < sh.C; c++)
+                    for (int64_t i = 0; i < sh.n; i++) {
+                        const double p1 = partial_ref(kind, 0, bf16, x, dy, mk, mean, sh, i, c);
+                        const double p2 = partial_ref(kind, 1, bf16, x, dy, mk, mean, sh, i, c);
+                        ref1[c] += p1, ref2[c] += p2, abs1[c] += fabs(p1), abs2[c] += fabs(p2);
+                    }
+                for (int threads = 1; threads <= 2; threads++) {
+                    double *s1 = malloc(sh.C * sizeof(double)), *s2 = malloc(sh.C * sizeof(double));
+                    int64_t *a1 = calloc(sh.C * W1, sizeof *a1), *a2 = calloc(sh.C * W2, sizeof *a2);
+                    run_both(kind, x, dy, mk, mean, sh, threads, s1, s2, a1, a2);
+                    for (int64_t c = 0; c < sh.C; c++) {
+                        ck_assert_msg(same_bits(s1 + c, ref1 + c, 1) && same_bits(s2 + c, ref2 + c, 1),
+                                      "FAST order: case %zu bf16=%d variant=%d threads=%d c=%lld: %a %a want %a %a",
+                                      ci, bf16, variant, threads, (long long)c, s1[c], s2[c], ref1[c], ref2[c]);
+                        /* the exact sum of the partials, rounded once, against their
+                         * FAST sum: both within n - 1 roundings of the exact one */
+                        const double r1 = sbx_round(a1 + c * W1, SBX_LINEAR), r2 = sbx_round(a2 + c * W2, SBX_QUADRATIC);
+                        ck_assert_msg(fabs(r1 - ref1[c]) <= (sh.n + 1) * 0x1p-52 * abs1[c] &&
+                                          fabs(r2 - ref2[c]) <= (sh.n + 1) * 0x1p-52 * abs2[c],
+                                      "REPRODUCIBLE: case %zu bf16=%d variant=%d c=%lld", ci, bf16, variant,
+                                      (long long)c);
+                    }
+                    free(s1), free(s2), free(a1), free(a2);
+                }
+                free(ref1), free(ref2), free(abs1), free(abs2);
+            }
+            free(xbuf), free(dybuf), free(mask), free(mean);
+        }
+}
+END_TEST
+
+/* bfloat16 sums against exact integer totals: small integers (exact in 8 bits), so
+ * every partial and total is exact in both modes, bit for bit, masked or not. */
+START_TEST(sums_bf16_exact_integers)
+{
+    const typed_case cases[] = {{3, 17, 196, SYNCBN_NCHW, 1}, {3, 17, 196, SYNCBN_NHWC, 1},
+                                {64, 80, 1, SYNCBN_NHWC, 1},  {4, 24, 1031, SYNCBN_NCHW, 0},
+                                {40, 8, 100, SYNCBN_NHWC, 0}};
+    uint64_t key = 5;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const typed_case tc = cases[ci];
+        sbn_shape sh = {.n = tc.n, .C = tc.C, .S = tc.S, .layout = tc.layout, .dt = SYNCBN_BF16};
+        const int64_t E = sh.n * sh.C * sh.S, W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+        uint16_t *xbuf = malloc((E + 1) * 2), *dybuf = malloc((E + 1) * 2), *x = xbuf + tc.off, *dy = dybuf + tc.off;
+        int64_t *xi = malloc(E * sizeof *xi), *gi = malloc(E * sizeof *gi);
+        uint8_t *mask = malloc(E / 8 + 2);
+        double mean[128];
+        for (int64_t e = 0; e < E; e++) {
+            xi[e] = (int64_t)(tu_hash(key++) % 255) - 127, gi[e] = (int64_t)(tu_hash(key++) % 255) - 127;
+            const float fx = (float)xi[e], fg = (float)gi[e];
+            uint32_t b;
+            memcpy(&b, &fx, 4), x[e] = (uint16_t)(b >> 16);
+            memcpy(&b, &fg, 4), dy[e] = (uint16_t)(b >> 16);
+        }
+        for (int64_t b = 0; b < E / 8 + 2; b++)
+            mask[b] = (uint8_t)tu_hash(key++);
+        for (int64_t c = 0; c < sh.C; c++)
+            mean[c] = (double)((int64_t)(tu_hash(key++) % 9) - 4);
+        for (int variant = 0; variant < 3; variant++)
+            for (int threads = 1; threads <= 2; threads++) {
+                const int kind = variant > 0;
+                const uint8_t *mk = variant == 2 ? mask : NULL;
+                double s1[128], s2[128];
+                int64_t *a1 = calloc(sh.C * W1, sizeof *a1), *a2 = calloc(sh.C * W2, sizeof *a2);
+                run_both(kind, x, dy, mk, mean, sh, threads, s1, s2, a1, a2);
+                for (int64_t c = 0; c < sh.C; c++) {
+                    int64_t t1 = 0, t2 = 0;
+                    for (int64_t i = 0; i < sh.n; i++)
+                        for (int64_t s = 0; s < sh.S; s++) {
+                            const int64_t e = at(sh, i, c, s);
+                            const int64_t g = mk && !((mk[e >> 3] >> (e & 7)) & 1) ? 0 : gi[e];
+                            t1 += kind ? g : xi[e];
+                            t2 += kind ? g * (xi[e] - (int64_t)mean[c]) : xi[e] * xi[e];
+                        }
+                    ck_assert_msg(s1[c] == (double)t1 && s2[c] == (double)t2 &&
+                                      sbx_round(a1 + c * W1, SBX_LINEAR) == (double)t1 &&
+                                      sbx_round(a2 + c * W2, SBX_QUADRATIC) == (double)t2,
+                                  "bf16 exact: case %zu variant %d threads %d c %lld", ci, variant, threads,
+                                  (long long)c);
+                }
+                free(a1), free(a2);
+            }
+        free(xbuf), free(dybuf), free(xi), free(gi), free(mask);
+    }
+}
+END_TEST
+
 /* ---- rounding double -> bfloat16 (simd.h) ----
  * Reference: the bfloat16 values next to |d| (candidates from a float conversion,
  * which is off by at most one step), the nearest chosen by EXACT distances (each
@@ -275,6 +479,9 @@ static Suite *moments_suite(void)
     TCase *tc = tcase_create("sums");
     tcase_add_test(tc, sums_match_reference);
     tcase_add_test(tc, nonfinite_mean_masked_positions);
+    tcase_add_test(tc, sums_fast_order_every_type);
+    tcase_add_test(tc, sums_bf16_exact_integers);
+    tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
     TCase *tr = tcase_create("rounding");
     tcase_add_test(tr, bf16_rounding_exact);

@@ -2,7 +2,7 @@
 # test_repro_builds.sh - SYNCBN_REPRODUCIBLE across machines: the same source, built
 # for different x86-64 instruction-set levels, must give the same bits. Runs
 # tests/repro_dump (36 configurations, outputs y, dx, eval y, dweight, dbias,
-# running_mean, running_var; and 36 fused/bf16 ones of issue 13, outputs y, dx, dz,
+# running_mean, running_var; and 36 fused/bf16 ones, outputs y, dx, dz,
 # eval y, dweight, dbias) from every build at 1 and 3 ranks and 1 and 2 OpenMP
 # threads, and requires every fingerprint file to be byte-identical to the first
 # build's at 1 rank / 1 thread. Then checks that the comparison is not blind: a

@@ -1,5 +1,5 @@
 /*
- * test_timeout.c - the deadline of issue 14 under real mpirun: the cases that hang
+ * test_timeout.c - the deadline (cfg.timeout) under real mpirun: the cases that hang
  * without a timeout (a rank skips a forward, a backward or a create, or passes a NULL
  * layer) end in SYNCBN_ETIMEOUT within timeout + 2 s on every rank that called;
  * later calls on that communicator answer at once without MPI; destroy returns; a

@@ -8,7 +8,7 @@
 # OMP_NUM_THREADS (1 and 2 by default). Every program reports the median over
 # --reps repetitions; the script repeats each program --runs times (default 5,
 # interleaved: ours, oneDNN, PyTorch, ours, ...) and prints the median of those
-# medians in ONE table, plus a check of the issue-5 targets on PAIRED ratios: each
+# medians in ONE table, plus a check of the speed targets on PAIRED ratios: each
 # ratio is taken within one run, and the median over runs is shown with its range,
 # which is far less sensitive to this machine's slow swings in load than a ratio of
 # two medians.
@@ -22,15 +22,15 @@
 #
 # Our buffers are allocated three ways in every run: plain malloc (what users pass;
 # the "syncbn fast/repro" rows and every comparison with peers), 64-byte aligned,
-# and 64-byte aligned + 1 float (a tensor slice); the issue-11 targets compare them.
+# and 64-byte aligned + 1 float (a tensor slice); the alignment targets compare them.
 #
-# Issue 13 (fused activations, bfloat16): the malloc run of syncbn-bench also times
+# Fused activations and bfloat16: the malloc run of syncbn-bench also times
 # every --act (none, relu, add-relu) x --dtype (f32, bf16) mode, oneDNN adds NHWC
 # rows for fused BN+ReLU (fuse_norm_relu), BN + add+ReLU (binary add with a ReLU
-# post-op; what our add-relu computes), fused BN+ReLU then an add (relu-add, the
-# issue's wording, another function), each in f32 and bf16, and PyTorch adds BN then
+# post-op; what our add-relu computes), fused BN+ReLU then an add (relu-add, another
+# function), each in f32 and bf16, and PyTorch adds BN then
 # ReLU and BN then add then ReLU, unfused, in both layouts and both dtypes. A second
-# table lists them per mode, and the issue-13 targets are checked on paired ratios
+# table lists them per mode, and the fused/bf16 targets are checked on paired ratios
 # as above (4 standard shapes x 2 layouts x the thread counts).
 #
 # Usage: scripts/bench/bench_compare.sh [--install] [--threads "1 2"] [--runs K] [--reps R]
@@ -38,7 +38,7 @@
 #                                 [--quick] [--no-modes] [--interleave] [--from FILE]
 #   --quick     3 runs x 9 reps, no aligned/offset runs, no P=2 run (about a third of
 #               the time; for a first look, the full run for numbers to quote)
-#   --no-modes  only plain float32 BN (the tables and targets before issue 13)
+#   --no-modes  only plain float32 BN (the tables and targets of plain BN)
 #   --interleave our modes take turns within every repetition (syncbn-bench
 #               --interleave): steadier ratios on a busy machine for tensors above the
 #               LLC; smaller ones then share the cache between modes
@@ -151,7 +151,7 @@ for t in $threads_list; do
     [ "$quick" = 0 ] || allocs=malloc
     for alloc in $allocs; do
       case $alloc in malloc) aargs=() ;; al) aargs=(--aligned) ;; off1) aargs=(--aligned --offset 1) ;; esac
-      # the issue-13 modes only in the malloc run: the alignment targets are about plain BN
+      # the fused/bf16 modes only in the malloc run: the alignment targets are about plain BN
       [ "$alloc" != malloc ] || [ "$modes" = 0 ] || aargs+=(--act all --dtype both)
       [ "$alloc" != malloc ] || [ "$interleave" = 0 ] || aargs+=(--interleave)
       suffix=""; [ "$alloc" = malloc ] || suffix="-$alloc"
@@ -161,7 +161,7 @@ for t in $threads_list; do
           -e "/alloc=malloc/s/^REFERENCE /REFERENCE threads=$t /p" >>"$results"
     done
     if [ -n "$dnnl_bin" ]; then
-      # plain f32 BN in both layouts; the issue-13 compositions in NHWC only (oneDNN's
+      # plain f32 BN in both layouts; the fused/bf16 compositions in NHWC only (oneDNN's
       # NCHW BN is its slow generic kernel, ncsp_bnorm:any, and the targets use NHWC)
       dargs=(--layout both)
       [ "$modes" = 0 ] || dargs=(--layout nchw)
@@ -290,7 +290,7 @@ END {
     printf "Reference loops at %s thread(s), 128 MiB buffers: copy %.1f GB/s (8 B/elem), read %.1f GB/s\n",
            T[a], median(T[a] SUBSEP "copy"), median(T[a] SUBSEP "read")
   print ""
-  print "Targets (issue 5): median over runs of the ratio measured within each run [min-max]:"
+  print "Speed targets: median over runs of the ratio measured within each run [min-max]:"
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
     t = T[a]; s = S[b]
     for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
@@ -305,7 +305,7 @@ END {
     }
   }
   print ""
-  print "Targets (issue 11, any alignment): al+1flt / 64B-aligned <= 1.10; malloc (ours) / oneDNN NHWC <= 1.00:"
+  print "Alignment targets (any alignment): al+1flt / 64B-aligned <= 1.10; malloc (ours) / oneDNN NHWC <= 1.00:"
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
     t = T[a]; s = S[b]
     for (l = 1; l <= 2; l++) { lay = l == 1 ? "nchw" : "nhwc"
@@ -335,10 +335,10 @@ END {
     r = cell("np2", "32,64,56,56", impl, lay, "ratio")
     if (r > 0) printf "  P=2 (1 thr/rank) 32,64,56,56 %s %-12s SyncBN/local fwd+bwd %.3f%s\n", lay, impl, r, r <= 1.05 ? " ok" : " MISS"
   }
-  if (modes == 1) issue13()
+  if (modes == 1) fused_targets()
 }
 function sfx(m) { return m == "none" ? "" : "+" m }
-# One issue-13 check: appends to `line` and counts ok/MISS under target name tg.
+# One fused/bf16 check: appends to `line` and counts ok/MISS under target name tg.
 function check(tg, label, x, limit, info) {
   if (x <= 0) return
   if (info) { line = line sprintf(" %s %.2f%s (info);", label, x, span()); return }
@@ -347,10 +347,10 @@ function check(tg, label, x, limit, info) {
 }
 function fmt(x) { return x > 0 ? sprintf("%.3f", x) : "-" }
 function fmtr(x) { return x > 0 ? sprintf("%.2f", x) : "-" }
-function issue13(   nm, M, a, b, l, q, m, fb, fr, fd, fda, ft, xp, rf, od, tr, sp, S2, big) {
+function fused_targets(   nm, M, a, b, l, q, m, fb, fr, fd, fda, ft, xp, rf, od, tr, sp, S2, big) {
   nm = split("none relu add-relu bf16 relu+bf16 add-relu+bf16", M, " ")
   print ""
-  print "Issue 13: fused activations and bfloat16, fwd+bwd ms (median over runs). Ratios are PAIRED (within"
+  print "Fused activations and bfloat16, fwd+bwd ms (median over runs). Ratios are PAIRED (within"
   print "each run, then the median over runs): x-plain = this mode / our plain f32 fast BN, same layout;"
   print "repro/fast in this mode; ours/oneDNN against oneDNN NHWC in this mode (relu: fuse_norm_relu; add-relu:"
   print "BN, binary add + ReLU post-op, ReLU backward; bf16: its bf16 BN); relu-add = oneDNN fused BN+ReLU, then"
@@ -373,7 +373,7 @@ function issue13(   nm, M, a, b, l, q, m, fb, fr, fd, fda, ft, xp, rf, od, tr, s
     }
     print ""
   }
-  print "Targets (issue 13): median over runs of the ratio measured within each run [min-max]:"
+  print "Fused/bf16 targets: median over runs of the ratio measured within each run [min-max]:"
   for (a = 1; a <= nt; a++) for (b = 1; b <= ns; b++) {
     t = T[a]; s = S[b]; split(s, S2, ","); sp = S2[3] * S2[4]
     big = s == "32,64,56,56" || s == "8,32,224,224"
@@ -393,7 +393,7 @@ function issue13(   nm, M, a, b, l, q, m, fb, fr, fd, fda, ft, xp, rf, od, tr, s
     }
   }
   print ""
-  print "Issue-13 targets, cells met (the misses listed):"
+  print "Fused/bf16 targets, cells met (the misses listed):"
   ntg = split("relu/plain <= 1.05|relu/oneDNN-fused-nhwc <= 1.0|add-relu/plain <= 1.30|bf16/f32 <= 0.6 (56x56, 224x224)|bf16/oneDNN-bf16-nhwc <= 1.0|repro/fast <= 1.2 where S >= 49", TG, "|")
   for (q = 1; q <= ntg; q++)
     printf "  %-36s %d/%d%s\n", TG[q], okc[TG[q]] + 0, tot[TG[q]] + 0, missl[TG[q]]

@@ -15,8 +15,8 @@
 //             add's backward is the identity, nothing copied), then BN backward of g.
 //             oneDNN 2.6 has no fused BN+add+ReLU (dnnl_fuse_norm_add_relu came with
 //             oneDNN 3.x), so this is the best composition 2.6 offers.
-//   relu-add  y = relu(BN(x)) + z (the issue's wording "BN+ReLU followed by a separate
-//             binary add"): fused BN+ReLU, then a binary add; backward: fused BN+ReLU
+//   relu-add  y = relu(BN(x)) + z ("BN+ReLU followed by a separate binary add",
+//             the other order): fused BN+ReLU, then a binary add; backward: fused BN+ReLU
 //             backward of dy (dz = dy, nothing to do). NOT the same function as
 //             add-relu (the ReLU comes before the addition), and cheaper: listed
 //             to show what the fused primitive plus one add costs.

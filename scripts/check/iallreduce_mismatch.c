@@ -1,7 +1,7 @@
 /*
  * iallreduce_mismatch.c - what Open MPI does when two ranks post MPI_Iallreduce with
  * different counts (erroneous in MPI: "undefined"). The reason why syncbn, with a
- * timeout, first exchanges a header of the same size for every call (README,
+ * timeout, first exchanges a header of the same size for every call (docs/api.md,
  * "Timeouts"). Not part of the build; run it by hand under AddressSanitizer:
  *   mpicc -O1 -g -fsanitize=address,undefined -o /tmp/mm scripts/check/iallreduce_mismatch.c
  *   ASAN_OPTIONS=detect_leaks=0 mpirun -np 2 /tmp/mm 27 33      # counts of rank 0, rank 1

@@ -338,3 +338,25 @@ def test_errors_on_every_rank(comm):
             if not torch.isfinite(m(x, x)).all():
                 failures.append(f"{what}: module unusable after close()")
     agree(failures)
+
+
+def test_eval_with_z_and_relu(comm):
+    """Eval (never communicates; only rank 0 runs it): PyTorch's batch_norm with the
+    running statistics, then + z, then ReLU, each rounded to the element type as the
+    unfused modules do, against the float64 formula."""
+    failures = []
+    if comm.Get_rank() == 0:
+        for name, xdt, mdt, _ in CASES[:2] + CASES[3:]:
+            state = module_state(70, mdt)
+            bn = st.SyncBatchNorm(C, fuse_relu=True).to(mdt).eval()
+            bn.load_state_dict(state)
+            X, Z, _ = global_batch(71, 3, (2, 5), False, xdt)
+            y = bn(X, Z)
+            shape = (1, C, 1, 1)
+            s = {k: v.double().view(shape) for k, v in state.items() if k != "num_batches_tracked"}
+            ref = torch.relu((X.double() - s["running_mean"]) / torch.sqrt(s["running_var"] + 1e-5) * s["weight"] +
+                             s["bias"] + Z.double())
+            if y.dtype != xdt:
+                failures.append(f"eval {name}: y is {y.dtype}")
+            close(y, ref, 2e-6 if xdt == torch.float32 else 2 ** -7, f"eval {name} y", failures)
+    agree(failures)

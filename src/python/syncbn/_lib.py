@@ -193,6 +193,8 @@ def _drop(handle):
 def collect():
     """Destroys the queued layers of dropped Layers. Not collective (no queued layer
     is the last of its communicator: see the module's docstring)."""
+    if not _pending:  # the common case, without the lock
+        return
     with _pending_lock:
         handles = _pending[:]
         del _pending[:]
