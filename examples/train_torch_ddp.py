@@ -141,8 +141,8 @@ def main():
     model = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
     say(f"train_torch_ddp: P={P} global batch {a.batch} ({a.batch // P} per rank), net {a.net}, bn={a.bn}"
-        f"{' ' + a.reduction if a.bn == 'sync' else ''}{', fused' if a.fused else ''}{', bf16 autocast' if a.bf16 else ''}"
-        f", {a.steps} steps, lr {a.lr}")
+        f"{' ' + a.reduction if a.bn == 'sync' else ''}{', fused' if a.fused else ''}"
+        f"{', bf16 autocast' if a.bf16 else ''}, {a.steps} steps, lr {a.lr}")
     if a.fused:
         say(st.fusion_report(model.module))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16)

@@ -13,19 +13,21 @@ A step: zero_grad, forward, cross-entropy, backward (DDP's gradient all-reduce),
 SGD step; the inputs are fixed random tensors (no data loading).
 
 Timing: the machine may be shared, so the variants of one (model, type) run
-interleaved: --reps rounds, each timing --steps steps of every variant in turn
-(rotating which goes first); a round's time is the slowest rank's (MPI MAX; the
+interleaved: --reps rounds, each timing k steps of every variant in turn (rotating
+which goes first; k >= --steps, and enough steps for --window seconds); a round's time is the slowest rank's (MPI MAX; the
 ranks start together after a barrier). Per round the ratios sync/plain, fused/plain
 and fused/sync are formed from the same round's times; the table gives their
 medians (and the median plain step in ms). Rank 0 prints one line per
 (model, type): "RESULT model type P plain_ms sync/plain fused/plain fused/sync".
 
 Usage: mpirun -np P /usr/bin/python3 scripts/bench_torch_e2e.py [--models example,resnet18]
-       [--types f32,bf16] [--reps 7] [--steps 3] [--batch 8] [--image 64] [--threads 1]
+       [--types f32,bf16] [--reps 7] [--steps 2] [--window 0.5] [--batch 8] [--image 64]
+       [--threads 1]
 Needs PYTHONPATH=src/python and SYNCBN_LIBRARY (or the built library in build/).
 """
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -66,7 +68,8 @@ def main():
     p.add_argument("--models", default="example,resnet18")
     p.add_argument("--types", default="f32,bf16")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    p.add_argument("--steps", type=int, default=2, help="least steps per variant per round")
+    p.add_argument("--window", type=float, default=0.5, help="least seconds per variant per round")
     p.add_argument("--batch", type=int, default=8, help="ResNet-18 images per rank")
     p.add_argument("--image", type=int, default=64, help="ResNet-18 image side")
     p.add_argument("--threads", type=int, default=1)
@@ -77,7 +80,8 @@ def main():
     torch.set_num_threads(a.threads)
     st.init_process_group(comm)
     say = print if rank == 0 else (lambda *args, **kw: None)
-    say(f"bench_torch_e2e: P={P}, {a.reps} rounds of {a.steps} steps per variant, {a.threads} thread(s) per rank, "
+    say(f"bench_torch_e2e: P={P}, {a.reps} rounds of >= {a.steps} steps and >= {a.window} s per variant, "
+        f"{a.threads} thread(s) per rank, ResNet-18 on {a.batch} images of {a.image}x{a.image} per rank, "
         f"torch {torch.__version__}")
 
     for kind in a.models.split(","):
@@ -103,19 +107,24 @@ def main():
             for v in VARIANTS:  # warm-up: lazily created C layers, allocator, oneDNN primitives
                 for _ in range(2):
                     step(v)
+            # Steps per timing: at least --steps, and enough for --window seconds (one
+            # scheduler hiccup on a shared machine then weighs less); the same on every rank.
+            t0 = time.perf_counter()
+            step("plain")
+            t1 = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            k = max(a.steps, min(50, math.ceil(a.window / t1)))
             times = {v: [] for v in VARIANTS}
             for r in range(a.reps):
                 order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
                 for v in order:
                     comm.Barrier()
                     t0 = time.perf_counter()
-                    for _ in range(a.steps):
+                    for _ in range(k):
                         step(v)
-                    times[v].append(comm.allreduce((time.perf_counter() - t0) / a.steps, op=MPI.MAX))
+                    times[v].append(comm.allreduce((time.perf_counter() - t0) / k, op=MPI.MAX))
             med = lambda num, den: statistics.median(n / d for n, d in zip(times[num], times[den]))  # noqa: E731
             say(f"RESULT {kind} {dtype} {P} {statistics.median(times['plain']) * 1e3:.1f} "
                 f"{med('sync', 'plain'):.3f} {med('fused', 'plain'):.3f} {med('fused', 'sync'):.3f}")
-            del models, opts
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ broadcast addition of two graph tensors would be fused and fail at its first cal
 Not done here: convolution folding, any pattern in eval-only code paths that tracing
 does not see, models that torch.fx cannot trace (control flow on tensor values).
 """
-import copy
 import operator
 from typing import NamedTuple, Optional
 
