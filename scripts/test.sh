@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install_deps.sh build data fuzz tsan python
+scripts/install_deps.sh build data fuzz tsan python sim
 
 # Open MPI refuses to run as root unless told; harmless for other users.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
