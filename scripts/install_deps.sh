@@ -9,7 +9,7 @@
 #   sim    SimGrid (smpicc, smpirun) for the simulated scaling study, scripts/scale_sim.sh
 #   peers  PyTorch, NumPy and oneDNN: optional comparison peers for benchmarks
 #   net    iproute2 for the two-host (network namespace) run
-#   python PyTorch, NumPy, mpi4py and pytest for the Python package (src/python/syncbn)
+#   python PyTorch, torchvision, NumPy, mpi4py and pytest for the Python package (src/python/syncbn)
 set -euo pipefail
 
 pkgs=(gcc g++ make cmake pkg-config libopenmpi-dev openmpi-bin libopenblas-dev check zlib1g-dev)
@@ -23,7 +23,7 @@ for group in "$@"; do
     sim) pkgs+=(libsimgrid-dev) ;;
     peers) pkgs+=(python3-torch python3-numpy libdnnl-dev) ;;
     net) pkgs+=(iproute2) ;;
-    python) pkgs+=(python3-torch python3-numpy python3-mpi4py python3-pytest) ;;
+    python) pkgs+=(python3-torch python3-torchvision python3-numpy python3-mpi4py python3-pytest) ;;
     *) echo "install_deps.sh: unknown group '$group'" >&2; exit 2 ;;
   esac
 done
