@@ -398,13 +398,18 @@ static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, c
         for (int e = 0; e < WIRE_HDR_ELEMS; e++)
             m[e * SBX_WIRE_WORDS] = SBX_WIRE_PLAIN;
         int64_t *el = m + WIRE_HDR_ELEMS * SBX_WIRE_WORDS;
+        /* One rank: nothing to merge; repro_results rounds the accumulators directly
+         * (the same exact sums, so the same bits) and the data elements are not read. */
+        const int pack = l->nranks > 1;
         int64_t sp[SBX_SPECIALS] = {0};
         for (int64_t c = 0; c < C; c++) {
             int64_t *a1 = acc1 + c * W1, *a2 = acc2 + c * W2;
-            sbx_normalize(a1, SBX_LINEAR);
-            sbx_normalize(a2, SBX_QUADRATIC);
             for (int k = 0; k < SBX_SPECIALS; k++)
                 sp[k] += a1[SBX_LINEAR.ndigits + k] + a2[SBX_QUADRATIC.ndigits + k];
+            if (!pack)
+                continue;
+            sbx_normalize(a1, SBX_LINEAR);
+            sbx_normalize(a2, SBX_QUADRATIC);
             sbx_wire_pack(el + c * SBX_WIRE_WORDS, a1, SBX_LINEAR);
             sbx_wire_pack(el + (C + c) * SBX_WIRE_WORDS, a2, SBX_QUADRATIC);
         }
@@ -436,9 +441,14 @@ static int repro_results(syncbn_layer *l, int kind, int timed, double deadline)
     const int64_t C = l->cfg.channels, W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
     const int64_t *el = (const int64_t *)l->msg + WIRE_HDR_ELEMS * SBX_WIRE_WORDS;
     int over = 0;
-    for (int64_t e = 0; e < 2 * C; e++)
+    for (int64_t e = 0; l->nranks > 1 && e < 2 * C; e++)
         over |= el[e * SBX_WIRE_WORDS] == SBX_WIRE_OVER;
-    if (over) {
+    if (l->nranks == 1) { /* data_put packed nothing: the own accumulators are the sums */
+        for (int64_t c = 0; c < C; c++) {
+            l->t1[c] = sbx_round(l->acc + c * W1, SBX_LINEAR);
+            l->t2[c] = sbx_round(l->acc + C * W1 + c * W2, SBX_QUADRATIC);
+        }
+    } else if (over) {
         sbn_comm *sc = l->comm;
         const int64_t n = acc_words(&l->cfg);
         int rc = SYNCBN_OK;
