@@ -77,7 +77,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _lib
 from ._lib import SyncBNError
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "init_process_group", "SyncBNError"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "init_process_group", "SyncBNError", "fuse_activations",
+           "fusion_report"]
 
 _REDUCTIONS = {"fast": _lib.FAST, "reproducible": _lib.REPRODUCIBLE}
 
@@ -348,3 +349,6 @@ def init_process_group(comm=None, backend="gloo"):
                 port = s.getsockname()[1]
         os.environ["MASTER_PORT"] = str(comm.bcast(port, root=0))
     dist.init_process_group(backend, rank=comm.Get_rank(), world_size=comm.Get_size())
+
+
+from .fuse import fuse_activations, fusion_report  # noqa: E402  (fuse.py uses this module's names)
