@@ -30,8 +30,8 @@ for r in $(seq "$rounds"); do
       | tee "$out/round${r}_P$P.txt" | grep '^RESULT\|^CPU' >>"$out/results.txt"
   done
 done
-echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores," \
-     "load average $(cut -d' ' -f1-3 /proc/loadavg); $(head -1 "$out/round1_P1.txt")"
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(getconf _NPROCESSORS_ONLN) cores," \
+     "load average $(cut -d' ' -f1-3 /proc/loadavg); $(head -1 "$out/round1_P1.txt" | sed 's/P=[0-9]*, //')"
 # RESULT model type P plain_ms self/plain sync/plain fused/plain fused/sync sync/self
 # -> medians over the rounds; then the same for CPU time
 for what in RESULT CPU; do
