@@ -40,11 +40,13 @@ extra_build() { # <dir> <extra cmake args...>
   local dir=$1
   shift
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DSYNCBN_NATIVE=OFF -DSYNCBN_BUILD_EXAMPLES=OFF "$@" >/dev/null
-  cmake --build "$dir" -j2 --target repro_dump test_moments
+  cmake --build "$dir" -j2 --target repro_dump test_moments test_apply
   levels+=("$dir")
-  # The kernels of this build on their own: sums against references, and the
-  # bfloat16 rounding (whose fast and general ways differ per instruction set).
+  # The kernels of this build on their own: sums against references, the bfloat16
+  # rounding (whose fast and general ways differ per instruction set), and the
+  # bfloat16 float path with its exact fallback (whose decisions may differ too).
   (cd "$dir" && OMP_NUM_THREADS=2 mpirun -np 1 --oversubscribe tests/test_moments)
+  (cd "$dir" && OMP_NUM_THREADS=2 mpirun -np 1 --oversubscribe tests/test_apply)
 }
 grep -qw avx2 /proc/cpuinfo && extra_build build-avx2 -DCMAKE_C_FLAGS=-march=x86-64-v3
 extra_build build-portable

@@ -32,7 +32,10 @@
 #include "moments.h"
 #include "simd.h"
 
+#include <float.h>
+#include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 
 /* Outputs at least this large are written with non-temporal (streaming) stores: they
@@ -62,6 +65,8 @@ typedef struct {
     void *out, *out2;     /* y or dx; dz */
     const void *x, *dy;   /* dy: the gradient, or z for normalize */
     const double *m, *k, *a, *b; /* [C + SBN_COEF_PAD] each (b unused when normalizing) */
+    const float *fk, *fc, *fb, *fe; /* bfloat16 in float: [C + SBN_COEF_PAD] each, or fk NULL */
+    float R;                        /* the bound's factor of |result| (see "bfloat16 in float") */
     uint8_t *mask;
     int64_t C;
     int nt2; /* out2 may stream too: its cache lines fall where out's do */
@@ -204,6 +209,277 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
     return 0;
 }
 
+/* ---- bfloat16 in float, with an exact fallback ----
+ *
+ * The contract: a bfloat16 output is RNE16(Y), Y the double result of the exact path
+ * above (ew_vec), RNE16 rounding to nearest-even at bfloat16's 8 bits. Double costs
+ * 8 lanes a vector; float has 8 per 256 bits and a rounding that is one integer add.
+ * So each vector of 8 outputs is first computed in float, as y, together with a
+ * PROVEN bound err >= |y - Y| per lane; where every lane is farther than err from
+ * each bfloat16 rounding boundary (the midpoints between neighbouring bfloat16
+ * values, and the overflow threshold, which is the midpoint between the largest
+ * bfloat16 and 2^128), Y lies strictly inside the same rounding interval as y, so
+ * RNE16(y) = RNE16(Y): the float result is stored. Otherwise the vector is
+ * recomputed on the exact path. The bits are those of the exact path whatever the
+ * decision, so the decision may differ between builds (it does not, in practice).
+ *
+ * Notation: u = 2^-24 (float's unit roundoff), ud = 2^-53 (double's). fl(.) is one
+ * IEEE float operation to nearest: fl(a op b) = (a op b)(1 + h), |h| <= u, plus for
+ * a product an absolute underflow term |z| <= 2^-150 (a sum whose result is
+ * subnormal is exact). Double operations likewise with ud and 2^-1075. x, z, g are
+ * bfloat16 values, exact in float. The coefficients are doubles (k, m, a, b: the
+ * per-channel arrays); their float versions are rounded, and that rounding is
+ * included below. Build flags: -ffp-contract=off, so each line below is the
+ * operations it shows (no fused multiply-add), and no -ffast-math (CMakeLists.txt).
+ *
+ * Normalize. Target T = k(x - m) + a, exactly (real numbers); Y0 = fl64(fl64(fl64(x -
+ * m) k) + a) (the exact path's order). Float path, with coefficients computed once
+ * per call in double: kf = fl32(k), c = fl64(a - fl64(k m)), cf = fl32(c); and
+ *     p = fl(kf x),   y0 = fl(p + cf).
+ * (1) kf = k(1 + r), |r| <= u, when kf is 0 (only for k = 0) or a normal float;
+ *     channels where it is not get err = +Inf (below): always the exact path.
+ * (2) ec := |(a - k m) - cf| <= |c - cf| + 2^-52 (|k m| + |c|): the first term is
+ *     computed exactly in double (Sterbenz), the second bounds c's two roundings.
+ * (3) |p - k x| <= (2u + u^2)|k x| + 2^-150.
+ * (4) y0 - T = (p - k x) + (cf - (a - k m)) + h (p + cf), |p + cf| <= |y0|/(1 - u);
+ *     and |k x| <= |T| + |a - k m| <= |y0| + D + |cf| + ec, with D = |y0 - T|. So
+ *     D (1 - 2u - u^2) <= (3u + 3u^2)|y0| + (2u + u^2)|cf| + (1 + 2u + u^2) ec + 2^-150,
+ *     D <= 3.0001u |y0| + 2.0001u |cf| + 1.0001 ec + 2^-149.
+ * (5) The exact path's own error: |Y0 - T| <= 3.0001ud |k (x - m)| + ud |a| + 2^-1074
+ *     <= 3.0001ud (|y0| + D) + 4.0001ud |a| + 2^-1074.
+ * (6) |y0 - Y0| <= D + |Y0 - T| <= 3.001u |y0| + E, E := 2.01u |cf| + 1.01 ec +
+ *     2^-50 |a| + 2^-148 (ud terms against u terms: factor 2^-29).
+ * With z (residual addition): y = fl(y0 + z), Y = fl64(Y0 + z). Then |y - Y| <=
+ * |y0 - Y0| + u |y0 + z| + ud |Y0 + z| <= 3.001u |y0| + 1.001u |y| + E (1 + 2^-50).
+ *
+ * Gradient. Target T = k (g - a - (x - m) b). Coefficients: kf = fl32(k), bf =
+ * fl32(fl64(k b)), c = fl64(k fl64(fl64(b m) - a)), cf = fl32(c); kf and bf must be 0
+ * (where k b = 0 exactly) or normal, else err = +Inf as in (1). Float path:
+ *     t1 = fl(kf g),  t2 = fl(t1 + cf),  t3 = fl(bf x),  r = fl(t2 - t3).
+ * (1') kf = k(1 + r1), bf = k b (1 + r2), |r1| <= u, |r2| <= u + 2ud.
+ * (2') ec := |k (b m - a) - cf| <= |c - cf| + 2^-50 (|k b m| + |k a| + |c|).
+ * (3') |t1 - k g| <= 2.0001u |t1| + 2^-150, |t3 - k b x| <= 2.0001u |t3| + 2^-150.
+ * (4') r - T = h4 (t2 - t3) + h2 (t1 + cf) + (t1 - k g) + (cf - k (b m - a))
+ *     - (t3 - k b x), so |r - T| <= 1.0001u (|r| + |t2|) + 2.0001u (|t1| + |t3|)
+ *     + ec + 2^-148; with |t2| <= |t3| + 1.0001 |r| and |t1| <= 1.0001 |t2| + |cf|:
+ *     |r - T| <= 4.001u |r| + 5.001u |t3| + 2.001u |cf| + ec + 2^-148.
+ * (5') The exact path: |Y - T| <= 2^-51 (|k g| + |k a| + |k b x| + |k b m| + |Y|)
+ *     <= 2^-50 (|r| + |t3| + |cf| + |k a| + |k b m|) + 2^-1073.
+ * (6') |r - Y| <= 5.001u (|r| + |t3|) + E, E := 2.01u |cf| + 1.01 ec + 2^-49 (|k a| +
+ *     |k b m|) + 2^-148.
+ *
+ * The test, per lane, on y (normalize; with z the final sum) or r (gradient):
+ *     err = fl(fl(R s) + e),  R = 2^-22 (normalize) or 2^-21 (gradient),
+ *           s = |y0| (+ |y| with z) or fl(|r| + |t3|),  e = fl32(1.01 E + 2^-100);
+ * err >= the bounds of (6)/(6') even though computed in float: R = 4u >= 3.001u and
+ * 8u >= 5.001u, and E's factor 1.01, leave far more than the three roundings
+ * (factor (1 - u)^-3) of computing err.
+ *     mid = the float with y's sign, exponent and upper 7 fraction bits, and lower 16
+ *           bits 0x8000: the midpoint of y's bfloat16 interval [B, B + ulp) (for the
+ *           largest bfloat16, the overflow threshold);
+ *     t = |y - mid| (exact: same sign, within a factor 2, Sterbenz);
+ *     q = |y| 2^-10 (exact; <= ulp/4 since ulp >= 2^-8 |y|).
+ * Accept when min(t, q) > err. Then Y is on y's side of mid (t > err), and cannot
+ * reach the other boundaries: B + ulp + ulp/2 is >= ulp/2 >= t away, and the midpoint
+ * below B is >= ulp/4 >= q away (ulp/4: B a power of two, the spacing below is
+ * ulp/2). Y has y's sign (err < |y|). So RNE16(Y) = RNE16(y), and y is no tie, so
+ * RNE16(y) is y's bits + 0x8000 cut to the upper 16 (a carry into the exponent gives
+ * the next binade, or Inf past the largest bfloat16, as RNE16 does).
+ * The 2^-100 in e makes every |y| < 2^-90 fall back (t <= 2^-8 |y|), so all the
+ * underflow terms above (2^-148 and below) are covered, and no subnormal is ever
+ * accepted. NaN or Inf anywhere (input, coefficient, overflowed float) makes t or
+ * err NaN or Inf, and the comparison false: exact path.
+ * ReLU: the rounded value is nonzero with y's sign, so its mask bit is y > 0 and
+ * the ReLU of the stored bits is the exact path's. dz = g is copied as ever. */
+
+static int bf16_path; /* sbn_test_bf16_path */
+static uint64_t bf16_vectors, bf16_fallbacks;
+
+void sbn_test_bf16_path(int mode) { bf16_path = mode; }
+
+void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks)
+{
+    *vectors = __atomic_load_n(&bf16_vectors, __ATOMIC_RELAXED);
+    *fallbacks = __atomic_load_n(&bf16_fallbacks, __ATOMIC_RELAXED);
+}
+
+/* The float coefficient arrays of one call, [4][C + SBN_COEF_PAD] in one block: k, c,
+ * b (gradient only), e. NULL where there is no float path (float elements, the test
+ * switch, or no memory: the exact path then does everything, with the same bits). */
+static int64_t fast_stride(int64_t C) { return (C + SBN_COEF_PAD + 15) / 16 * 16; }
+
+static float *fast_coef(const ew_args *e, int dx, sbn_shape sh)
+{
+    if (sh.dt != SYNCBN_BF16 || bf16_path == 1)
+        return NULL;
+    const int64_t C = sh.C, W = fast_stride(C);
+    float *f = aligned_alloc(64, (size_t)(4 * W) * sizeof *f);
+    if (!f)
+        return NULL;
+    const double u = 0x1p-24;
+    for (int64_t j = 0; j < C + SBN_COEF_PAD; j++) {
+        const double k = e->k[j], m = e->m[j], a = e->a[j], b = dx ? e->b[j] : 0;
+        double c, cd, ec, E;
+        float kf = (float)k, bf = 0;
+        int ok = kf == 0 ? k == 0 : fabsf(kf) >= FLT_MIN;
+        if (!dx) { /* (1), (2), (6) */
+            const double km = k * m;
+            c = a - km;
+            cd = (float)c;
+            ec = fabs(c - cd) + 0x1p-52 * (fabs(km) + fabs(c));
+            E = 2.01 * u * fabs(cd) + 1.01 * ec + 0x1p-50 * fabs(a);
+        } else { /* (1'), (2'), (6') */
+            const double kb = k * b, kbm = kb * m, ka = k * a;
+            bf = (float)kb;
+            ok &= bf == 0 ? k == 0 || b == 0 : fabsf(bf) >= FLT_MIN;
+            c = k * (b * m - a);
+            cd = (float)c;
+            ec = fabs(c - cd) + 0x1p-50 * (fabs(kbm) + fabs(ka) + fabs(c));
+            E = 2.01 * u * fabs(cd) + 1.01 * ec + 0x1p-49 * (fabs(ka) + fabs(kbm));
+        }
+        float ef = (float)(1.01 * E + 0x1p-100);
+        if (!ok || !isfinite(kf) || !isfinite(bf) || !isfinite((float)cd) || !isfinite(E))
+            ef = INFINITY; /* NaN in E would compare false too; +Inf says so */
+        if (bf16_path == 2)
+            ef = 0; /* mutation for tests: no margin */
+        if (bf16_path == 3)
+            ef = -INFINITY; /* tests: trust float everywhere (finite lanes) */
+        f[j] = kf, f[W + j] = (float)cd, f[2 * W + j] = bf, f[3 * W + j] = ef;
+    }
+    return f;
+}
+
+typedef struct {
+    sbn_v8f k, c, b, e;
+} ew_fcoef;
+
+SBN_INLINE sbn_v8f ew_bcastf(float v) { return (sbn_v8f){v, v, v, v, v, v, v, v}; }
+
+SBN_INLINE void ew_fcoef_row(int v, const ew_args *e, int64_t c, ew_fcoef *q)
+{
+    q->k = ew_bcastf(e->fk[c]), q->c = ew_bcastf(e->fc[c]), q->e = ew_bcastf(e->fe[c]);
+    q->b = v & EW_DX ? ew_bcastf(e->fb[c]) : (sbn_v8f){0};
+}
+
+SBN_INLINE sbn_v8f ew_loadf8(const float *p)
+{
+    sbn_v8f r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+SBN_INLINE void ew_fcoef_lanes(int v, const ew_args *e, int64_t c, ew_fcoef *q)
+{
+    q->k = ew_loadf8(e->fk + c), q->c = ew_loadf8(e->fc + c), q->e = ew_loadf8(e->fe + c);
+    q->b = v & EW_DX ? ew_loadf8(e->fb + c) : (sbn_v8f){0};
+}
+
+SBN_INLINE sbn_v8f ew_absf(sbn_v8f v) { return (sbn_v8f)((sbn_v8w)v & 0x7FFFFFFFu); }
+
+/* Whether every lane of a > b (false for NaN). */
+SBN_INLINE int ew_all_gt(sbn_v8f a, sbn_v8f b)
+{
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    return _mm256_cmp_ps_mask((__m256)a, (__m256)b, _CMP_GT_OQ) == 0xFF;
+#elif defined(__AVX__)
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ)) == 0xFF;
+#else
+    const sbn_v8i gt = a > b;
+    return (gt[0] & gt[1] & gt[2] & gt[3] & gt[4] & gt[5] & gt[6] & gt[7]) != 0;
+#endif
+}
+
+/* min(a, b) where a is not NaN... or b where either is NaN (the test then fails on
+ * b, which is NaN whenever a is: see the analysis). */
+SBN_INLINE sbn_v8f ew_minf(sbn_v8f a, sbn_v8f b)
+{
+#ifdef __AVX__
+    return (sbn_v8f)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+    const sbn_v8i lt = a < b;
+    return (sbn_v8f)(((sbn_v8i)a & lt) | ((sbn_v8i)b & ~lt));
+#endif
+}
+
+/* 8 outputs at f in float, stored only when the test above accepts them. Returns 0
+ * (nothing written) when the exact path must do them; else 1, with the ReLU mask
+ * bits in *bits. */
+SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, int nt, unsigned *bits)
+{
+    const int dt = SYNCBN_BF16;
+    const sbn_v8f x = sbn_ldf8(dt, e->x, f);
+    sbn_v8f y, s, g = {0};
+    if (v & EW_NOOUT) { /* dz only: a copy */
+        g = sbn_ldf8(dt, e->dy, f);
+        if (v & EW_RELU)
+            g = sbn_keep_bits_f(g, sbn_mask8(e->mask, f));
+        sbn_st8(dt, e->out2, f, g, nt);
+        (void)x;
+        return 1;
+    }
+    if (!(v & EW_DX)) {
+        const sbn_v8f p = q->k * x;
+        y = p + q->c;
+        s = ew_absf(y);
+        if (v & EW_ADD) {
+            y += sbn_ldf8(dt, e->dy, f);
+            s += ew_absf(y);
+        }
+    } else {
+        g = sbn_ldf8(dt, e->dy, f);
+        if (v & EW_RELU)
+            g = sbn_keep_bits_f(g, sbn_mask8(e->mask, f));
+        const sbn_v8f t1 = q->k * g, t2 = t1 + q->c, t3 = q->b * x;
+        y = t2 - t3;
+        s = ew_absf(y) + ew_absf(t3);
+    }
+    const sbn_v8f err = s * e->R + q->e;
+    const sbn_v8w yb = (sbn_v8w)y;
+    const sbn_v8f mid = (sbn_v8f)((yb & 0xFFFF0000u) | 0x8000u);
+    const sbn_v8f t = ew_minf(ew_absf(y - mid), ew_absf(y) * 0x1p-10f);
+    if (__builtin_expect(!ew_all_gt(t, err), 0))
+        return 0;
+    sbn_v8f o = (sbn_v8f)(yb + 0x8000u); /* rounded: its upper 16 bits are RNE16(y) */
+    if (!(v & EW_DX)) {
+        *bits = v & EW_RELU ? sbn_relu8(&o) : 0;
+        sbn_st8(dt, e->out, f, o, nt);
+        return 1;
+    }
+    if (!(v & EW_NOOUT))
+        sbn_st8(dt, e->out, f, o, nt);
+    if (v & EW_DZ)
+        sbn_st8(dt, e->out2, f, g, v & EW_NOOUT ? nt : nt && e->nt2);
+    return 1;
+}
+
+/* Points e's float coefficients into the block of fast_coef (NULL: none). */
+static void ew_fast_args(ew_args *e, const float *f, int64_t C, float R)
+{
+    const int64_t W = fast_stride(C);
+    e->fk = f, e->fc = f ? f + W : NULL, e->fb = f ? f + 2 * W : NULL, e->fe = f ? f + 3 * W : NULL;
+    e->R = bf16_path >= 2 ? 0.0f : R; /* the test switch's modes 2 and 3: no margin */
+}
+
+/* 8 outputs at f (channel c when lanes): in float where ew_fast accepts them, else
+ * on the exact path. cnt[0] counts the vectors tried in float, cnt[1] the fallbacks. */
+SBN_INLINE unsigned ew_step8(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
+                             const ew_fcoef *fq, int nt, int64_t *cnt)
+{
+    if ((v & EW_BF16) && e->fk) {
+        ew_fcoef l;
+        if (lanes)
+            ew_fcoef_lanes(v, e, c, &l);
+        unsigned bits = 0;
+        cnt[0]++;
+        if (ew_fast(v, e, f, lanes ? &l : fq, nt, &bits))
+            return bits;
+        cnt[1]++;
+    }
+    if (lanes)
+        ew_coef_lanes(v, e, c, q);
+    return ew_vec(v, e, f, q, 8, nt);
+}
+
 /* The channel 8 elements after channel c (NHWC; a division only when C < 8). */
 SBN_INLINE int64_t next8(int64_t c, int64_t C) { return C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C; }
 
@@ -211,7 +487,7 @@ SBN_INLINE int64_t next8(int64_t c, int64_t C) { return C >= 8 ? (c + 8 >= C ? c
  * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
  * cache lines of the output only, when nt. Returns the channel after f1 (lanes == 1). */
 SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, int64_t f1, int64_t c, int nt,
-                           bitw *bw)
+                           bitw *bw, int64_t *count)
 {
     /* A local copy: the compiler then knows the output stores cannot change the
      * pointers, and keeps them in registers instead of reloading them every step. */
@@ -220,8 +496,12 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
     const int64_t C = e->C, es = sbn_esize(dt), line = 64 / es;
     ew_coef q;
+    ew_fcoef fq = {.k = {0}};
+    int64_t cnt[2] = {count[0], count[1]}; /* in registers: see bitw */
     if (!lanes)
         ew_coef_row(v, e, c, &q);
+    if (!lanes && (v & EW_BF16) && e->fk)
+        ew_fcoef_row(v, e, c, &fq);
     /* [f0, h): ordinary stores up to the first line boundary of the output; [h, g):
      * whole lines; [g, f1): the rest. */
     int64_t h = f0, g = f0;
@@ -240,18 +520,14 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
                 uint64_t bits = 0;
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++) {
-                    if (lanes)
-                        ew_coef_lanes(v, e, c, &q);
-                    bits |= (uint64_t)ew_vec(v, e, f + 8 * j, &q, 8, stream) << 8 * j;
+                    bits |= (uint64_t)ew_step8(v, lanes, e, f + 8 * j, c, &q, &fq, stream, cnt) << 8 * j;
                     if (lanes)
                         c = next8(c, C);
                 }
                 bw_put(&lbw, bits, 64);
             }
         for (; f + 8 <= end; f += 8) {
-            if (lanes)
-                ew_coef_lanes(v, e, c, &q);
-            const unsigned bits = ew_vec(v, e, f, &q, 8, stream);
+            const unsigned bits = ew_step8(v, lanes, e, f, c, &q, &fq, stream, cnt);
             if (v & EW_MASK)
                 bw_put(&lbw, bits, 8);
             if (lanes)
@@ -276,6 +552,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
         }
     }
     *bw = lbw;
+    count[0] = cnt[0], count[1] = cnt[1];
     return c;
 }
 
@@ -297,11 +574,16 @@ SBN_INLINE void ew_share(int v, const ew_args *e, sbn_shape sh, int nt)
     const int64_t per_row = nchw ? sh.S : sh.C;
     f0 = r0 * per_row, f1 = r1 * per_row;
     bitw bw = bw_start(v & EW_MASK ? e->mask : NULL, f0, f1);
+    int64_t count[2] = {0, 0};
     if (nchw) {
         for (int64_t r = r0; r < r1; r++)
-            ew_span(v, 0, e, r * sh.S, (r + 1) * sh.S, r % sh.C, nt, &bw);
+            ew_span(v, 0, e, r * sh.S, (r + 1) * sh.S, r % sh.C, nt, &bw, count);
     } else {
-        ew_span(v, 1, e, f0, f1, 0, nt, &bw);
+        ew_span(v, 1, e, f0, f1, 0, nt, &bw, count);
+    }
+    if (count[0]) {
+        __atomic_fetch_add(&bf16_vectors, (uint64_t)count[0], __ATOMIC_RELAXED);
+        __atomic_fetch_add(&bf16_fallbacks, (uint64_t)count[1], __ATOMIC_RELAXED);
     }
     if ((v & EW_MASK) && bw.off > 0)
         bw_flush(&bw); /* the last, partial word */
@@ -326,7 +608,9 @@ static int ew_streams(sbn_shape sh)
 void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mask, const double *mean,
                    const double *scale, const double *shift, sbn_shape sh)
 {
-    const ew_args e = {.out = y, .x = x, .dy = z, .m = mean, .k = scale, .a = shift, .mask = mask, .C = sh.C};
+    ew_args e = {.out = y, .x = x, .dy = z, .m = mean, .k = scale, .a = shift, .mask = mask, .C = sh.C};
+    float *fc = fast_coef(&e, 0, sh);
+    ew_fast_args(&e, fc, sh.C, 0x1p-22f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (z ? EW_ADD : 0) | (relu ? EW_RELU : 0) |
                   (relu && mask ? EW_MASK : 0);
@@ -338,6 +622,7 @@ void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mas
         EW_CASES_DT(EW_ADD | EW_RELU)
         EW_CASES_DT(EW_ADD | EW_RELU | EW_MASK)
     }
+    free(fc);
 }
 
 void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const uint8_t *mask, const double *mean,
@@ -346,9 +631,11 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
     if (!dx && !dz)
         return;
     /* With no dx, dz is the output that owns the streaming grid. */
-    const ew_args e = {.out = dx ? dx : dz, .out2 = dz, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b,
+    ew_args e = {.out = dx ? dx : dz, .out2 = dz, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b,
                        .mask = (uint8_t *)mask, .C = sh.C,
                        .nt2 = dx && dz && (((uintptr_t)dx ^ (uintptr_t)dz) & 63) == 0};
+    float *fc = fast_coef(&e, 1, sh);
+    ew_fast_args(&e, fc, sh.C, 0x1p-21f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = EW_DX | (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (mask ? EW_RELU : 0) | (dz ? EW_DZ : 0) |
                   (dx ? 0 : EW_NOOUT);
@@ -360,4 +647,5 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
         EW_CASES_DT(EW_DX | EW_RELU | EW_DZ)
         EW_CASES_DT(EW_DX | EW_RELU | EW_DZ | EW_NOOUT)
     }
+    free(fc);
 }

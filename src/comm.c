@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "exactsum.h"
 #include "syncbn.h"
 
 static int comm_keyval = MPI_KEYVAL_INVALID;
@@ -21,6 +22,8 @@ static void comm_unref(sbn_comm *c)
             c->next_parked = parked;
             parked = c;
         } else {
+            MPI_Op_free(&c->wire_op);
+            MPI_Type_free(&c->wire_type);
             MPI_Comm_free(&c->inner);
             free(c);
         }
@@ -71,6 +74,19 @@ sbn_comm *sbn_comm_acquire(MPI_Comm outer, int *err)
     if (!c) {
         MPI_Comm_free(&inner);
         *err = SYNCBN_ENOMEM;
+        return NULL;
+    }
+    /* Local calls: the reproducible mode's element type and merge, per communicator
+     * (freed with it). */
+    if (MPI_Type_contiguous(SBX_WIRE_WORDS, MPI_INT64_T, &c->wire_type) != MPI_SUCCESS) {
+        MPI_Comm_free(&inner);
+        free(c);
+        return NULL;
+    }
+    if (MPI_Type_commit(&c->wire_type) != MPI_SUCCESS || MPI_Op_create(sbx_wire_op, 1, &c->wire_op) != MPI_SUCCESS) {
+        MPI_Type_free(&c->wire_type);
+        MPI_Comm_free(&inner);
+        free(c);
         return NULL;
     }
     c->inner = inner;
@@ -131,10 +147,11 @@ double sbn_now(void)
 #define NAP_MIN 10e-6
 #define NAP_MAX 1e-3
 
-int sbn_comm_iallreduce(sbn_comm *c, void *buf, int count, MPI_Datatype type, double timeout, double deadline)
+int sbn_comm_iallreduce(sbn_comm *c, void *buf, int count, MPI_Datatype type, MPI_Op op, double timeout,
+                        double deadline)
 {
     MPI_Request req;
-    if (MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, MPI_SUM, c->inner, &req) != MPI_SUCCESS)
+    if (MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op, c->inner, &req) != MPI_SUCCESS)
         return SYNCBN_EMPI;
     if (timeout == 0)
         return MPI_Wait(&req, MPI_STATUS_IGNORE) == MPI_SUCCESS ? SYNCBN_OK : SYNCBN_EMPI;

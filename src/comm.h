@@ -40,6 +40,8 @@ typedef struct sbn_comm {
     int refs;            /* layers using it + 1 while cached on `outer` */
     int cached;          /* still attached to `outer` as an attribute */
     int64_t next_layer;  /* layer ids handed out on this communicator */
+    MPI_Datatype wire_type; /* one element of the reproducible wire format (exactsum.h) */
+    MPI_Op wire_op;         /* and its merge, sbx_wire_op */
     double call[SBN_CALL_WORDS]; /* buffer of the fixed-size first message */
 
     /* Set once a collective call on `inner` timed out. Its request cannot be
@@ -64,13 +66,14 @@ sbn_comm *sbn_comm_acquire(MPI_Comm outer, int *err);
  * timed-out record, see above). Never blocks on a timed-out communicator. */
 void sbn_comm_release(sbn_comm *c);
 
-/* MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, MPI_SUM) on c->inner, then waits:
+/* MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op) on c->inner, then waits:
  * forever (MPI_Wait) when timeout == 0, else until `deadline` (sbn_now() seconds),
  * polling with MPI_Test and backing off into sleeps, so that a rank waiting for a
  * slow peer does not keep a core busy. Returns SYNCBN_OK, SYNCBN_EMPI, or
  * SYNCBN_ETIMEOUT, in which case c is marked timed out and keeps the request (the
  * caller must give up buf: see sbn_comm.orphan). */
-int sbn_comm_iallreduce(sbn_comm *c, void *buf, int count, MPI_Datatype type, double timeout, double deadline);
+int sbn_comm_iallreduce(sbn_comm *c, void *buf, int count, MPI_Datatype type, MPI_Op op, double timeout,
+                        double deadline);
 
 /* Monotonic clock, in seconds. */
 double sbn_now(void);

@@ -405,3 +405,159 @@ double sbx_round(const int64_t *acc, sbx_format f)
      * carry to 2^53 moves to the next binade (from E = 1023: the Inf pattern). */
     return dbl_of((((uint64_t)(E + 1022) << 52) + m) | sign);
 }
+
+/* ---- the wire format (exactsum.h) ---- */
+
+#define WK (SBX_WIRE_WORDS - 1) /* digit words of an element, the signed top one included */
+#define WMASK ((UINT64_C(1) << SBX_WIRE_DIGIT) - 1)
+_Static_assert(SBX_WIRE_DIGIT == 62 && WK >= 2, "two 62-bit digits add without overflow");
+
+/* Bits [pos, pos + 62) of the two's complement integer in limbs u[0 .. nl-1],
+ * sign-extended by `fill` above; the 62 bits start at most 31 bits into a limb, so
+ * three limbs hold them. */
+static uint64_t bits62_at(const uint32_t *u, int32_t nl, uint32_t fill, int32_t pos)
+{
+    int32_t i = pos >> 5, o = pos & 31;
+    uint64_t a = i < nl ? u[i] : fill, b = i + 1 < nl ? u[i + 1] : fill, c = i + 2 < nl ? u[i + 2] : fill;
+    uint64_t r = ((a | b << 32) >> o) | (o ? c << (64 - o) : 0);
+    return r & WMASK;
+}
+
+int sbx_wire_pack(int64_t *w, const int64_t *acc, sbx_format f)
+{
+    const int32_t nd = f.ndigits, nl = nd + 1;
+    uint32_t u[64 + 1];
+    for (int32_t i = 0; i < nd - 1; i++) u[i] = (uint32_t)acc[i];
+    const int64_t t = acc[nd - 1];
+    u[nd - 1] = (uint32_t)(uint64_t)t, u[nd] = (uint32_t)((uint64_t)t >> 32);
+    const int neg = t < 0;
+    const uint32_t fill = neg ? UINT32_C(0xFFFFFFFF) : 0;
+    memset(w, 0, SBX_WIRE_WORDS * sizeof *w);
+    int32_t i = 0;
+    while (i < nl && !u[i]) i++;
+    if (i == nl) { /* exact zero (a negative value has a nonzero top limb) */
+        w[0] = SBX_WIRE_EMPTY;
+        return 0;
+    }
+    const int32_t lowbit = 32 * i + __builtin_ctz(u[i]);
+    /* |value| <= 2^p: p is the top bit of a positive value, and one above the highest
+     * bit differing from the sign for a negative one. */
+    int32_t j = nl - 1, p = 0;
+    while (j >= 0 && u[j] == fill) j--;
+    if (j >= 0) p = 32 * j + 31 - __builtin_clz(u[j] ^ fill) + neg;
+    const int32_t lo = lowbit / SBX_WIRE_DIGIT, hi = p / SBX_WIRE_DIGIT;
+    if (hi - lo > WK - 2) {
+        w[0] = SBX_WIRE_OVER;
+        return -1;
+    }
+    /* Every bit from 62 (hi + 1) up equals the sign: the top word is 0 or -1. */
+    w[0] = (int64_t)lo | (int64_t)hi << 32;
+    for (int32_t g = 0; g < WK - 1; g++) w[1 + g] = (int64_t)bits62_at(u, nl, fill, SBX_WIRE_DIGIT * (lo + g));
+    w[WK] = neg ? -1 : 0;
+    return 0;
+}
+
+int sbx_wire_unpack(int64_t *acc, const int64_t *w, sbx_format f)
+{
+    const int32_t nd = f.ndigits;
+    sbx_zero(acc, f);
+    if (w[0] == SBX_WIRE_OVER)
+        return -1;
+    if (w[0] == SBX_WIRE_EMPTY)
+        return 0;
+    const int32_t lo = (int32_t)(w[0] & 0xFFFF), s = (int32_t)(w[0] >> 32) + 1 - lo;
+    /* Digits from s = hi + 1 - lo up hold only carries and the sign (every rank's value
+     * is below 2^(62 (hi + 1)) in magnitude): folded into one signed word, computed
+     * modulo 2^64, which is exact since the sum of P such values gives |word| <= P.
+     * The digits below and that word then go to the 32-bit digits they overlap, as
+     * chunks below 2^32 (the last one signed); what lies at or above the top digit goes
+     * into it whole, in 128 bits, and a top digit that would leave the range sbx_round
+     * takes (never reached by sums of deposits, which stay far below) makes the value
+     * an infinity. */
+    int64_t d[WK] = {0};
+    for (int32_t g = 0; g < s; g++) d[g] = w[1 + g];
+    uint64_t fold = (uint64_t)w[WK];
+    for (int32_t g = WK - 2; g >= s; g--) fold = (fold << SBX_WIRE_DIGIT) + (uint64_t)w[1 + g];
+    d[s] = (int64_t)fold;
+    __int128 top = acc[nd - 1];
+    for (int32_t g = 0; g <= s; g++) {
+        const int64_t v = d[g];
+        if (!v) continue;
+        const int32_t b = SBX_WIRE_DIGIT * (lo + g), k = b >> 5;
+        __int128 x = (__int128)v * ((__int128)1 << (b & 31)); /* |x| < 2^94 */
+        for (int32_t idx = k; idx <= k + 2; idx++) {
+            if (idx >= nd - 1) { /* all that is left, signed, into the top digit */
+                const int32_t sh = 32 * (idx - (nd - 1));
+                if (x && (sh >= 64 || x >= ((__int128)1 << (62 - (sh < 62 ? sh : 62))) ||
+                          x <= -((__int128)1 << (62 - (sh < 62 ? sh : 62)))))
+                    goto huge;
+                top += x * ((__int128)1 << sh);
+                if (top >= ((__int128)1 << 62) || top <= -((__int128)1 << 62)) goto huge;
+                break;
+            }
+            const int64_t chunk = idx == k + 2 ? (int64_t)x : (int64_t)((uint64_t)x & SBX_MASK32);
+            acc[idx] += chunk;
+            x = (x - chunk) / ((__int128)1 << 32); /* exact: no shift of a negative */
+        }
+    }
+    acc[nd - 1] = (int64_t)top;
+    return 0;
+huge:
+    sbx_zero(acc, f);
+    acc[nd + ((int64_t)fold < 0 ? 2 : 1)] = 1;
+    return 0;
+}
+
+/* d[0 .. WK-1] = the digit words of w on a grid starting s digits lower (the same
+ * value, every digit moved up by s words). The new top word
+ * is the sum of the words that no longer fit, weighted; computed modulo 2^64, which is
+ * exact because the fit condition keeps the true top word small. */
+static void wire_align(uint64_t *d, const int64_t *w, int32_t s)
+{
+    for (int32_t g = 0; g < WK - 1; g++) d[g] = g >= s ? (uint64_t)w[1 + g - s] : 0;
+    int32_t from = WK - 1 - s;
+    if (from < 0) from = 0;
+    uint64_t top = (uint64_t)w[WK];
+    for (int32_t g = WK - 2; g >= from; g--) top = (top << SBX_WIRE_DIGIT) + (uint64_t)w[1 + g];
+    d[WK - 1] = top;
+}
+
+void sbx_wire_op(void *in_, void *inout_, int *len, MPI_Datatype *type)
+{
+    (void)type;
+    const int64_t *in = in_;
+    int64_t *io = inout_;
+    for (int e = 0; e < *len; e++, in += SBX_WIRE_WORDS, io += SBX_WIRE_WORDS) {
+        const int64_t a = in[0], b = io[0];
+        if (a == SBX_WIRE_PLAIN || b == SBX_WIRE_PLAIN) {
+            for (int g = 1; g < SBX_WIRE_WORDS; g++) io[g] = (int64_t)((uint64_t)io[g] + (uint64_t)in[g]);
+            io[0] = SBX_WIRE_PLAIN;
+            continue;
+        }
+        if (b == SBX_WIRE_OVER || a == SBX_WIRE_EMPTY)
+            continue;
+        if (a == SBX_WIRE_OVER || b == SBX_WIRE_EMPTY) {
+            memcpy(io, in, SBX_WIRE_WORDS * sizeof *io);
+            continue;
+        }
+        const int32_t loa = (int32_t)(a & 0xFFFF), hia = (int32_t)(a >> 32);
+        const int32_t lob = (int32_t)(b & 0xFFFF), hib = (int32_t)(b >> 32);
+        const int32_t lo = loa < lob ? loa : lob, hi = hia > hib ? hia : hib;
+        if (hi - lo > WK - 2) {
+            memset(io, 0, SBX_WIRE_WORDS * sizeof *io);
+            io[0] = SBX_WIRE_OVER;
+            continue;
+        }
+        uint64_t da[WK], db[WK];
+        wire_align(da, in, loa - lo);
+        wire_align(db, io, lob - lo);
+        uint64_t c = 0;
+        for (int g = 0; g < WK - 1; g++) {
+            uint64_t x = da[g] + db[g] + c; /* < 2^63 + 2 */
+            io[1 + g] = (int64_t)(x & WMASK);
+            c = x >> SBX_WIRE_DIGIT;
+        }
+        io[WK] = (int64_t)(da[WK - 1] + db[WK - 1] + c);
+        io[0] = (int64_t)lo | (int64_t)hi << 32;
+    }
+}

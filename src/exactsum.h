@@ -96,4 +96,48 @@ double sbx_round(const int64_t *acc, sbx_format f);
 /* Digits span 2^-320 .. 2^384; single deposits must stay below 2^352. */
 #define SBX_QUADRATIC ((sbx_format){.lsb_exp = -320, .ndigits = 22})
 
+/* ---- The wire format: what ranks send each other ----
+ *
+ * An accumulator above is 15 (LINEAR) or 25 (QUADRATIC) words, most of them zero: the
+ * window must cover every value a sum might take, while one sum's occupied bits span
+ * the range of its data (about 70 bits for sum x of N(0,1) floats, 110-150 for the
+ * quadratic sums). The wire element of one sum is SBX_WIRE_WORDS int64 words:
+ *
+ *   w[0]            lo | hi << 32: the digits occupied on the sending ranks, on a grid
+ *                   of 62-bit digits (digit g weighs 2^(lsb_exp + 62 g)): lo the lowest
+ *                   digit holding a set bit, hi the digit holding the top bit of |value|.
+ *                   SBX_WIRE_EMPTY for an exact zero, SBX_WIRE_OVER when the digits do
+ *                   not fit, SBX_WIRE_PLAIN for a header element (plain int64 sums).
+ *   w[1 .. K-1]     digits lo .. lo+K-2, each in [0, 2^62)
+ *   w[K]            the signed rest above them (K = SBX_WIRE_WORDS - 1)
+ *
+ * sbx_wire_op (an MPI_Op over elements of SBX_WIRE_WORDS int64) merges two elements:
+ * lo = min, hi = max, the digits aligned on the merged lo, added, and carries
+ * propagated, so no word grows with the number of ranks. Exactness: the merged value
+ * is kept only if hi - lo <= K - 2, i.e. every rank's value has a zero top word in
+ * the merged window, so any partial sum of P such values is below P 2^(62 (K-1)) in
+ * magnitude and its top word below P: exact for P < 2^62 (MPI counts ranks in an int).
+ * Otherwise the element becomes SBX_WIRE_OVER, which absorbs everything. Whether that
+ * happens depends only on the global min of lo and max of hi, never on the order or
+ * grouping of the merges, so every rank sees the same verdict; the caller then sends
+ * the full accumulators (one more allreduce, exact as before). A merged element is
+ * the exact sum, so the rounded result is the same bits whichever way it travelled.
+ * NaN/Inf counters do not travel per sum: the caller counts them per message. */
+#define SBX_WIRE_WORDS 6
+#define SBX_WIRE_DIGIT 62
+#define SBX_WIRE_EMPTY ((int64_t)0xFFFF)   /* lo = 0xFFFF, hi = 0: neutral for min/max */
+#define SBX_WIRE_OVER ((int64_t)-1)
+#define SBX_WIRE_PLAIN INT64_MIN
+
+/* Writes the wire element of acc (normalized; its NaN/Inf counters are not read).
+ * Returns 0, or -1 if this value alone does not fit (w is then SBX_WIRE_OVER). */
+int sbx_wire_pack(int64_t *w, const int64_t *acc, sbx_format f);
+
+/* acc (sbx_words(f) words, written whole, counters zero) = the value of element w,
+ * ready for sbx_round. Returns 0, or -1 for SBX_WIRE_OVER (acc is then zero). */
+int sbx_wire_unpack(int64_t *acc, const int64_t *w, sbx_format f);
+
+/* out += in, elementwise over *len elements, as MPI_User_function (commutative). */
+void sbx_wire_op(void *in, void *inout, int *len, MPI_Datatype *type);
+
 #endif /* SYNCBN_EXACTSUM_H */

@@ -6,9 +6,14 @@
  *
  *   header (SBN_HDR words)                       | per-channel data
  *   invalid | state | count | agree(id) agree(tag) agree(S) | FAST: s1[C] s2[C] (double)
- *                                                | REPRODUCIBLE: acc1[C] acc2[C] (exact, int64)
  *
- * The header is summed in the same element type as the data (double or int64).
+ * FAST sums header and data as doubles (MPI_SUM). REPRODUCIBLE sends wire elements
+ * of 6 int64 (exactsum.h) merged by the communicator's user-defined op: 6 header
+ * elements (the header words and the message's NaN/Inf counts, summed plainly), then
+ * one element per sum, C for sum x (or g) and C for the quadratic sums: 6 words per
+ * sum instead of the 20 of the full accumulators, which the layer keeps locally
+ * (l->acc) and sends, in one more allreduce, only when some sum's bits span more than
+ * an element's window (repro_results).
  *
  * With a timeout (cfg.timeout > 0) a call is MPI_Iallreduce, waited for until the
  * call's deadline (sbn_comm_iallreduce), of the communicator's fixed-size call
@@ -126,12 +131,34 @@ static uint64_t double_bits(double v)
 
 static int is_repro(const syncbn_layer *l) { return l->cfg.reduction == SYNCBN_REPRODUCIBLE; }
 
-/* Per-channel data words of one message. */
-static int64_t data_words(const syncbn_config *c)
+/* REPRODUCIBLE messages are wire elements (exactsum.h) of SBX_WIRE_WORDS int64: first
+ * WIRE_HDR_ELEMS header elements, whose SBX_WIRE_WORDS - 1 payload words each are
+ * summed plainly and hold the SBN_HDR header words and the message's three NaN/+Inf/-Inf
+ * deposit counts (H_SPECIALS), then one element per sum: C of sum x (or g), C of the
+ * quadratic sums. */
+#define WIRE_PAYLOAD (SBX_WIRE_WORDS - 1)
+enum { H_SPECIALS = SBN_HDR, WIRE_HDR_WORDS = H_SPECIALS + SBX_SPECIALS,
+       WIRE_HDR_ELEMS = (WIRE_HDR_WORDS + WIRE_PAYLOAD - 1) / WIRE_PAYLOAD };
+
+/* Header word k of a REPRODUCIBLE message. */
+static int64_t *wire_hdr(void *msg, int k)
+{
+    return (int64_t *)msg + (k / WIRE_PAYLOAD) * SBX_WIRE_WORDS + 1 + k % WIRE_PAYLOAD;
+}
+
+/* Words of one message (8 bytes each): FAST, the header and 2C doubles; REPRODUCIBLE,
+ * (WIRE_HDR_ELEMS + 2C) wire elements. */
+static int64_t msg_words(const syncbn_config *c)
 {
     if (c->reduction == SYNCBN_REPRODUCIBLE)
-        return c->channels * (sbx_words(SBX_LINEAR) + sbx_words(SBX_QUADRATIC));
-    return 2 * c->channels;
+        return (WIRE_HDR_ELEMS + 2 * c->channels) * SBX_WIRE_WORDS;
+    return SBN_HDR + 2 * c->channels;
+}
+
+/* int64 words of this rank's own exact accumulators: C LINEAR, then C QUADRATIC. */
+static int64_t acc_words(const syncbn_config *c)
+{
+    return c->channels * (sbx_words(SBX_LINEAR) + sbx_words(SBX_QUADRATIC));
 }
 
 static void layer_free(syncbn_layer *l)
@@ -142,6 +169,7 @@ static void layer_free(syncbn_layer *l)
     free(l->stats);
     free(l->mask);
     free(l->msg);
+    free(l->acc);
     free(l);
 }
 
@@ -161,9 +189,11 @@ static syncbn_layer *layer_alloc(const syncbn_config *cfg)
      * step, and a 64-byte load across two lines costs about two. */
     const int64_t ld = (C + SBN_COEF_PAD + 7) / 8 * 8;
     l->stats = aligned_alloc(64, 6 * (size_t)ld * sizeof(double));
-    l->msg_words = SBN_HDR + data_words(cfg);
+    l->msg_words = msg_words(cfg);
     l->msg = malloc((size_t)l->msg_words * 8);
-    if (!l->params || !l->stats || !l->msg) {
+    if (cfg->reduction == SYNCBN_REPRODUCIBLE)
+        l->acc = malloc((size_t)acc_words(cfg) * sizeof *l->acc);
+    if (!l->params || !l->stats || !l->msg || (cfg->reduction == SYNCBN_REPRODUCIBLE && !l->acc)) {
         layer_free(l);
         return NULL;
     }
@@ -233,7 +263,7 @@ int syncbn_create(const syncbn_config *cfg, MPI_Comm comm, syncbn_layer **out)
 
     int nranks = 1;
     int rc = MPI_Comm_size(sc->inner, &nranks) == MPI_SUCCESS
-                 ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_DOUBLE, timeout, sbn_now() + timeout)
+                 ? sbn_comm_iallreduce(sc, w, SBN_CALL_WORDS, MPI_DOUBLE, MPI_SUM, timeout, sbn_now() + timeout)
                  : SYNCBN_EMPI;
     if (rc == SYNCBN_ETIMEOUT)
         snprintf(sc->timed_out_in, sizeof sc->timed_out_in, "create of layer %lld", (long long)id);
@@ -350,30 +380,36 @@ static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, c
 {
     const int64_t C = l->cfg.channels;
     if (is_repro(l)) {
-        int64_t *acc1 = (int64_t *)l->msg + SBN_HDR, *acc2 = acc1 + C * sbx_words(SBX_LINEAR);
-        for (int64_t c = 0; c < C; c++) {
-            sbx_zero(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
-            sbx_zero(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
-        }
+        const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+        int64_t *acc1 = l->acc, *acc2 = acc1 + C * W1;
+        memset(acc1, 0, (size_t)acc_words(&l->cfg) * sizeof *acc1);
         if (contribute && sh.n > 0) {
             if (kind == KIND_FORWARD)
                 sbn_forward_sums(x, sh, NULL, NULL, acc1, acc2);
             else
                 sbn_backward_sums(x, dy, mask, l->mean, sh, NULL, NULL, acc1, acc2);
         }
-        /* Summing over ranks must not overflow a word. The kernels make at most n
-         * deposits per accumulator (one per sample, or one per block of samples),
-         * each adding less than 2^32 to a word, so |word| < n 2^32 here. A rank
-         * whose (n + 1) P <= 2^30 therefore contributes less than 2^62 / P per word
-         * and need not propagate carries; any other rank normalizes (|word| <= 2^32).
-         * Either way the P contributions sum to less than 2^62 + 2^32: no overflow,
-         * whatever each rank decided, and the exact value is the same. sbx_round
-         * takes unnormalized words. */
-        if (contribute && sh.n > 0 && sh.n + 1 > (INT64_C(1) << 30) / l->nranks)
-            for (int64_t c = 0; c < C; c++) {
-                sbx_normalize(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
-                sbx_normalize(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
-            }
+        /* The wire elements: header elements with zero payload (exchange fills in the
+         * header), the NaN/Inf counts summed over the message, and each sum packed from
+         * its normalized accumulator (the normalized words are also what a fallback
+         * sends: below 2^32 each, so P < 2^31 ranks cannot overflow their sum). */
+        int64_t *m = l->msg;
+        memset(m, 0, WIRE_HDR_ELEMS * SBX_WIRE_WORDS * sizeof *m);
+        for (int e = 0; e < WIRE_HDR_ELEMS; e++)
+            m[e * SBX_WIRE_WORDS] = SBX_WIRE_PLAIN;
+        int64_t *el = m + WIRE_HDR_ELEMS * SBX_WIRE_WORDS;
+        int64_t sp[SBX_SPECIALS] = {0};
+        for (int64_t c = 0; c < C; c++) {
+            int64_t *a1 = acc1 + c * W1, *a2 = acc2 + c * W2;
+            sbx_normalize(a1, SBX_LINEAR);
+            sbx_normalize(a2, SBX_QUADRATIC);
+            for (int k = 0; k < SBX_SPECIALS; k++)
+                sp[k] += a1[SBX_LINEAR.ndigits + k] + a2[SBX_QUADRATIC.ndigits + k];
+            sbx_wire_pack(el + c * SBX_WIRE_WORDS, a1, SBX_LINEAR);
+            sbx_wire_pack(el + (C + c) * SBX_WIRE_WORDS, a2, SBX_QUADRATIC);
+        }
+        for (int k = 0; k < SBX_SPECIALS; k++)
+            *wire_hdr(m, H_SPECIALS + k) = sp[k];
         return;
     }
     double *s1 = (double *)l->msg + SBN_HDR, *s2 = s1 + C;
@@ -385,6 +421,67 @@ static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, c
     } else {
         memset(s1, 0, 2 * (size_t)C * sizeof *s1);
     }
+}
+
+/* REPRODUCIBLE, after the header checks: t1/t2 = the global sums from the merged wire
+ * elements, each rounded once. If any element came back SBX_WIRE_OVER (its data span
+ * more than the element's window on some rank, or across ranks: the same verdict on
+ * every rank, see exactsum.h), the full accumulators are summed instead, in one more
+ * allreduce of plain int64 words; the exact sums, and so the bits, are the same either
+ * way. Any NaN/Inf deposit makes every channel's sums non-finite (the call fails with
+ * SYNCBN_ENONFINITE whichever channel it was in): NaN if a NaN or both infinities were
+ * deposited, else the infinity's sign. */
+static int repro_results(syncbn_layer *l, int kind, int timed, double deadline)
+{
+    const int64_t C = l->cfg.channels, W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+    const int64_t *el = (const int64_t *)l->msg + WIRE_HDR_ELEMS * SBX_WIRE_WORDS;
+    int over = 0;
+    for (int64_t e = 0; e < 2 * C; e++)
+        over |= el[e * SBX_WIRE_WORDS] == SBX_WIRE_OVER;
+    if (over) {
+        sbn_comm *sc = l->comm;
+        const int64_t n = acc_words(&l->cfg);
+        int rc = SYNCBN_OK;
+        for (int64_t done = 0; done < n && rc == SYNCBN_OK;) {
+            const int cnt = n - done > (1 << 30) ? (1 << 30) : (int)(n - done);
+            rc = timed ? sbn_comm_iallreduce(sc, l->acc + done, cnt, MPI_INT64_T, MPI_SUM, l->cfg.timeout, deadline)
+                 : MPI_Allreduce(MPI_IN_PLACE, l->acc + done, cnt, MPI_INT64_T, MPI_SUM, sc->inner) == MPI_SUCCESS
+                     ? SYNCBN_OK
+                     : SYNCBN_EMPI;
+            done += cnt;
+        }
+        if (rc == SYNCBN_ETIMEOUT) {
+            sc->orphan = l->acc; /* MPI may still write into it */
+            l->acc = NULL;
+            l->seq--;
+            rc = timed_out(l, kind);
+            l->seq++;
+            return rc;
+        }
+        if (rc != SYNCBN_OK)
+            return note(l, rc, "%s, call %lld of layer %lld: the allreduce of the full accumulators failed",
+                        kind_name[kind], (long long)l->seq, (long long)l->id);
+        for (int64_t c = 0; c < C; c++) {
+            l->t1[c] = sbx_round(l->acc + c * W1, SBX_LINEAR);
+            l->t2[c] = sbx_round(l->acc + C * W1 + c * W2, SBX_QUADRATIC);
+        }
+    } else {
+        int64_t a[64 + SBX_SPECIALS];
+        for (int64_t c = 0; c < C; c++) {
+            sbx_wire_unpack(a, el + c * SBX_WIRE_WORDS, SBX_LINEAR);
+            l->t1[c] = sbx_round(a, SBX_LINEAR);
+            sbx_wire_unpack(a, el + (C + c) * SBX_WIRE_WORDS, SBX_QUADRATIC);
+            l->t2[c] = sbx_round(a, SBX_QUADRATIC);
+        }
+    }
+    const int64_t nan = *wire_hdr(l->msg, H_SPECIALS), pinf = *wire_hdr(l->msg, H_SPECIALS + 1),
+                  ninf = *wire_hdr(l->msg, H_SPECIALS + 2);
+    if (nan || pinf || ninf) {
+        const double v = nan || (pinf && ninf) ? NAN : pinf ? INFINITY : -INFINITY;
+        for (int64_t c = 0; c < C; c++)
+            l->t1[c] = v, l->t2[c] = v;
+    }
+    return SYNCBN_OK;
 }
 
 /* Puts the header, allreduces header and data (the data part already filled by
@@ -407,11 +504,19 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
         hdr_put(l, sc->call, 0, invalid, state, count, kind, S);
         if (inline_data)
             memcpy(sc->call + SBN_HDR, (double *)l->msg + SBN_HDR, 2 * (size_t)C * sizeof(double));
-        rc = sbn_comm_iallreduce(sc, sc->call, SBN_CALL_WORDS, MPI_DOUBLE, l->cfg.timeout, deadline);
-    } else {
-        hdr_put(l, l->msg, repro, invalid, state, count, kind, S);
-        rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, repro ? MPI_INT64_T : MPI_DOUBLE, MPI_SUM,
+        rc = sbn_comm_iallreduce(sc, sc->call, SBN_CALL_WORDS, MPI_DOUBLE, MPI_SUM, l->cfg.timeout, deadline);
+    } else if (repro) {
+        int64_t h[SBN_HDR];
+        hdr_put(l, h, 1, invalid, state, count, kind, S);
+        for (int k = 0; k < SBN_HDR; k++)
+            *wire_hdr(l->msg, k) = h[k];
+        rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)(l->msg_words / SBX_WIRE_WORDS), sc->wire_type, sc->wire_op,
                            sc->inner) == MPI_SUCCESS
+                 ? SYNCBN_OK
+                 : SYNCBN_EMPI;
+    } else {
+        hdr_put(l, l->msg, 0, invalid, state, count, kind, S);
+        rc = MPI_Allreduce(MPI_IN_PLACE, l->msg, (int)l->msg_words, MPI_DOUBLE, MPI_SUM, sc->inner) == MPI_SUCCESS
                  ? SYNCBN_OK
                  : SYNCBN_EMPI;
     }
@@ -425,7 +530,9 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
     int call_ok, s_ok;
     double ninvalid, nstate;
     if (!timed && repro) {
-        const int64_t *h = l->msg;
+        int64_t h[SBN_HDR];
+        for (int k = 0; k < SBN_HDR; k++)
+            h[k] = *wire_hdr(l->msg, k);
         call_ok = sbn_agree_ok_i64(h + H_ID, l->nranks) && sbn_agree_ok_i64(h + H_TAG, l->nranks);
         s_ok = sbn_agree_ok_i64(h + H_S, l->nranks);
         ninvalid = (double)h[H_INVALID], nstate = (double)h[H_STATE], *gcount = (double)h[H_COUNT];
@@ -453,8 +560,12 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
 
     if (timed && !inline_data) {
         /* Same layer, same call on every rank: data messages of one size. */
-        rc = sbn_comm_iallreduce(sc, (int64_t *)l->msg + SBN_HDR, (int)(l->msg_words - SBN_HDR),
-                                 repro ? MPI_INT64_T : MPI_DOUBLE, l->cfg.timeout, deadline);
+        /* REPRODUCIBLE: the whole message (its header elements hold only the NaN/Inf
+         * counts here, the header having travelled in the call message). */
+        rc = repro ? sbn_comm_iallreduce(sc, l->msg, (int)(l->msg_words / SBX_WIRE_WORDS), sc->wire_type,
+                                         sc->wire_op, l->cfg.timeout, deadline)
+                   : sbn_comm_iallreduce(sc, (double *)l->msg + SBN_HDR, (int)(l->msg_words - SBN_HDR), MPI_DOUBLE,
+                                         MPI_SUM, l->cfg.timeout, deadline);
         if (rc == SYNCBN_ETIMEOUT) {
             sc->orphan = l->msg; /* MPI may still write into it: the communicator keeps it */
             l->msg = NULL;
@@ -468,13 +579,9 @@ static int exchange(syncbn_layer *l, int kind, int invalid, int state, int64_t c
                         (long long)l->seq, (long long)l->id);
     }
 
-    if (repro) {
-        const int64_t *acc1 = (const int64_t *)l->msg + SBN_HDR, *acc2 = acc1 + C * sbx_words(SBX_LINEAR);
-        for (int64_t c = 0; c < C; c++) {
-            l->t1[c] = sbx_round(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
-            l->t2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
-        }
-    } else {
+    if (repro)
+        return repro_results(l, kind, timed, deadline);
+    {
         const double *s = inline_data ? sc->call + SBN_HDR : (const double *)l->msg + SBN_HDR;
         memcpy(l->t1, s, (size_t)C * sizeof *s);
         memcpy(l->t2, s + C, (size_t)C * sizeof *s);

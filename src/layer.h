@@ -48,6 +48,9 @@ struct syncbn_layer {
     void *msg;          /* packed allreduce buffer: header + per-channel data; NULL once
                            handed to the communicator by a timeout (comm.h: orphan) */
     int64_t msg_words;  /* its length in 8-byte words (double or int64) */
+    int64_t *acc;       /* REPRODUCIBLE: this rank's exact accumulators, C LINEAR then C
+                           QUADRATIC (exactsum.h); also the fallback message (layer.c).
+                           NULL in FAST mode, or once handed to the communicator */
 
     char err[160];      /* syncbn_last_error: this rank's last error on the layer, "" after success */
 };

@@ -76,4 +76,15 @@ void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mas
 void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const uint8_t *mask, const double *mean,
                      const double *k, const double *a, const double *b, sbn_shape sh);
 
+/* bfloat16 passes compute in float and fall back to the exact double path per vector
+ * of 8 outputs where a bound says the rounding could differ (apply.c). For tests and
+ * benchmarks, not part of the API: sbn_bf16_counts reads the vectors tried in float
+ * and those that fell back, since the process started (all threads); and
+ * sbn_test_bf16_path(mode) selects 0: the real test (the default), 1: the exact path
+ * only, 2: a margin of zero (trust float unless it sits on a midpoint), 3: float
+ * everywhere it is finite. Modes 2 and 3 break the bitwise contract on purpose, so
+ * that tests can show they tell the paths apart. Not thread-safe. */
+SYNCBN_EXTERN void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks);
+SYNCBN_EXTERN void sbn_test_bf16_path(int mode);
+
 #endif /* SYNCBN_MOMENTS_H */

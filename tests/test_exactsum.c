@@ -931,6 +931,258 @@ START_TEST(test_mpi_carries_and_specials)
 }
 END_TEST
 
+/* ------------------------------------------------------------ the wire format */
+
+/* Merges R packed elements three ways (left to right, right to left, as a balanced
+ * tree: the shapes MPI's reduction algorithms take) and a fourth in a random order;
+ * all four must be the same words. Returns the merged element in out. */
+static void wire_merge_all(const int64_t *el, int R, uint64_t seed, int64_t *out)
+{
+    enum { E = SBX_WIRE_WORDS };
+    int one = 1;
+    int64_t *t = malloc(sizeof(int64_t) * (size_t)(R * E));
+    int64_t a[E], b[E], r[E];
+    memcpy(a, el, sizeof a);
+    for (int i = 1; i < R; i++) sbx_wire_op((void *)(el + i * E), a, &one, NULL);
+    memcpy(b, el + (R - 1) * E, sizeof b);
+    for (int i = R - 2; i >= 0; i--) sbx_wire_op((void *)(el + i * E), b, &one, NULL);
+    memcpy(t, el, sizeof(int64_t) * (size_t)(R * E));
+    for (int w = 1; w < R; w *= 2) /* tree: t[i] += t[i + w] */
+        for (int i = 0; i + w < R; i += 2 * w) sbx_wire_op(t + (i + w) * E, t + i * E, &one, NULL);
+    int *perm = malloc(sizeof(int) * (size_t)R);
+    for (int i = 0; i < R; i++) perm[i] = i;
+    for (int i = R - 1; i > 0; i--) {
+        int j = (int)rng_range(&seed, 0, i), x = perm[i];
+        perm[i] = perm[j], perm[j] = x;
+    }
+    memcpy(r, el + perm[0] * E, sizeof r);
+    for (int i = 1; i < R; i++) sbx_wire_op((void *)(el + perm[i] * E), r, &one, NULL);
+    ck_assert_msg(memcmp(a, b, sizeof a) == 0 && memcmp(a, t, sizeof a) == 0 && memcmp(a, r, sizeof a) == 0,
+                  "merge order changed the element");
+    memcpy(out, a, sizeof a);
+    free(t), free(perm);
+}
+
+/* R accumulators (normalized): packs them, merges, and checks that the merged element
+ * holds exactly their sum (the normalized words of sbx_merge over all of them), or is
+ * SBX_WIRE_OVER when want_over. Returns the rounded sum. */
+static double wire_check(const int64_t *accs, int R, sbx_format f, int want_over, uint64_t seed)
+{
+    const int64_t w = sbx_words(f);
+    int64_t *el = malloc(sizeof(int64_t) * (size_t)(R * SBX_WIRE_WORDS));
+    int64_t full[MAXW], got[MAXW], m[SBX_WIRE_WORDS];
+    sbx_zero(full, f);
+    int over = 0;
+    for (int i = 0; i < R; i++) {
+        over |= sbx_wire_pack(el + i * SBX_WIRE_WORDS, accs + i * w, f) != 0;
+        sbx_merge(full, accs + i * w, f);
+    }
+    wire_merge_all(el, R, seed, m);
+    const int rc = sbx_wire_unpack(got, m, f);
+    if (over) ck_assert_int_eq(m[0], SBX_WIRE_OVER); /* one rank over: all over */
+    ck_assert_msg((rc != 0) == (want_over != 0), "element %s, want %s", rc ? "over" : "exact",
+                  want_over ? "over" : "exact");
+    free(el);
+    if (rc) return NAN;
+    sbx_normalize(got, f);
+    for (int k = 0; k < SBX_SPECIALS; k++) full[f.ndigits + k] = 0; /* counters travel apart */
+    for (int i = 0; i < w; i++) ck_assert_msg(got[i] == full[i], "word %d: %lld, want %lld", i, (long long)got[i],
+                                              (long long)full[i]);
+    return sbx_round(got, f);
+}
+
+/* Single values anywhere in the windows, the edges included: every double spans 53
+ * bits, so it always fits one element, and the element is its exact value. */
+START_TEST(test_wire_roundtrip)
+{
+    sbx_format fs[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    uint64_t s = 71;
+    for (int fi = 0; fi < 2; fi++) {
+        sbx_format f = fs[fi];
+        const int top = f.lsb_exp + 32 * (f.ndigits - 1); /* deposits stay below 2^top */
+        const double edges[] = {ldexp(1, f.lsb_exp), -ldexp(1, f.lsb_exp), ldexp(3, f.lsb_exp),
+                                ldexp(1, top - 1), -ldexp(1, top - 1), ldexp(0x1.fffffffffffffp0, top - 1),
+                                -ldexp(0x1.fffffffffffffp0, top - 1), 1.0, -1.0, 0.0};
+        for (int k = 0; k < 10 + 2000; k++) {
+            double v = k < 10 ? edges[k] : rand_dyadic(&s, f.lsb_exp, top - 53);
+            int64_t acc[MAXW];
+            sbx_zero(acc, f);
+            sbx_add(acc, f, v);
+            sbx_normalize(acc, f);
+            ASSERT_SAME(wire_check(acc, 1, f, 0, 1), v == 0 ? 0.0 : v);
+        }
+        /* A sum near the top whose carries reach the top digit: still exact. */
+        int64_t acc[MAXW];
+        sbx_zero(acc, f);
+        for (int i = 0; i < 1000; i++) sbx_add(acc, f, ldexp(0x1.fffffffffffffp0, top - 1));
+        sbx_normalize(acc, f);
+        wire_check(acc, 1, f, 0, 2);
+    }
+}
+END_TEST
+
+/* Thousands of ranks each send values whose 62-bit digits are all ones, so that the
+ * merged digits carry into the same digit again and again; some ranks negative. */
+START_TEST(test_wire_many_ranks_carry)
+{
+    enum { R = 4096 };
+    sbx_format f = SBX_LINEAR;
+    const int64_t w = sbx_words(f);
+    int64_t *accs = malloc(sizeof(int64_t) * (size_t)(R * w));
+    ref_t ref;
+    memset(&ref, 0, sizeof ref);
+    for (int r = 0; r < R; r++) {
+        int64_t *a = accs + r * w;
+        sbx_zero(a, f);
+        /* (2^124 - 1) 2^(lsb + 62): two full 62-bit digits, then a 2^-1 .. -ish tail. */
+        __int128 v = ((__int128)1 << 124) - 1;
+        if (r % 7 == 3) v = -v;
+        sbx_add_scaled(a, f, v, f.lsb_exp + 62);
+        ref_add_i128(&ref, v, f.lsb_exp + 62);
+        sbx_add_scaled(a, f, ((__int128)1 << 62) - 1, f.lsb_exp);
+        ref_add_i128(&ref, ((__int128)1 << 62) - 1, f.lsb_exp);
+        sbx_normalize(a, f);
+    }
+    ASSERT_SAME(wire_check(accs, R, f, 0, 3), ref_round(&ref));
+    free(accs);
+}
+END_TEST
+
+/* Massive cancellation across ranks: +X and -X on different ranks, the small rest on
+ * others. Exact while the data's bits fit one element; over (and then the caller's
+ * fallback) when they do not - never a wrong answer. */
+START_TEST(test_wire_cancellation)
+{
+    sbx_format f = SBX_LINEAR;
+    const int64_t w = sbx_words(f);
+    int64_t accs[6 * MAXW];
+    for (int big = 0; big < 2; big++) {
+        const double X = ldexp(0x1.23456789abcdfp0, big ? 150 : 60), t = ldexp(1, -100);
+        const double v[6] = {X, t, -X, 3 * t, X / 2, -X / 2};
+        for (int r = 0; r < 6; r++) {
+            sbx_zero(accs + r * w, f);
+            sbx_add(accs + r * w, f, v[r]);
+            sbx_normalize(accs + r * w, f);
+        }
+        /* 2^-100 .. 2^61: 161 bits, fits; 2^-100 .. 2^151: 251 bits, over. */
+        double got = wire_check(accs, 6, f, big, 4);
+        if (!big) ASSERT_SAME(got, 4 * t);
+    }
+    /* One rank alone whose value spans too much: over, whatever the others send. */
+    int64_t a[2 * MAXW];
+    sbx_zero(a, f), sbx_zero(a + w, f);
+    sbx_add(a, f, ldexp(1, 150)), sbx_add(a, f, ldexp(1, -150));
+    sbx_normalize(a, f);
+    sbx_add(a + w, f, 1.0);
+    sbx_normalize(a + w, f);
+    wire_check(a, 2, f, 1, 5);
+}
+END_TEST
+
+/* Sums that land exactly on a tie between two doubles, the halves on different
+ * ranks: ties to even; and a sticky bit far below on yet another rank breaks the tie. */
+START_TEST(test_wire_ties)
+{
+    sbx_format f = SBX_QUADRATIC;
+    const int64_t w = sbx_words(f);
+    int64_t accs[4 * MAXW];
+    const double cases[3][4] = {{1.0, 0x1p-54, 0x1p-54, 0},                      /* 1 + 2^-53: to 1 */
+                                {1.0 + 0x1p-52, 0x1p-54, 0x1p-54, 0},            /* to 1 + 2^-51 */
+                                {1.0, 0x1p-54, 0x1p-54, 0x1p-150}};              /* above the tie */
+    const double want[3] = {1.0, 1.0 + 0x1p-51, 1.0 + 0x1p-52};
+    for (int c = 0; c < 3; c++) {
+        for (int r = 0; r < 4; r++) {
+            sbx_zero(accs + r * w, f);
+            sbx_add(accs + r * w, f, cases[c][r]);
+            sbx_normalize(accs + r * w, f);
+        }
+        ASSERT_SAME(wire_check(accs, 4, f, 0, 6), want[c]);
+        for (int r = 0; r < 4; r++) { /* and negated */
+            int64_t *a = accs + r * w;
+            sbx_zero(a, f);
+            sbx_add(a, f, -cases[c][r]);
+            sbx_normalize(a, f);
+        }
+        ASSERT_SAME(wire_check(accs, 4, f, 0, 7), -want[c]);
+    }
+}
+END_TEST
+
+/* Random multisets over random numbers of ranks, spans on both sides of the limit:
+ * whatever the verdict, it is the same for every merge order, and an exact element
+ * is the exact sum (wire_check). */
+START_TEST(test_wire_random)
+{
+    sbx_format fs[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    uint64_t s = 99;
+    int exact = 0, over = 0;
+    for (int it = 0; it < 400; it++) {
+        sbx_format f = fs[it % 2];
+        const int64_t w = sbx_words(f);
+        const int R = (int)rng_range(&s, 1, 40);
+        const int top = f.lsb_exp + 32 * (f.ndigits - 1) - 53;
+        const int qlo = (int)rng_range(&s, f.lsb_exp, top), qhi = (int)rng_range(&s, qlo, top);
+        int64_t *accs = malloc(sizeof(int64_t) * (size_t)(R * w));
+        for (int r = 0; r < R; r++) {
+            int64_t *a = accs + r * w;
+            sbx_zero(a, f);
+            const int n = (int)rng_range(&s, 0, 5);
+            for (int i = 0; i < n; i++) sbx_add(a, f, rand_dyadic(&s, qlo, qhi));
+            sbx_normalize(a, f);
+        }
+        /* The verdict is checked for order independence inside; count both kinds. */
+        int64_t *el = malloc(sizeof(int64_t) * (size_t)(R * SBX_WIRE_WORDS)), m[SBX_WIRE_WORDS];
+        for (int r = 0; r < R; r++) sbx_wire_pack(el + r * SBX_WIRE_WORDS, accs + r * w, f);
+        wire_merge_all(el, R, s, m);
+        const int is_over = m[0] == SBX_WIRE_OVER;
+        wire_check(accs, R, f, is_over, s);
+        exact += !is_over, over += is_over;
+        free(el), free(accs);
+    }
+    ck_assert_msg(exact > 50 && over > 50, "both verdicts reached: %d exact, %d over", exact, over);
+}
+END_TEST
+
+/* The element type and merge through a real MPI_Allreduce: each rank's accumulators
+ * packed, combined by the user-defined op, against sbx_allreduce of the same ones. */
+START_TEST(test_mpi_wire)
+{
+    enum { NACC = 4 };
+    sbx_format f = SBX_QUADRATIC;
+    const int64_t w = sbx_words(f);
+    int64_t accs[NACC * MAXW], el[NACC * SBX_WIRE_WORDS];
+    for (int c = 0; c < NACC; c++) {
+        int64_t *a = accs + c * w;
+        sbx_zero(a, f);
+        uint64_t s = 500 + 31 * (uint64_t)g_rank + (uint64_t)c;
+        for (int i = 0; i < 300; i++)
+            sbx_add(a, f, c == 3 && g_rank == 0 ? ldexp(1, 300) : rand_dyadic(&s, -90 + 10 * c, 20));
+        if (c == 2) sbx_add(a, f, g_rank % 2 ? -1e20 : 1e20); /* cancels at even P */
+        sbx_normalize(a, f);
+        sbx_wire_pack(el + c * SBX_WIRE_WORDS, a, f);
+    }
+    MPI_Datatype t;
+    MPI_Op op;
+    ck_assert_int_eq(MPI_Type_contiguous(SBX_WIRE_WORDS, MPI_INT64_T, &t), MPI_SUCCESS);
+    ck_assert_int_eq(MPI_Type_commit(&t), MPI_SUCCESS);
+    ck_assert_int_eq(MPI_Op_create(sbx_wire_op, 1, &op), MPI_SUCCESS);
+    ck_assert_int_eq(MPI_Allreduce(MPI_IN_PLACE, el, NACC, t, op, MPI_COMM_WORLD), MPI_SUCCESS);
+    MPI_Op_free(&op);
+    MPI_Type_free(&t);
+    ck_assert_int_eq(sbx_allreduce(accs, NACC, f, MPI_COMM_WORLD), MPI_SUCCESS);
+    for (int c = 0; c < NACC; c++) {
+        int64_t got[MAXW];
+        const int rc = sbx_wire_unpack(got, el + c * SBX_WIRE_WORDS, f);
+        if (c == 3 && g_size > 1) { /* 2^300 on rank 0 and 2^-90.. elsewhere: 390+ bits */
+            ck_assert_int_eq(rc, -1);
+            continue;
+        }
+        ck_assert_int_eq(rc, 0);
+        ASSERT_SAME(sbx_round(got, f), sbx_round(accs + c * w, f));
+    }
+}
+END_TEST
+
 /* ---------------------------------------------------------------- bench + main */
 
 /* Thread CPU time, not wall time: the bench is often run on a shared, oversubscribed
@@ -1024,11 +1276,17 @@ static Suite *exactsum_suite(void)
     tcase_add_test(tl, test_round_unnormalized_const);
     tcase_add_test(tl, test_round_random_words);
     tcase_add_test(tl, test_normalize_contract);
+    tcase_add_test(tl, test_wire_roundtrip);
+    tcase_add_test(tl, test_wire_many_ranks_carry);
+    tcase_add_test(tl, test_wire_cancellation);
+    tcase_add_test(tl, test_wire_ties);
+    tcase_add_test(tl, test_wire_random);
     suite_add_tcase(s, tl);
     TCase *tm = tcase_create("mpi");
     tcase_set_timeout(tm, 120);
     tcase_add_test(tm, test_mpi_allreduce);
     tcase_add_test(tm, test_mpi_carries_and_specials);
+    tcase_add_test(tm, test_mpi_wire);
     suite_add_tcase(s, tm);
     return s;
 }

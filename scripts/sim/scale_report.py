@@ -44,14 +44,14 @@ def main():
                          f"{ratio(v['repro'], v['fast'])} |")
     lines.append("")
     lines.append("Times in microseconds of simulated time per training step (53 forward and 53 backward calls).")
-    check = []
-    for (p, P, layers, m), v in sorted(t.items()):
-        d = t.get((p, P, "distinct", m))
-        if layers == "all" and d:
-            check.append(f"{PLATS[p]} P={P} {m}: {v / d:.3f}")
+    check = [(v / t[(p, P, "distinct", m)], p, P, m) for (p, P, layers, m), v in t.items()
+             if layers == "all" and (p, P, "distinct", m) in t]
     if check:
+        lo, hi = min(check), max(check)
         lines.append("")
-        lines.append("All 53 layers against the 6 distinct ones weighted (step time ratio): " + "; ".join(check) + ".")
+        lines.append(f"All 53 layers against the 6 distinct ones weighted, {len(check)} runs at P <= "
+                     f"{max(c[2] for c in check)}: step time ratio {lo[0]:.3f} ({PLATS[lo[1]]}, P = {lo[2]}, {lo[3]}) "
+                     f"to {hi[0]:.3f} ({PLATS[hi[1]]}, P = {hi[2]}, {hi[3]}).")
     open(md, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

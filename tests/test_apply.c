@@ -1,0 +1,336 @@
+/*
+ * test_apply.c - Check suite for the bfloat16 elementwise passes of src/apply.c
+ * (normalize with its epilogues, and the input gradient), called directly.
+ *
+ * bfloat16 outputs are computed in float and recomputed on the exact double path per
+ * vector wherever a proven bound says the float result might round differently
+ * (apply.c, "bfloat16 in float"). The contract is unchanged: every output is the
+ * double result, rounded once to nearest-even. These tests hold the kernels to it:
+ *   - the reference is built here: the double formula in the library's order, and an
+ *     independent rounding to bfloat16 (the nearest of the candidates by exact
+ *     distances, ties to even);
+ *   - ordinary data: the fast path must give the reference's bits, at 1 and 2
+ *     threads, and the same bits as the exact path alone (sbn_test_bf16_path(1));
+ *   - adversarial data: per channel, coefficients that place the outputs within one
+ *     float ulp of a bfloat16 midpoint, with cancellation, so float's own error can
+ *     cross it. The real code must give the reference's bits (having fallen back);
+ *     trusting float everywhere (mode 3) and a safety margin of zero (mode 2) must
+ *     both give wrong bits here, which shows the test can tell the paths apart.
+ */
+#include "moments.h"
+#include "testutil.h"
+
+#include <check.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t rng = 0x9E3779B97F4A7C15ULL;
+static double uni(void) /* [0, 1) */
+{
+    rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (double)(rng >> 11) * 0x1p-53;
+}
+
+static float bf16_float(uint16_t h)
+{
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* Round to nearest-even at bfloat16's 8 bits, by exact distances to the candidates
+ * next to the float conversion (normal range; the tests stay far from subnormals). */
+static uint16_t bf16_ref(double d)
+{
+    if (d != d)
+        return 0x7FC0;
+    const uint16_t sign = signbit(d) ? 0x8000 : 0;
+    const double a = fabs(d);
+    if (a >= ldexp(2 - ldexp(1, -8), 127))
+        return sign | 0x7F80;
+    const float f = (float)a;
+    uint32_t fb;
+    memcpy(&fb, &f, sizeof fb);
+    int best = -1;
+    double bestd = INFINITY;
+    for (int h = (int)(fb >> 16) - 1; h <= (int)(fb >> 16) + 1; h++) {
+        if (h < 0 || h > 0x7F7F)
+            continue;
+        const double dist = fabs((double)bf16_float((uint16_t)h) - a);
+        if (dist < bestd || (dist == bestd && !(h & 1)))
+            best = h, bestd = dist;
+    }
+    return sign | (uint16_t)best;
+}
+
+static uint16_t to_bf16(double d) { return bf16_ref(d); }
+
+/* One problem: tensors [n][C][S] or [n][S][C] of bfloat16, per-channel coefficients. */
+typedef struct {
+    sbn_shape sh;
+    int64_t N;                 /* n*C*S */
+    uint16_t *x, *z, *dy;      /* [N] */
+    uint8_t *mask;             /* [N/8 + 16], 8-byte aligned */
+    double *m, *k, *a, *b;     /* [C + SBN_COEF_PAD], wrapped */
+} problem;
+
+static int64_t chan(const problem *p, int64_t e)
+{
+    const sbn_shape sh = p->sh;
+    return sh.layout == SYNCBN_NCHW ? e / sh.S % sh.C : e % sh.C;
+}
+
+static problem alloc_problem(int64_t n, int64_t C, int64_t S, syncbn_layout layout)
+{
+    problem p = {.sh = {n, C, S, layout, SYNCBN_BF16}, .N = n * C * S};
+    p.x = malloc(p.N * 2), p.z = malloc(p.N * 2), p.dy = malloc(p.N * 2);
+    p.mask = aligned_alloc(8, (size_t)(p.N / 64 + 2) * 8);
+    const size_t cb = (size_t)(C + SBN_COEF_PAD) * sizeof(double);
+    p.m = malloc(cb), p.k = malloc(cb), p.a = malloc(cb), p.b = malloc(cb);
+    ck_assert(p.x && p.z && p.dy && p.mask && p.m && p.k && p.a && p.b);
+    memset(p.mask, 0, (size_t)(p.N / 64 + 2) * 8);
+    return p;
+}
+
+static void free_problem(problem *p)
+{
+    free(p->x), free(p->z), free(p->dy), free(p->mask), free(p->m), free(p->k), free(p->a), free(p->b);
+}
+
+static void wrap(problem *p)
+{
+    sbn_coef_wrap(p->m, p->sh.C), sbn_coef_wrap(p->k, p->sh.C), sbn_coef_wrap(p->a, p->sh.C);
+    sbn_coef_wrap(p->b, p->sh.C);
+}
+
+/* The reference of normalize: bits of y (and the mask bits when relu) at element e. */
+static uint16_t ref_y(const problem *p, int64_t e, int add, int relu, int *bit)
+{
+    const int64_t c = chan(p, e);
+    double r = ((double)bf16_float(p->x[e]) - p->m[c]) * p->k[c] + p->a[c];
+    if (add)
+        r += bf16_float(p->z[e]);
+    uint16_t h = to_bf16(r);
+    *bit = bf16_float(h) > 0;
+    if (relu && !*bit)
+        h = 0;
+    return h;
+}
+
+/* The reference of the gradient: dx at e (g = dy, masked when relu). */
+static uint16_t ref_dx(const problem *p, int64_t e, int relu, uint16_t *g)
+{
+    const int64_t c = chan(p, e);
+    *g = relu && !((p->mask[e >> 3] >> (e & 7)) & 1) ? 0 : p->dy[e];
+    const double gd = bf16_float(*g), x = bf16_float(p->x[e]);
+    return to_bf16(p->k[c] * (gd - p->a[c] - (x - p->m[c]) * p->b[c]));
+}
+
+typedef struct {
+    int64_t wrong;              /* outputs (or mask bits) differing from the reference */
+    uint64_t vectors, fallbacks; /* of this check's calls */
+} verdict;
+
+/* Every normalize variant (none, add, relu with and without the mask, add+relu) and
+ * every gradient variant (dx, dx+dz, dz only; with and without the mask), at 1 and 2
+ * threads, counted against the reference. */
+static verdict check_problem(problem *p, int path)
+{
+    verdict v = {0};
+    uint64_t v0, f0, v1, f1;
+    sbn_bf16_counts(&v0, &f0);
+    sbn_test_bf16_path(path);
+    uint16_t *out = malloc(p->N * 2), *out2 = malloc(p->N * 2);
+    uint8_t *mk = aligned_alloc(8, (size_t)(p->N / 64 + 2) * 8);
+    ck_assert(out && out2 && mk);
+    for (int threads = 1; threads <= 2; threads++) {
+        omp_set_num_threads(threads);
+        for (int var = 0; var < 5; var++) {
+            const int add = var == 1 || var == 4, relu = var >= 2, wmask = var == 3 || var == 4;
+            memset(mk, 0, (size_t)(p->N / 64 + 2) * 8);
+            sbn_normalize(out, p->x, add ? p->z : NULL, relu, wmask ? mk : NULL, p->m, p->k, p->a, p->sh);
+            for (int64_t e = 0; e < p->N; e++) {
+                int bit;
+                const uint16_t want = ref_y(p, e, add, relu, &bit);
+                v.wrong += out[e] != want;
+                if (wmask)
+                    v.wrong += ((mk[e >> 3] >> (e & 7)) & 1) != bit;
+            }
+        }
+        for (int var = 0; var < 6; var++) {
+            const int relu = var >= 3, dz = var % 3 >= 1, dx = var % 3 != 2;
+            sbn_backward_dx(dx ? out : NULL, dz ? out2 : NULL, p->x, p->dy, relu ? p->mask : NULL, p->m, p->k, p->a,
+                            p->b, p->sh);
+            for (int64_t e = 0; e < p->N; e++) {
+                uint16_t g;
+                const uint16_t want = ref_dx(p, e, relu, &g);
+                if (dx)
+                    v.wrong += out[e] != want;
+                if (dz)
+                    v.wrong += out2[e] != g;
+            }
+        }
+    }
+    sbn_test_bf16_path(0);
+    sbn_bf16_counts(&v1, &f1);
+    v.vectors = v1 - v0, v.fallbacks = f1 - f0;
+    free(out), free(out2), free(mk);
+    return v;
+}
+
+static void random_mask(problem *p)
+{
+    for (int64_t e = 0; e < p->N; e++)
+        if (uni() < 0.6)
+            p->mask[e >> 3] |= (uint8_t)(1u << (e & 7));
+}
+
+/* Ordinary data: activations ~ N(mu, sigma) per channel, BN coefficients from them. */
+static void ordinary(problem *p)
+{
+    const int64_t C = p->sh.C;
+    for (int64_t c = 0; c < C; c++) {
+        const double mu = 4 * uni() - 2, sigma = 0.1 + 3 * uni();
+        p->m[c] = mu + 0.01 * (uni() - 0.5);
+        const double is = 1 / sqrt(sigma * sigma + 1e-5);
+        p->k[c] = is * (0.5 + uni());
+        p->a[c] = uni() - 0.5;
+        p->b[c] = is * (uni() - 0.5) * 0.1;
+    }
+    wrap(p);
+    for (int64_t e = 0; e < p->N; e++) {
+        const int64_t c = chan(p, e);
+        const double g = tu_normal(2 * (uint64_t)e), h = tu_normal(2 * (uint64_t)e + 1);
+        p->x[e] = to_bf16(p->m[c] + g / p->k[c] * 0.9);
+        p->z[e] = to_bf16(h);
+        p->dy[e] = to_bf16(0.01 * g * h + 0.001 * (uni() - 0.5));
+    }
+    random_mask(p);
+}
+
+/* A random bfloat16 midpoint of magnitude in [2^e, 2^(e+1)), either sign. */
+static double midpoint(int e)
+{
+    const double lo = ldexp(1 + floor(uni() * 128) / 128, e);
+    return (uni() < 0.5 ? -1 : 1) * (lo + ldexp(1, e - 8));
+}
+
+/* Adversarial data. Every element of channel c has the same x (and z, dy), and the
+ * channel's coefficients put its normalize output (with and without z), or its
+ * gradient, at M + tau: M a bfloat16 midpoint, 0 < |tau| < one float ulp of M. The
+ * coefficients are large against the output (cancellation), so float's error, from
+ * rounding the coefficients and the products, is several float ulps: float often
+ * lands on M or on the wrong side of it. Channel c % 3 selects the target: 0 the
+ * plain output, 1 the output with z, 2 the gradient; the other outputs are ordinary. */
+static void adversarial(problem *p)
+{
+    const int64_t C = p->sh.C;
+    for (int64_t c = 0; c < C; c++) {
+        const int e = (int)floor(uni() * 12) - 6;
+        const double M = midpoint(e), tau = (uni() < 0.5 ? -1 : 1) * (0.05 + 0.9 * uni()) * ldexp(1, e - 23);
+        const double x = bf16_float(to_bf16((uni() + 0.5) * ldexp(1, (int)floor(uni() * 6) - 2)));
+        const double z = bf16_float(to_bf16(uni() - 0.5)), g = bf16_float(to_bf16(uni() * 2 - 1));
+        const double big = ldexp(1, 3 + (int)floor(uni() * 5)) * fabs(M); /* the cancelling terms' size */
+        double k = (1 + uni()) * big / fabs(x), m = x * (1 + (uni() - 0.5) * 0.01);
+        double b = (uni() - 0.5) * 2 * big / fabs(k * x);
+        const double target = M + tau;
+        double a = 0;
+        if (c % 3 != 2) { /* normalize: a = target (- z) - (x - m) k */
+            a = target - (c % 3 == 1 ? z : 0) - (x - m) * k;
+        } else { /* gradient: a = g - (x - m) b - target / k */
+            a = g - (x - m) * b - target / k;
+        }
+        p->m[c] = m, p->k[c] = k, p->a[c] = a, p->b[c] = b;
+        for (int64_t i = 0; i < p->N; i++)
+            if (chan(p, i) == c)
+                p->x[i] = to_bf16(x), p->z[i] = to_bf16(z), p->dy[i] = to_bf16(g);
+    }
+    wrap(p);
+    memset(p->mask, 0xFF, (size_t)(p->N / 64 + 2) * 8); /* the masked gradient sees g too */
+}
+
+/* How many of the adversarial targets really lie within one float ulp of a midpoint
+ * in the library's double formula (the construction above is in double too, so a
+ * few may miss by its own rounding); reported, and most must. */
+static int64_t near_midpoints(const problem *p)
+{
+    int64_t near = 0;
+    for (int64_t c = 0; c < p->sh.C; c++) {
+        int64_t e = 0;
+        while (chan(p, e) != c)
+            e++;
+        const double x = bf16_float(p->x[e]);
+        double r = c % 3 != 2 ? (x - p->m[c]) * p->k[c] + p->a[c] + (c % 3 == 1 ? bf16_float(p->z[e]) : 0)
+                              : p->k[c] * (bf16_float(p->dy[e]) - p->a[c] - (x - p->m[c]) * p->b[c]);
+        const float f = (float)fabs(r);
+        uint32_t fb;
+        memcpy(&fb, &f, sizeof fb);
+        const uint32_t mb = (fb & 0xFFFF0000u) | 0x8000u;
+        float mid;
+        memcpy(&mid, &mb, sizeof mid);
+        near += fabs(fabs(r) - mid) <= ldexp(1, ilogb(mid) - 23);
+    }
+    return near;
+}
+
+START_TEST(bf16_fast_path_ordinary)
+{
+    const int64_t shapes[][3] = {{4, 13, 37}, {3, 64, 49}, {2, 40, 1}, {5, 8, 64}};
+    for (int s = 0; s < 4; s++)
+        for (int l = 0; l < 2; l++) {
+            problem p = alloc_problem(shapes[s][0], shapes[s][1], shapes[s][2], l ? SYNCBN_NHWC : SYNCBN_NCHW);
+            ordinary(&p);
+            const verdict real = check_problem(&p, 0), exact = check_problem(&p, 1);
+            ck_assert_msg(real.wrong == 0 && exact.wrong == 0, "shape %d layout %d: %lld wrong (exact path: %lld)", s,
+                          l, (long long)real.wrong, (long long)exact.wrong);
+            ck_assert_msg(real.vectors > 0 && exact.vectors == 0, "float path tried %llu, exact-only tried %llu",
+                          (unsigned long long)real.vectors, (unsigned long long)exact.vectors);
+            printf("ordinary shape %d layout %d: fallbacks %llu of %llu vectors\n", s, l,
+                   (unsigned long long)real.fallbacks, (unsigned long long)real.vectors);
+            /* ordinary data rarely needs the fallback */
+            ck_assert_msg(real.fallbacks * 20 < real.vectors, "fallbacks %llu of %llu",
+                          (unsigned long long)real.fallbacks, (unsigned long long)real.vectors);
+            free_problem(&p);
+        }
+}
+END_TEST
+
+START_TEST(bf16_fast_path_adversarial)
+{
+    for (int l = 0; l < 2; l++) {
+        problem p = alloc_problem(3, 192, 24, l ? SYNCBN_NHWC : SYNCBN_NCHW);
+        adversarial(&p);
+        const int64_t near = near_midpoints(&p);
+        ck_assert_msg(near * 10 >= p.sh.C * 9, "only %lld of %lld targets near a midpoint", (long long)near,
+                      (long long)p.sh.C);
+        const verdict real = check_problem(&p, 0), trust = check_problem(&p, 3), zero = check_problem(&p, 2);
+        printf("adversarial layout %d: %lld of %lld targets within a float ulp of a midpoint; fallbacks %llu of "
+               "%llu vectors; wrong outputs: real %lld, float everywhere %lld, zero margin %lld\n",
+               l, (long long)near, (long long)p.sh.C, (unsigned long long)real.fallbacks,
+               (unsigned long long)real.vectors, (long long)real.wrong, (long long)trust.wrong,
+               (long long)zero.wrong);
+        ck_assert_msg(real.wrong == 0, "real code: %lld wrong outputs", (long long)real.wrong);
+        ck_assert_msg(real.fallbacks > 0, "no fallback on adversarial data");
+        ck_assert_msg(trust.wrong > 0, "float everywhere gave the right bits: the data is not adversarial");
+        ck_assert_msg(zero.wrong > 0, "a zero margin gave the right bits: the data is not adversarial");
+        free_problem(&p);
+    }
+}
+END_TEST
+
+static Suite *apply_suite(void)
+{
+    Suite *s = suite_create("apply");
+    TCase *tc = tcase_create("bf16");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, bf16_fast_path_ordinary);
+    tcase_add_test(tc, bf16_fast_path_adversarial);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(int argc, char **argv) { return tu_main(argc, argv, apply_suite); }
