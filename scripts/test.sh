@@ -8,7 +8,7 @@
 # which CMakeLists.txt must undo) and requires reproducible-mode outputs to be bitwise
 # equal across the builds (tests/test_repro_builds.sh, about a minute and a half).
 # The full run adds a ThreadSanitizer build (clang, LLVM's OpenMP under its Archer
-# tool): the kernel tests at 2 and 4 OpenMP threads on 1 rank (about 3 minutes).
+# tool): the kernel tests at 2 and 4 OpenMP threads on 1 rank (3-5 minutes).
 #   scripts/test.sh            both suites
 #   scripts/test.sh --quick    Release suite and the cross-build check only
 set -euo pipefail

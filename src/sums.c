@@ -66,6 +66,108 @@ SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
     return sbn_ldg1(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i);
 }
 
+/* ---- 16 elements at once: bfloat16 pairs ----
+ * Widening 8 bfloat16 takes a zero-extension shuffle and a shift, twice the work of
+ * 8 floats for half the bytes. Read as 32-bit words instead, 16 bfloat16 are 8 words
+ * holding two elements each (little-endian: the even element in the low half), so
+ * the odd elements ARE the floats (word & 0xFFFF0000) and the even ones (word << 16):
+ * one integer operation per 8 elements, no shuffle. The two vectors then hold the
+ * even positions i, i+2, ..., i+14 and the odd ones: a sum keeps one accumulator
+ * lane per position class mod 16 either way, only the lane NUMBERS differ, and
+ * sv_unpair puts them back in position order before the lanes are combined, so
+ * every addition is the one the position-ordered lanes make (same bits).
+ * For float, the 16 come as elements i..i+7 and i+8..i+15 (no pairing). The ReLU
+ * mask is applied to the 16-bit elements before widening (a masked element is +0,
+ * as in sbn_ldg8). */
+typedef uint16_t sv_v16h __attribute__((vector_size(32)));
+
+/* Mask bits i .. i+15 as the low 16 bits (the byte after the last element's may be
+ * read, as in sbn_mask8). */
+SBN_INLINE unsigned sv_mask16(const uint8_t *m, int64_t i)
+{
+    const uint8_t *b = m + (i >> 3);
+    const unsigned w = b[0] | (unsigned)b[1] << 8;
+    if (!(i & 7))
+        return w;
+    return ((w | (unsigned)b[2] << 16) >> (i & 7)) & 0xFFFFu;
+}
+
+/* The 16 bfloat16 as words, elements whose bit is clear zeroed (relu). */
+SBN_INLINE sbn_v8w sv_keep16(sbn_v8w w, unsigned bits)
+{
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return (sbn_v8w)_mm256_maskz_mov_epi16((__mmask16)bits, (__m256i)w);
+#else
+    const sv_v16h lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+    return (sbn_v8w)((sv_v16h)w & (sv_v16h)((lane & (uint16_t)bits) != 0));
+#endif
+}
+
+SBN_INLINE void sv_split16(sbn_v8w w, sbn_v8d *even, sbn_v8d *odd)
+{
+    *even = sbn_f8_to_d8((sbn_v8f)(w << 16));
+    *odd = sbn_f8_to_d8((sbn_v8f)(w & 0xFFFF0000u));
+}
+
+/* x (g = 0) or g (g = 1; masked when SV_RELU) at elements i .. i+15: the first k of
+ * them when 0 < k < 16 (zeros after, nothing past them read), all when k == 16. */
+SBN_INLINE void sv_ld16(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn_v8d *lo, sbn_v8d *hi)
+{
+    const void *p = g ? in->dy : in->x;
+    const int relu = g && (v & SV_RELU);
+    if (!(v & SV_BF16)) {
+        const int64_t k0 = k < 8 ? k : 8, k1 = k - k0;
+        *lo = k0 == 8 ? sbn_ldg8(SYNCBN_F32, relu, p, in->mask, i)
+                      : sbn_ldg8_first(SYNCBN_F32, relu, p, in->mask, i, k0);
+        *hi = k1 == 8   ? sbn_ldg8(SYNCBN_F32, relu, p, in->mask, i + 8)
+              : k1 > 0 ? sbn_ldg8_first(SYNCBN_F32, relu, p, in->mask, i + 8, k1)
+                       : (sbn_v8d){0};
+        return;
+    }
+    sbn_v8w w;
+    if (k == 16) {
+        memcpy(&w, (const uint16_t *)p + i, sizeof w);
+    } else {
+#if SBN_HAVE_MASKED_BF16
+        w = (sbn_v8w)_mm256_maskz_loadu_epi16((__mmask16)((1u << k) - 1), (const uint16_t *)p + i);
+#else
+        uint16_t t[16] = {0};
+        memcpy(t, (const uint16_t *)p + i, (size_t)k * sizeof *t);
+        memcpy(&w, t, sizeof w);
+#endif
+    }
+    if (relu)
+        w = sv_keep16(w, sv_mask16(in->mask, i));
+    sv_split16(w, lo, hi);
+}
+
+/* Accumulators of sv_ld16's two vectors back in position order (lanes 0-7, 8-15). */
+SBN_INLINE void sv_unpair(int v, sbn_v8d *lo, sbn_v8d *hi)
+{
+    if (!(v & SV_BF16))
+        return;
+    const sbn_v8d e = *lo, o = *hi;
+    for (int j = 0; j < 4; j++) {
+        (*lo)[2 * j] = e[j], (*lo)[2 * j + 1] = o[j];
+        (*hi)[2 * j] = e[j + 4], (*hi)[2 * j + 1] = o[j + 4];
+    }
+}
+
+/* Two vectors of 8 per-element doubles in position order (lanes 0-7, 8-15) put in
+ * sv_ld16's order: the inverse of sv_unpair. */
+SBN_INLINE void sv_pair_means(sbn_v8d *lo, sbn_v8d *hi)
+{
+    const sbn_v8d a = *lo, b = *hi;
+    for (int j = 0; j < 4; j++) {
+        (*lo)[j] = a[2 * j], (*lo)[j + 4] = b[2 * j];
+        (*hi)[j] = a[2 * j + 1], (*hi)[j + 4] = b[2 * j + 1];
+    }
+}
+
+/* The number of sv_ld16(k) positions in each vector: the first k elements. */
+SBN_INLINE int64_t sv_lo_count(int v, int64_t k) { return v & SV_BF16 ? (k + 1) / 2 : (k < 8 ? k : 8); }
+SBN_INLINE int64_t sv_hi_count(int v, int64_t k) { return v & SV_BF16 ? k / 2 : (k < 8 ? 0 : k - 8); }
+
 /* The exact blocks below read only doubles, or floats packed by the caller. */
 static inline sbn_v8d load8(const float *p) { return sbn_ld8(SYNCBN_F32, p, 0); }
 
@@ -98,31 +200,33 @@ SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, 
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
             const int64_t i = o[r] + s;
+            sbn_v8d u, w;
+            sv_ld16(v, 0, in, i, 16, &u, &w);
             if (!kind) {
-                sbn_v8d u = sv_x8(v, in, i), w = sv_x8(v, in, i + 8);
                 a[r][0] += u, a[r][1] += w;
                 b[r][0] += u * u, b[r][1] += w * w; /* exact: a float squared fits in a double */
             } else {
-                sbn_v8d g = sv_g8(v, in, i), h = sv_g8(v, in, i + 8);
+                sbn_v8d g, h;
+                sv_ld16(v, 1, in, i, 16, &g, &h);
                 a[r][0] += g, a[r][1] += h;
-                b[r][0] += g * (sv_x8(v, in, i) - mv[r]), b[r][1] += h * (sv_x8(v, in, i + 8) - mv[r]);
+                b[r][0] += g * (u - mv[r]), b[r][1] += h * (w - mv[r]);
             }
         }
     }
     const int64_t t = S - s; /* 0 <= t < 16 positions left */
     if (t) {
-        const int64_t t0 = t < 8 ? t : 8, t1 = t - t0; /* into lanes 0..7, then 8..15 */
+        const int64_t t0 = sv_lo_count(v, t), t1 = sv_hi_count(v, t); /* positions in each vector */
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
             const int64_t i = o[r] + s;
-            sbn_v8d u = t0 == 8 ? sv_x8(v, in, i) : sv_x8_first(v, in, i, t0);
-            sbn_v8d w = t1 ? sv_x8_first(v, in, i + 8, t1) : (sbn_v8d){0};
+            sbn_v8d u, w;
+            sv_ld16(v, 0, in, i, t, &u, &w);
             if (!kind) {
                 a[r][0] += u, a[r][1] += w;
                 b[r][0] += u * u, b[r][1] += w * w;
             } else {
-                sbn_v8d g = t0 == 8 ? sv_g8(v, in, i) : sv_g8_first(v, in, i, t0);
-                sbn_v8d h = t1 ? sv_g8_first(v, in, i + 8, t1) : (sbn_v8d){0};
+                sbn_v8d g, h;
+                sv_ld16(v, 1, in, i, t, &g, &h);
                 a[r][0] += g, a[r][1] += h;
                 const sbn_v8d du = u - mv[r], dw = w - mv[r];
                 b[r][0] += g * sbn_keep_first(&du, t0), b[r][1] += h * sbn_keep_first(&dw, t1);
@@ -130,8 +234,10 @@ SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, 
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < nr; r++) {
+        sv_unpair(v, &a[r][0], &a[r][1]), sv_unpair(v, &b[r][0], &b[r][1]);
         p1[r] = sbn_lanes16(a[r]), p2[r] = sbn_lanes16(b[r]);
+    }
 }
 
 /* ---- exact block deposits (REPRODUCIBLE) ----
@@ -510,15 +616,36 @@ SBN_INLINE void nhwc_block(int v, int nq, const sv_in *in, int64_t base, int64_t
         if (kind)
             M[q] = sbn_loadd8(in->mean + c0 + 8 * q);
     }
-    for (int64_t s = 0; s < S; s++) {
-        const int64_t i = base + s * C + c0;
-        for (int q = 0; q < nq; q++) {
-            if (!kind) {
-                sbn_v8d u = sv_x8(v, in, i + 8 * q);
-                P1[q] += u, P2[q] += u * u;
-            } else {
-                sbn_v8d g = sv_g8(v, in, i + 8 * q);
-                P1[q] += g, P2[q] += g * (sv_x8(v, in, i + 8 * q) - M[q]);
+    if (v & SV_BF16 && nq >= 2) { /* 16 channels a step as bfloat16 pairs (sv_ld16): even, odd */
+        for (int q = 0; q < nq; q += 2) /* the means in the same lane order */
+            sv_pair_means(&M[q], &M[q + 1]);
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t i = base + s * C + c0;
+            for (int q = 0; q < nq; q += 2) {
+                sbn_v8d u, w;
+                sv_ld16(v, 0, in, i + 8 * q, 16, &u, &w);
+                if (!kind) {
+                    P1[q] += u, P2[q] += u * u, P1[q + 1] += w, P2[q + 1] += w * w;
+                } else {
+                    sbn_v8d g, h;
+                    sv_ld16(v, 1, in, i + 8 * q, 16, &g, &h);
+                    P1[q] += g, P2[q] += g * (u - M[q]), P1[q + 1] += h, P2[q + 1] += h * (w - M[q + 1]);
+                }
+            }
+        }
+        for (int q = 0; q < nq; q += 2)
+            sv_unpair(v, &P1[q], &P1[q + 1]), sv_unpair(v, &P2[q], &P2[q + 1]);
+    } else {
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t i = base + s * C + c0;
+            for (int q = 0; q < nq; q++) {
+                if (!kind) {
+                    sbn_v8d u = sv_x8(v, in, i + 8 * q);
+                    P1[q] += u, P2[q] += u * u;
+                } else {
+                    sbn_v8d g = sv_g8(v, in, i + 8 * q);
+                    P1[q] += g, P2[q] += g * (sv_x8(v, in, i + 8 * q) - M[q]);
+                }
             }
         }
     }
@@ -637,16 +764,19 @@ static void nchw_sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *
 
 /* FAST, S == 1: adds R consecutive rows [R][C] (samples in order, the first starting
  * at element `base`) into the totals of channels [t0, t1). The one-element partial of
- * each sample is 0 + term (adding +0 matters only for the sign of a zero). v and R
- * (1 or 4) are compile-time constants at every call. */
+ * each sample is 0 + term, and the total adds it: total + (0 + term). That is
+ * total + term, bit for bit: 0 + term is term except that -0 becomes +0, and adding
+ * -0 or +0 gives the same result unless total is -0, which it never is (it starts at
+ * +0, and a sum of nonzero values that cancels is +0 when rounding to nearest). So
+ * the +0 is not added (one double addition per term less). v and R (1 or 4) are
+ * compile-time constants at every call. */
 SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C, int64_t t0, int64_t t1,
                          double *s1, double *s2)
 {
     const int kind = v & SV_KIND;
-    const sbn_v8d zero = {0};
     int64_t c = t0;
     for (; c + 8 <= t1; c += 8) { /* 8 channels a vector: the scalar loop's operations, lane by lane */
-        sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = zero;
+        sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = {0};
         if (kind)
             m = sbn_loadd8(in->mean + c);
 #pragma GCC unroll 4
@@ -654,10 +784,10 @@ SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C,
             const int64_t i = base + r * C + c;
             if (!kind) {
                 const sbn_v8d u = sv_x8(v, in, i);
-                a += zero + u, b += zero + u * u;
+                a += u, b += u * u;
             } else {
                 const sbn_v8d g = sv_g8(v, in, i);
-                a += zero + g, b += zero + g * (sv_x8(v, in, i) - m);
+                a += g, b += g * (sv_x8(v, in, i) - m);
             }
         }
         memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
@@ -669,10 +799,10 @@ SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C,
             const int64_t i = base + r * C + c;
             if (!kind) {
                 const double u = sv_x1(v, in, i);
-                a += 0.0 + u, b += 0.0 + u * u;
+                a += u, b += u * u;
             } else {
                 const double g = sv_g1(v, in, i);
-                a += 0.0 + g, b += 0.0 + g * (sv_x1(v, in, i) - in->mean[c]);
+                a += g, b += g * (sv_x1(v, in, i) - in->mean[c]);
             }
         }
         s1[c] = a, s2[c] = b;

@@ -2,6 +2,8 @@
 """bench_torch_e2e.py - end-to-end training step time of PyTorch DDP models with three
 kinds of BN, under one mpirun job (P ranks; DDP over gloo as examples/train_torch_ddp.py):
   plain:  torch.nn.BatchNorm2d (each rank normalizes with its own batch's statistics);
+  self:   syncbn.torch.SyncBatchNorm on MPI.COMM_SELF: our kernels, each rank its own
+          statistics (as plain), no synchronization: sync/self is what synchronizing costs;
   sync:   syncbn.torch.SyncBatchNorm (convert_sync_batchnorm);
   fused:  the same, then syncbn.torch.fuse_activations (BN -> [add ->] ReLU fused);
 each in float32 and under torch.autocast("cpu", dtype=torch.bfloat16).
@@ -14,13 +16,16 @@ SGD step; the inputs are fixed random tensors (no data loading).
 
 Timing: the machine may be shared, so the variants of one (model, type) run
 interleaved: --reps rounds, each timing k steps of every variant in turn (rotating
-which goes first; k >= --steps, and enough steps for --window seconds); a round's time is the slowest rank's (MPI MAX; the
-ranks start together after a barrier). Per round the ratios sync/plain, fused/plain
-and fused/sync are formed from the same round's times; the table gives their
-medians (and the median plain step in ms). Rank 0 prints one line per
-(model, type): "RESULT model type P plain_ms sync/plain fused/plain fused/sync".
+which goes first; k >= --steps, and enough steps for --window seconds); a round's
+time is the slowest rank's (MPI MAX; the ranks start together after a barrier).
+Per round the ratios are formed from the same round's times; the table gives their
+medians (and the median plain step in ms). Rank 0 prints one line per (model, type):
+"RESULT model type P plain_ms self/plain sync/plain fused/plain fused/sync sync/self (k=..)",
+and a line "CPU ..." of the same ratios of CPU time (time.process_time, all threads,
+summed over the ranks): the work, without the time spent waiting for a core or for
+the other rank, which a machine shared with other jobs inflates.
 
-Usage: mpirun -np P /usr/bin/python3 scripts/bench_torch_e2e.py [--models example,resnet18]
+Usage: mpirun -np P /usr/bin/python3 scripts/bench/bench_torch_e2e.py [--models example,resnet18]
        [--types f32,bf16] [--reps 7] [--steps 2] [--window 0.5] [--batch 8] [--image 64]
        [--threads 1]
 Needs PYTHONPATH=src/python and SYNCBN_LIBRARY (or the built library in build/).
@@ -47,7 +52,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import syncbn.torch as st  # noqa: E402
 from train_torch_ddp import make_model  # noqa: E402
 
-VARIANTS = ("plain", "sync", "fused")
+VARIANTS = ("plain", "self", "sync", "fused")
 
 
 def build(kind, comm):
@@ -58,9 +63,10 @@ def build(kind, comm):
         base = torchvision.models.resnet18(num_classes=10)
     else:
         base = make_model("res")
+    own = st.convert_sync_batchnorm(copy.deepcopy(base), comm=MPI.COMM_SELF)
     sync = st.convert_sync_batchnorm(copy.deepcopy(base), comm=comm)
     fused = st.fuse_activations(st.convert_sync_batchnorm(copy.deepcopy(base), comm=comm))
-    return {"plain": base, "sync": sync, "fused": fused}
+    return {"plain": base, "self": own, "sync": sync, "fused": fused}
 
 
 def main():
@@ -114,17 +120,23 @@ def main():
             t1 = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             k = max(a.steps, min(50, math.ceil(a.window / t1)))
             times = {v: [] for v in VARIANTS}
+            cpu = {v: [] for v in VARIANTS}
             for r in range(a.reps):
-                order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+                order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
                 for v in order:
                     comm.Barrier()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(k):
                         step(v)
-                    times[v].append(comm.allreduce((time.perf_counter() - t0) / k, op=MPI.MAX))
-            med = lambda num, den: statistics.median(n / d for n, d in zip(times[num], times[den]))  # noqa: E731
-            say(f"RESULT {kind} {dtype} {P} {statistics.median(times['plain']) * 1e3:.1f} "
-                f"{med('sync', 'plain'):.3f} {med('fused', 'plain'):.3f} {med('fused', 'sync'):.3f}")
+                    t, c = (time.perf_counter() - t0) / k, (time.process_time() - c0) / k
+                    times[v].append(comm.allreduce(t, op=MPI.MAX))
+                    cpu[v].append(comm.allreduce(c, op=MPI.SUM))
+            for tag, tm in (("RESULT", times), ("CPU", cpu)):
+                ratios = (statistics.median(n / d for n, d in zip(tm[num], tm[den]))
+                          for num, den in (("self", "plain"), ("sync", "plain"), ("fused", "plain"),
+                                           ("fused", "sync"), ("sync", "self")))
+                say(f"{tag} {kind} {dtype} {P} {statistics.median(tm['plain']) * 1e3:.1f} "
+                    + " ".join(f"{x:.3f}" for x in ratios) + f" (k={k})")
 
 
 if __name__ == "__main__":
