@@ -38,7 +38,9 @@ typedef struct {
 
 /* Tensors are `const void *` of element type sh.dt, indexed by element. The ReLU
  * mask (`mask`): bit e set where element e's forward pre-activation was > 0, in
- * element order (simd.h); NULL where there is no ReLU.
+ * element order (simd.h); NULL where there is no ReLU. Readers may load a few bytes
+ * past the last element's byte, so a mask buffer ends at least one 64-bit word after
+ * it, as the layer's does (layer.c, mask_reserve).
  *
  * Forward sums: s1 = sum x, s2 = sum x^2 per channel.
  * FAST: acc1 == NULL; writes s1[C], s2[C] (overwritten).

@@ -81,8 +81,9 @@ SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
  * as in sbn_ldg8). */
 typedef uint16_t sv_v16h __attribute__((vector_size(32)));
 
-/* Mask bits i .. i+15 as the low 16 bits (the byte after the last element's may be
- * read, as in sbn_mask8). */
+/* Mask bits i .. i+15 as the low 16 bits. Up to two bytes past the byte of the last
+ * element (i + k - 1, k >= 1) may be read: the mask must have that slack, which the
+ * layer's (layer.c, mask_reserve: a whole spare 64-bit word) always has. */
 SBN_INLINE unsigned sv_mask16(const uint8_t *m, int64_t i)
 {
     const uint8_t *b = m + (i >> 3);

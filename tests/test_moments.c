@@ -27,6 +27,11 @@ typedef struct {
 } sums_out;
 
 /* Both modes of one kernel call (kind 0: forward sums, 1: backward) at `threads`. */
+/* A mask buffer as the layer allocates it (layer.c, mask_reserve): whole 64-bit words
+ * and one spare word, since readers may load up to two bytes past the last element's
+ * byte (sums.c, sv_mask16). */
+static size_t mask_bytes(int64_t E) { return ((size_t)(E / 64) + 2) * sizeof(uint64_t); }
+
 static sums_out run(int kind, const float *x, const float *dy, const double *mean, sbn_shape sh, int threads)
 {
     const int64_t C = sh.C, W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
@@ -247,7 +252,7 @@ START_TEST(sums_fast_order_every_type)
             const int64_t E = sh.n * sh.C * sh.S, es = bf16 ? 2 : 4, W1 = sbx_words(SBX_LINEAR),
                           W2 = sbx_words(SBX_QUADRATIC);
             char *xbuf = malloc((E + 1) * es), *dybuf = malloc((E + 1) * es);
-            uint8_t *mask = malloc(E / 8 + 2);
+            uint8_t *mask = malloc(mask_bytes(E));
             double *mean = malloc(sh.C * sizeof *mean);
             ck_assert(xbuf && dybuf && mask && mean);
             void *x = xbuf + tc.off * es, *dy = dybuf + tc.off * es;
@@ -319,7 +324,7 @@ START_TEST(sums_bf16_exact_integers)
         const int64_t E = sh.n * sh.C * sh.S, W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
         uint16_t *xbuf = malloc((E + 1) * 2), *dybuf = malloc((E + 1) * 2), *x = xbuf + tc.off, *dy = dybuf + tc.off;
         int64_t *xi = malloc(E * sizeof *xi), *gi = malloc(E * sizeof *gi);
-        uint8_t *mask = malloc(E / 8 + 2);
+        uint8_t *mask = malloc(mask_bytes(E));
         double mean[128];
         for (int64_t e = 0; e < E; e++) {
             xi[e] = (int64_t)(tu_hash(key++) % 255) - 127, gi[e] = (int64_t)(tu_hash(key++) % 255) - 127;
