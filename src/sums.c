@@ -56,10 +56,6 @@ SBN_INLINE sbn_v8d sv_x8_first(int v, const sv_in *in, int64_t i, int64_t k)
 {
     return sbn_ld8_first(SV_DT(v), in->x, i, k);
 }
-SBN_INLINE sbn_v8d sv_g8_first(int v, const sv_in *in, int64_t i, int64_t k)
-{
-    return sbn_ldg8_first(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i, k);
-}
 SBN_INLINE double sv_x1(int v, const sv_in *in, int64_t i) { return sbn_ld1(SV_DT(v), in->x, i); }
 SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
 {

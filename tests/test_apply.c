@@ -34,40 +34,6 @@ static double uni(void) /* [0, 1) */
     return (double)(rng >> 11) * 0x1p-53;
 }
 
-static float bf16_float(uint16_t h)
-{
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-/* Round to nearest-even at bfloat16's 8 bits, by exact distances to the candidates
- * next to the float conversion (normal range; the tests stay far from subnormals). */
-static uint16_t bf16_ref(double d)
-{
-    if (d != d)
-        return 0x7FC0;
-    const uint16_t sign = signbit(d) ? 0x8000 : 0;
-    const double a = fabs(d);
-    if (a >= ldexp(2 - ldexp(1, -8), 127))
-        return sign | 0x7F80;
-    const float f = (float)a;
-    uint32_t fb;
-    memcpy(&fb, &f, sizeof fb);
-    int best = -1;
-    double bestd = INFINITY;
-    for (int h = (int)(fb >> 16) - 1; h <= (int)(fb >> 16) + 1; h++) {
-        if (h < 0 || h > 0x7F7F)
-            continue;
-        const double dist = fabs((double)bf16_float((uint16_t)h) - a);
-        if (dist < bestd || (dist == bestd && !(h & 1)))
-            best = h, bestd = dist;
-    }
-    return sign | (uint16_t)best;
-}
-
-static uint16_t to_bf16(double d) { return bf16_ref(d); }
 
 /* One problem: tensors [n][C][S] or [n][S][C] of bfloat16, per-channel coefficients. */
 typedef struct {
@@ -111,11 +77,11 @@ static void wrap(problem *p)
 static uint16_t ref_y(const problem *p, int64_t e, int add, int relu, int *bit)
 {
     const int64_t c = chan(p, e);
-    double r = ((double)bf16_float(p->x[e]) - p->m[c]) * p->k[c] + p->a[c];
+    double r = ((double)tu_bf16_value(p->x[e]) - p->m[c]) * p->k[c] + p->a[c];
     if (add)
-        r += bf16_float(p->z[e]);
-    uint16_t h = to_bf16(r);
-    *bit = bf16_float(h) > 0;
+        r += tu_bf16_value(p->z[e]);
+    uint16_t h = tu_bf16_round(r);
+    *bit = tu_bf16_value(h) > 0;
     if (relu && !*bit)
         h = 0;
     return h;
@@ -126,8 +92,8 @@ static uint16_t ref_dx(const problem *p, int64_t e, int relu, uint16_t *g)
 {
     const int64_t c = chan(p, e);
     *g = relu && !((p->mask[e >> 3] >> (e & 7)) & 1) ? 0 : p->dy[e];
-    const double gd = bf16_float(*g), x = bf16_float(p->x[e]);
-    return to_bf16(p->k[c] * (gd - p->a[c] - (x - p->m[c]) * p->b[c]));
+    const double gd = tu_bf16_value(*g), x = tu_bf16_value(p->x[e]);
+    return tu_bf16_round(p->k[c] * (gd - p->a[c] - (x - p->m[c]) * p->b[c]));
 }
 
 typedef struct {
@@ -205,9 +171,9 @@ static void ordinary(problem *p)
     for (int64_t e = 0; e < p->N; e++) {
         const int64_t c = chan(p, e);
         const double g = tu_normal(2 * (uint64_t)e), h = tu_normal(2 * (uint64_t)e + 1);
-        p->x[e] = to_bf16(p->m[c] + g / p->k[c] * 0.9);
-        p->z[e] = to_bf16(h);
-        p->dy[e] = to_bf16(0.01 * g * h + 0.001 * (uni() - 0.5));
+        p->x[e] = tu_bf16_round(p->m[c] + g / p->k[c] * 0.9);
+        p->z[e] = tu_bf16_round(h);
+        p->dy[e] = tu_bf16_round(0.01 * g * h + 0.001 * (uni() - 0.5));
     }
     random_mask(p);
 }
@@ -232,8 +198,8 @@ static void adversarial(problem *p)
     for (int64_t c = 0; c < C; c++) {
         const int e = (int)floor(uni() * 12) - 6;
         const double M = midpoint(e), tau = (uni() < 0.5 ? -1 : 1) * (0.05 + 0.9 * uni()) * ldexp(1, e - 23);
-        const double x = bf16_float(to_bf16((uni() + 0.5) * ldexp(1, (int)floor(uni() * 6) - 2)));
-        const double z = bf16_float(to_bf16(uni() - 0.5)), g = bf16_float(to_bf16(uni() * 2 - 1));
+        const double x = tu_bf16_value(tu_bf16_round((uni() + 0.5) * ldexp(1, (int)floor(uni() * 6) - 2)));
+        const double z = tu_bf16_value(tu_bf16_round(uni() - 0.5)), g = tu_bf16_value(tu_bf16_round(uni() * 2 - 1));
         const double big = ldexp(1, 3 + (int)floor(uni() * 5)) * fabs(M); /* the cancelling terms' size */
         double k = (1 + uni()) * big / fabs(x), m = x * (1 + (uni() - 0.5) * 0.01);
         double b = (uni() - 0.5) * 2 * big / fabs(k * x);
@@ -247,7 +213,7 @@ static void adversarial(problem *p)
         p->m[c] = m, p->k[c] = k, p->a[c] = a, p->b[c] = b;
         for (int64_t i = 0; i < p->N; i++)
             if (chan(p, i) == c)
-                p->x[i] = to_bf16(x), p->z[i] = to_bf16(z), p->dy[i] = to_bf16(g);
+                p->x[i] = tu_bf16_round(x), p->z[i] = tu_bf16_round(z), p->dy[i] = tu_bf16_round(g);
     }
     wrap(p);
     memset(p->mask, 0xFF, (size_t)(p->N / 64 + 2) * 8); /* the masked gradient sees g too */
@@ -263,9 +229,9 @@ static int64_t near_midpoints(const problem *p)
         int64_t e = 0;
         while (chan(p, e) != c)
             e++;
-        const double x = bf16_float(p->x[e]);
-        double r = c % 3 != 2 ? (x - p->m[c]) * p->k[c] + p->a[c] + (c % 3 == 1 ? bf16_float(p->z[e]) : 0)
-                              : p->k[c] * (bf16_float(p->dy[e]) - p->a[c] - (x - p->m[c]) * p->b[c]);
+        const double x = tu_bf16_value(p->x[e]);
+        double r = c % 3 != 2 ? (x - p->m[c]) * p->k[c] + p->a[c] + (c % 3 == 1 ? tu_bf16_value(p->z[e]) : 0)
+                              : p->k[c] * (tu_bf16_value(p->dy[e]) - p->a[c] - (x - p->m[c]) * p->b[c]);
         const float f = (float)fabs(r);
         uint32_t fb;
         memcpy(&fb, &f, sizeof fb);

@@ -172,7 +172,6 @@ END_TEST
  * bits exactly; REPRODUCIBLE (which rounds the exact sum of the same partials) must
  * lie within one rounding of it. Data span 2^-20..2^20, so any other order would
  * change bits. */
-static double bf16_value(uint16_t h);
 
 typedef struct {
     int64_t n, C, S;
@@ -183,7 +182,7 @@ static double elem(int bf16, const void *p, int64_t e)
 {
     if (!bf16)
         return ((const float *)p)[e];
-    return bf16_value(((const uint16_t *)p)[e]);
+    return tu_bf16_value(((const uint16_t *)p)[e]);
 }
 
 /* Term of element e of channel c: x, x^2 (kind 0: which = 0, 1) or g, g*(x - m). */
@@ -367,40 +366,7 @@ START_TEST(sums_bf16_exact_integers)
 END_TEST
 
 /* ---- rounding double -> bfloat16 (simd.h) ----
- * Reference: the bfloat16 values next to |d| (candidates from a float conversion,
- * which is off by at most one step), the nearest chosen by EXACT distances (each
- * difference of two nearby doubles is exact by Sterbenz's lemma, or both are
- * multiples of 2^-1074), ties to the even bit pattern, Inf from (2 - 2^-8) 2^127 up. */
-static double bf16_value(uint16_t h)
-{
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-static uint16_t bf16_reference(double d)
-{
-    const uint16_t sign = signbit(d) ? 0x8000 : 0;
-    const double a = fabs(d);
-    if (a >= ldexp(2 - ldexp(1, -8), 127))
-        return sign | 0x7F80;
-    const float f = (float)a;
-    uint32_t fb;
-    memcpy(&fb, &f, sizeof fb);
-    const int h0 = (int)(fb >> 16);
-    int best = -1;
-    double bestd = INFINITY;
-    for (int h = h0 - 1; h <= h0 + 1; h++) {
-        if (h < 0 || h > 0x7F7F)
-            continue;
-        const double dist = fabs(bf16_value((uint16_t)h) - a);
-        if (dist < bestd || (dist == bestd && !(h & 1)))
-            best = h, bestd = dist;
-    }
-    return sign | (uint16_t)best;
-}
-
+ * Reference: tu_bf16_round (testutil.c), exact distances, ties to even. */
 static uint16_t upper_bits(float f)
 {
     uint32_t b;
@@ -424,7 +390,7 @@ static void check_rounding(double d, double fill, int lane)
                           in, upper_bits(got8), upper_bits(got1));
             continue;
         }
-        const uint16_t want = bf16_reference(in);
+        const uint16_t want = tu_bf16_round(in);
         ck_assert_msg(upper_bits(got8) == want && upper_bits(got1) == want,
                       "round(%a): vector %04x scalar %04x want %04x", in, upper_bits(got8), upper_bits(got1), want);
     }

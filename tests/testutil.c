@@ -110,3 +110,35 @@ void tu_split(int k, int64_t B, int64_t *lo, int64_t *n)
         *lo += cnt[q];
     *n = cnt[tu_rank];
 }
+
+double tu_bf16_value(uint16_t h)
+{
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+uint16_t tu_bf16_round(double d)
+{
+    if (d != d)
+        return 0x7FC0;
+    const uint16_t sign = signbit(d) ? 0x8000 : 0;
+    const double a = fabs(d);
+    if (a >= ldexp(2 - ldexp(1, -8), 127))
+        return sign | 0x7F80;
+    const float f = (float)a;
+    uint32_t fb;
+    memcpy(&fb, &f, sizeof fb);
+    const int h0 = (int)(fb >> 16);
+    int best = -1;
+    double bestd = INFINITY;
+    for (int h = h0 - 1; h <= h0 + 1; h++) {
+        if (h < 0 || h > 0x7F7F)
+            continue;
+        const double dist = fabs(tu_bf16_value((uint16_t)h) - a);
+        if (dist < bestd || (dist == bestd && !(h & 1)))
+            best = h, bestd = dist;
+    }
+    return sign | (uint16_t)best;
+}

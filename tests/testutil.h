@@ -24,6 +24,14 @@ extern int tu_rank, tu_nranks;
 uint64_t tu_hash(uint64_t key);
 double tu_uniform(uint64_t key); /* [0, 1) */
 double tu_normal(uint64_t key);  /* standard normal */
+
+/* bfloat16 references, independent of src/simd.h. tu_bf16_value: the value of the
+ * bit pattern h. tu_bf16_round: d rounded to nearest-even bfloat16, chosen by EXACT
+ * distances among the candidates next to d's float conversion (which is off by at most
+ * one step; each distance of two nearby doubles is exact by Sterbenz's lemma, or both
+ * are multiples of 2^-1074); Inf from (2 - 2^-8) 2^127 up; NaN gives 0x7FC0. */
+double tu_bf16_value(uint16_t h);
+uint16_t tu_bf16_round(double d);
 /* This rank's slice [*lo, *lo + *n) of B samples under split k: 0 even, 1 all on
  * rank 0, 2 all on the last rank, 3 all on rank 1 (holes elsewhere), 4.. pseudo-random
  * uneven (the same on every rank). */
