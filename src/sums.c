@@ -948,30 +948,54 @@ SBN_INLINE void s1_pass2(int v, int onea, int oneb, const sv_in *in, int64_t C, 
 }
 
 /* Deposits the chunk's totals: a taken lane's as one exact integer, the others'
- * terms one by one. */
+ * terms one by one. Rounded (r1 != NULL: the chunk's rows are the whole batch, and
+ * the caller wants each sum rounded once, not accumulated): a taken lane's sum is
+ * T0 + T1 in double, which IS the exact sum rounded once, as sbx_round would round
+ * it: T0 and T1 are doubles whose exact sum is the block's (the exactness argument
+ * above), and an IEEE addition returns its operands' exact sum rounded to nearest,
+ * ties to even, with no double rounding; a subnormal sum of two doubles is exact;
+ * the sum cannot overflow (the plan keeps it below 2^(lsb + 32 ndigits) <= 2^384);
+ * and an exact zero is +0 either way (T0 and T1 start at +0 and never become -0: a
+ * sum with +0 or a cancelling sum is +0 when rounding to nearest). A lane not taken
+ * is summed into its (zeroed) accumulator and rounded by sbx_round. */
 SBN_INLINE void s1_deposit(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
-                           const s1_work *w, int64_t *acc1, int64_t *acc2)
+                           const s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
     const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
     for (int64_t j = 0; j < nc; j++) {
         int64_t *a1 = acc1 + j * W1, *a2 = acc2 + j * W2;
-        if (w->oka[j])
+        if (w->oka[j] && r1) {
+            r1[j] = w->ta0[j] + w->ta1[j];
+        } else if (w->oka[j]) {
             deposit_total(w->ta0[j], w->ta1[j], w->ea0[j], w->ea1[j], SBX_LINEAR, a1);
-        else
+        } else {
+            if (r1)
+                sbx_zero(a1, SBX_LINEAR);
             for (int64_t k = 0; k < K; k++)
                 sbx_add(a1, SBX_LINEAR, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 0));
-        if (w->okb[j])
+            if (r1)
+                r1[j] = sbx_round(a1, SBX_LINEAR);
+        }
+        if (w->okb[j] && r2) {
+            r2[j] = w->tb0[j] + w->tb1[j];
+        } else if (w->okb[j]) {
             deposit_total(w->tb0[j], w->tb1[j], w->eb0[j], w->eb1[j], SBX_QUADRATIC, a2);
-        else
+        } else {
+            if (r2)
+                sbx_zero(a2, SBX_QUADRATIC);
             for (int64_t k = 0; k < K; k++)
                 sbx_add(a2, SBX_QUADRATIC, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 1));
+            if (r2)
+                r2[j] = sbx_round(a2, SBX_QUADRATIC);
+        }
     }
 }
 
 /* Both sums of rows [i0, i0 + K) (K <= SBN_XB), channels [c0, c0 + nc), nc a multiple
- * of 8 and at most SBN_S1_CW, into acc1, acc2 (channel c0's first). */
+ * of 8 and at most SBN_S1_CW, into acc1, acc2 (channel c0's first); or, when r1 is not
+ * NULL (K rows are the whole batch), rounded into r1, r2 (acc1, acc2 as scratch). */
 SBN_INLINE void s1_chunk_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
-                           s1_work *w, int64_t *acc1, int64_t *acc2)
+                           s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
     s1_pass1(v, in, C, i0, K, c0, nc, w);
     const int one = s1_plan(v & SV_KIND, nc, w);
@@ -979,13 +1003,29 @@ SBN_INLINE void s1_chunk_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_
         s1_pass2(v, 1, 0, in, C, i0, K, c0, nc, w);
     else
         s1_pass2(v, one & 1, one >> 1, in, C, i0, K, c0, nc, w);
-    s1_deposit(v, in, C, i0, K, c0, nc, w, acc1, acc2);
+    s1_deposit(v, in, C, i0, K, c0, nc, w, acc1, acc2, r1, r2);
 }
 
 static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, int64_t *acc1, int64_t *acc2)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
     const int kind = v & SV_KIND;
+    /* NHWC with narrow rows: split samples (below). */
+    const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
+    const int split = T > 1 && n >= T && C * sbn_esize(sh.dt) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX;
+    /* REPRODUCIBLE, rounded (moments.h): S == 1 batches of one block per channel round
+     * their blocks directly (s1_deposit); the rest accumulate, then round. */
+    const int direct = acc1 && s1 && S == 1 && n <= SBN_XB && !split;
+    if (acc1 && s1 && !direct) {
+        memset(acc1, 0, (size_t)(C * sbx_words(SBX_LINEAR)) * sizeof *acc1);
+        memset(acc2, 0, (size_t)(C * sbx_words(SBX_QUADRATIC)) * sizeof *acc2);
+        sums(v, in, sh, NULL, NULL, acc1, acc2);
+        for (int64_t c = 0; c < C; c++) {
+            s1[c] = sbx_round(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+            s2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+        }
+        return;
+    }
     if (!acc1)
         for (int64_t c = 0; c < C; c++)
             s1[c] = 0, s2[c] = 0;
@@ -1029,8 +1069,7 @@ static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, i
      * SAMPLES instead: each per-sample partial is still computed by one thread in
      * the same order, stored, and combined per channel in sample order afterwards,
      * so every sum is the same as with the channel split. */
-    const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
-    if (T > 1 && n >= T && C * sbn_esize(sh.dt) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX) {
+    if (split) {
         double part[2 * SBN_PART_MAX]; /* [2][n][C]: p1 then p2 */
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < n; i++)
@@ -1066,7 +1105,8 @@ static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, i
                     const int64_t nc = (t1 - c0 < SBN_S1_CW ? t1 - c0 : SBN_S1_CW) / 8 * 8;
                     for (int64_t i0 = 0; i0 < n && nc; i0 += SBN_XB) {
                         const int64_t K = n - i0 < SBN_XB ? n - i0 : SBN_XB;
-#define SBN_S1(V) s1_chunk_v(V, in, C, i0, K, c0, nc, &w, acc1 + c0 * W1, acc2 + c0 * W2)
+#define SBN_S1(V) \
+    s1_chunk_v(V, in, C, i0, K, c0, nc, &w, acc1 + c0 * W1, acc2 + c0 * W2, direct ? s1 + c0 : NULL, direct ? s2 + c0 : NULL)
                         SV_DISPATCH(v, SBN_S1)
 #undef SBN_S1
                         if ((i0 + K) / SBN_RENORM_EVERY != i0 / SBN_RENORM_EVERY)
@@ -1086,17 +1126,23 @@ static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, i
                 int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
                 for (int64_t i0 = 0; i0 < n; i0 += kmax) {
                     const int64_t K = n - i0 < kmax ? n - i0 : kmax;
-                    if (S == 1) {
-                        /* The partials are the elements' terms themselves. The block's
-                         * rows are first packed contiguously: read in place, rows C
-                         * elements apart would alias in the L1 sets (C is often a power
-                         * of two) and be fetched from L2 on each pass. */
+                    if (S == 1) { /* fewer than 8 channels: packed, then the exact blocks */
                         float *xb = (float *)b1, *gb = (float *)b2;
+                        if (direct) /* the whole batch in one block: zeroed here, rounded below */
+                            for (int64_t j = 0; j < nc; j++) {
+                                sbx_zero(a1 + j * sbx_words(SBX_LINEAR), SBX_LINEAR);
+                                sbx_zero(a2 + j * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+                            }
 #define SBN_PACK(V) pack_rows_v(V, in, C, i0, K, c0, nc, xb, gb)
                         SV_DISPATCH(v, SBN_PACK)
 #undef SBN_PACK
                         deposit_block(kind ? XS_DY : XS_X, kind ? XS_DYXM : XS_XX, NULL, NULL, xb, gb,
                                       kind ? in->mean + c0 : NULL, SBN_XC, K, nc, a1, a2, i0);
+                        if (direct)
+                            for (int64_t j = 0; j < nc; j++) {
+                                s1[c0 + j] = sbx_round(a1 + j * sbx_words(SBX_LINEAR), SBX_LINEAR);
+                                s2[c0 + j] = sbx_round(a2 + j * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+                            }
                         continue;
                     }
                     for (int64_t k = 0; k < K; k++)
