@@ -35,7 +35,6 @@
 #include <float.h>
 #include <math.h>
 #include <omp.h>
-#include <stdlib.h>
 
 
 /* Outputs at least this large are written with non-temporal (streaming) stores: they
@@ -303,19 +302,19 @@ void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks)
     *fallbacks = __atomic_load_n(&bf16_fallbacks, __ATOMIC_RELAXED);
 }
 
-/* The float coefficient arrays of one call, [4][C + SBN_COEF_PAD] in one block: k, c,
- * b (gradient only), e. NULL where there is no float path (float elements, the test
- * switch, or no memory: the exact path then does everything, with the same bits). */
+/* The float coefficient arrays of one call, [4][W] in the caller's scratch block: k,
+ * c, b (gradient only), e; W = fast_stride(C) >= C + SBN_COEF_PAD. Returns NULL where
+ * there is no float path (float elements, the test switch, or no scratch: the exact
+ * path then does everything, with the same bits). */
 static int64_t fast_stride(int64_t C) { return (C + SBN_COEF_PAD + 15) / 16 * 16; }
 
-static float *fast_coef(const ew_args *e, int dx, sbn_shape sh)
+int64_t sbn_apply_scratch_floats(int64_t C) { return 4 * fast_stride(C); }
+
+static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
 {
-    if (sh.dt != SYNCBN_BF16 || bf16_path == 1)
+    if (sh.dt != SYNCBN_BF16 || bf16_path == 1 || !f)
         return NULL;
     const int64_t C = sh.C, W = fast_stride(C);
-    float *f = aligned_alloc(64, (size_t)(4 * W) * sizeof *f);
-    if (!f)
-        return NULL;
     const double u = 0x1p-24;
     for (int64_t j = 0; j < C + SBN_COEF_PAD; j++) {
         const double k = e->k[j], m = e->m[j], a = e->a[j], b = dx ? e->b[j] : 0;
@@ -606,10 +605,10 @@ static int ew_streams(sbn_shape sh)
 #define EW_CASES_DT(V) EW_CASE(V) EW_CASE((V) | EW_BF16)
 
 void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mask, const double *mean,
-                   const double *scale, const double *shift, sbn_shape sh)
+                   const double *scale, const double *shift, float *scratch, sbn_shape sh)
 {
     ew_args e = {.out = y, .x = x, .dy = z, .m = mean, .k = scale, .a = shift, .mask = mask, .C = sh.C};
-    float *fc = fast_coef(&e, 0, sh);
+    const float *fc = fast_coef(&e, 0, sh, scratch);
     ew_fast_args(&e, fc, sh.C, 0x1p-22f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (z ? EW_ADD : 0) | (relu ? EW_RELU : 0) |
@@ -622,11 +621,10 @@ void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mas
         EW_CASES_DT(EW_ADD | EW_RELU)
         EW_CASES_DT(EW_ADD | EW_RELU | EW_MASK)
     }
-    free(fc);
 }
 
 void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const uint8_t *mask, const double *mean,
-                     const double *k, const double *a, const double *b, sbn_shape sh)
+                     const double *k, const double *a, const double *b, float *scratch, sbn_shape sh)
 {
     if (!dx && !dz)
         return;
@@ -634,7 +632,7 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
     ew_args e = {.out = dx ? dx : dz, .out2 = dz, .x = x, .dy = dy, .m = mean, .k = k, .a = a, .b = b,
                        .mask = (uint8_t *)mask, .C = sh.C,
                        .nt2 = dx && dz && (((uintptr_t)dx ^ (uintptr_t)dz) & 63) == 0};
-    float *fc = fast_coef(&e, 1, sh);
+    const float *fc = fast_coef(&e, 1, sh, scratch);
     ew_fast_args(&e, fc, sh.C, 0x1p-21f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = EW_DX | (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (mask ? EW_RELU : 0) | (dz ? EW_DZ : 0) |
@@ -647,5 +645,4 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
         EW_CASES_DT(EW_DX | EW_RELU | EW_DZ)
         EW_CASES_DT(EW_DX | EW_RELU | EW_DZ | EW_NOOUT)
     }
-    free(fc);
 }

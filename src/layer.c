@@ -167,6 +167,7 @@ static void layer_free(syncbn_layer *l)
         return;
     free(l->params);
     free(l->stats);
+    free(l->fcoef);
     free(l->mask);
     free(l->msg);
     free(l->acc);
@@ -193,7 +194,11 @@ static syncbn_layer *layer_alloc(const syncbn_config *cfg)
     l->msg = malloc((size_t)l->msg_words * 8);
     if (cfg->reduction == SYNCBN_REPRODUCIBLE)
         l->acc = malloc((size_t)acc_words(cfg) * sizeof *l->acc);
-    if (!l->params || !l->stats || !l->msg || (cfg->reduction == SYNCBN_REPRODUCIBLE && !l->acc)) {
+    const int bf16 = cfg->dtype == SYNCBN_BF16;
+    if (bf16) /* a multiple of 16 floats: a multiple of 64 bytes, as aligned_alloc wants */
+        l->fcoef = aligned_alloc(64, (size_t)sbn_apply_scratch_floats(C) * sizeof *l->fcoef);
+    if (!l->params || !l->stats || !l->msg || (cfg->reduction == SYNCBN_REPRODUCIBLE && !l->acc) ||
+        (bf16 && !l->fcoef)) {
         layer_free(l);
         return NULL;
     }
@@ -643,7 +648,7 @@ static void apply(syncbn_layer *l, const void *x, const void *z, void *y, sbn_sh
     }
     if (sh.n > 0) {
         sbn_coef_wrap(mean, C), sbn_coef_wrap(scale, C), sbn_coef_wrap(shift, C);
-        sbn_normalize(y, x, z, l->cfg.activation == SYNCBN_ACT_RELU, mask, mean, scale, shift, sh);
+        sbn_normalize(y, x, z, l->cfg.activation == SYNCBN_ACT_RELU, mask, mean, scale, shift, l->fcoef, sh);
     }
 }
 
@@ -826,7 +831,7 @@ int syncbn_backward_ex(syncbn_layer *l, const void *x, const void *dy, int64_t n
     }
     if ((dx || dz) && n > 0) {
         sbn_coef_wrap(k, C), sbn_coef_wrap(a, C), sbn_coef_wrap(b, C);
-        sbn_backward_dx(dx, dz, x, dy, mask, l->mean, k, a, b, sh);
+        sbn_backward_dx(dx, dz, x, dy, mask, l->mean, k, a, b, l->fcoef, sh);
     }
     return SYNCBN_OK;
 }

@@ -1,9 +1,9 @@
 /*
  * layer.h - the layer object behind the opaque syncbn_layer handle (internal).
  *
- * Memory: three allocations made at create: `params` (the float arrays the accessors
- * hand out), `stats` (double per-channel arrays), and `msg` (the packed allreduce
- * buffer). After create only the ReLU mask is (re)allocated, and only when a training
+ * Memory: the allocations made at create: `params` (the float arrays the accessors
+ * hand out), `stats` (double per-channel arrays), `msg` (the packed allreduce
+ * buffer), and for bfloat16 layers `fcoef` (the elementwise passes' float scratch). After create only the ReLU mask is (re)allocated, and only when a training
  * forward brings more elements than any before (steady state: never). A layer never frees
  * `msg` while MPI may still write into it (a timed-out request): see comm.h.
  */
@@ -37,6 +37,8 @@ struct syncbn_layer {
     double *mean;            /*   [C] global batch mean */
     double *invstd;          /*   [C] 1/sqrt(var + eps) */
     double *t1, *t2, *t3, *t4; /* [C] each: scratch for sums and coefficients */
+    float *fcoef;            /* SYNCBN_BF16: [sbn_apply_scratch_floats(C)], the float
+                                coefficients of each normalize / gradient pass (apply.c) */
 
     /* The ReLU mask of the last training forward (cfg.activation == SYNCBN_ACT_RELU):
      * one bit per element of this rank's x, grown (never shrunk) when a larger batch

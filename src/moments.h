@@ -74,13 +74,19 @@ void sbn_coef_wrap(double *a, int64_t C);
  * with room for n*C*S bits). z may be NULL; y may equal x or z. mean, scale, shift:
  * [C + SBN_COEF_PAD], wrapped. Any alignment of the tensors gives the same bits. */
 void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mask, const double *mean,
-                   const double *scale, const double *shift, sbn_shape sh);
+                   const double *scale, const double *shift, float *scratch, sbn_shape sh);
 
 /* dx = k[c] * (g - a[c] - (x - mean[c]) * b[c]), in double, rounded once, and dz = g
  * (g as in sbn_backward_sums). dx or dz may be NULL (both: nothing to do); dx may
  * equal dy or x, dz may equal dy. mean, k, a, b: [C + SBN_COEF_PAD], wrapped. */
 void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const uint8_t *mask, const double *mean,
-                     const double *k, const double *a, const double *b, sbn_shape sh);
+                     const double *k, const double *a, const double *b, float *scratch, sbn_shape sh);
+
+/* scratch (both passes): the bfloat16 passes' float coefficients, written by every
+ * call, sbn_apply_scratch_floats(C) floats, 64-byte aligned, owned by the caller (the
+ * layer allocates it at create, so no call allocates). NULL: every bfloat16 output
+ * takes the exact double path (the same bits, slower); unused for float elements. */
+int64_t sbn_apply_scratch_floats(int64_t C);
 
 /* bfloat16 passes compute in float and fall back to the exact double path per vector
  * of 8 outputs where a bound says the rounding could differ (apply.c). For tests and

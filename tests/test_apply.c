@@ -112,13 +112,14 @@ static verdict check_problem(problem *p, int path)
     sbn_test_bf16_path(path);
     uint16_t *out = malloc(p->N * 2), *out2 = malloc(p->N * 2);
     uint8_t *mk = aligned_alloc(8, (size_t)(p->N / 64 + 2) * 8);
-    ck_assert(out && out2 && mk);
+    float *scratch = aligned_alloc(64, (size_t)sbn_apply_scratch_floats(p->sh.C) * sizeof(float));
+    ck_assert(out && out2 && mk && scratch);
     for (int threads = 1; threads <= 2; threads++) {
         omp_set_num_threads(threads);
         for (int var = 0; var < 5; var++) {
             const int add = var == 1 || var == 4, relu = var >= 2, wmask = var == 3 || var == 4;
             memset(mk, 0, (size_t)(p->N / 64 + 2) * 8);
-            sbn_normalize(out, p->x, add ? p->z : NULL, relu, wmask ? mk : NULL, p->m, p->k, p->a, p->sh);
+            sbn_normalize(out, p->x, add ? p->z : NULL, relu, wmask ? mk : NULL, p->m, p->k, p->a, scratch, p->sh);
             for (int64_t e = 0; e < p->N; e++) {
                 int bit;
                 const uint16_t want = ref_y(p, e, add, relu, &bit);
@@ -130,7 +131,7 @@ static verdict check_problem(problem *p, int path)
         for (int var = 0; var < 6; var++) {
             const int relu = var >= 3, dz = var % 3 >= 1, dx = var % 3 != 2;
             sbn_backward_dx(dx ? out : NULL, dz ? out2 : NULL, p->x, p->dy, relu ? p->mask : NULL, p->m, p->k, p->a,
-                            p->b, p->sh);
+                            p->b, scratch, p->sh);
             for (int64_t e = 0; e < p->N; e++) {
                 uint16_t g;
                 const uint16_t want = ref_dx(p, e, relu, &g);
@@ -144,7 +145,7 @@ static verdict check_problem(problem *p, int path)
     sbn_test_bf16_path(0);
     sbn_bf16_counts(&v1, &f1);
     v.vectors = v1 - v0, v.fallbacks = f1 - f0;
-    free(out), free(out2), free(mk);
+    free(out), free(out2), free(mk), free(scratch);
     return v;
 }
 
