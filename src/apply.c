@@ -211,9 +211,9 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
 /* ---- bfloat16 in float, with an exact fallback ----
  *
  * The contract: a bfloat16 output is RNE16(Y), Y the double result of the exact path
- * above (ew_vec), RNE16 rounding to nearest-even at bfloat16's 8 bits. Double costs
- * 8 lanes a vector; float has 8 per 256 bits and a rounding that is one integer add.
- * So each vector of 8 outputs is first computed in float, as y, together with a
+ * above (ew_vec), RNE16 rounding to nearest-even at bfloat16's 8 bits. Double has 8
+ * lanes per 512-bit vector; float has 16, and a rounding that is one instruction.
+ * So each vector of 16 outputs is first computed in float, as y, together with a
  * PROVEN bound err >= |y - Y| per lane; where every lane is farther than err from
  * each bfloat16 rounding boundary (the midpoints between neighbouring bfloat16
  * values, and the overflow threshold, which is the midpoint between the largest
@@ -283,13 +283,19 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * below B is >= ulp/4 >= q away (ulp/4: B a power of two, the spacing below is
  * ulp/2). Y has y's sign (err < |y|). So RNE16(Y) = RNE16(y), and y is no tie, so
  * RNE16(y) is y's bits + 0x8000 cut to the upper 16 (a carry into the exponent gives
- * the next binade, or Inf past the largest bfloat16, as RNE16 does).
+ * the next binade, or Inf past the largest bfloat16, as RNE16 does); AVX512_BF16's
+ * conversion (vcvtneps2bf16, round to nearest-even, denormals flushed) gives the same
+ * bits, since an accepted y is normal (below) and no tie.
  * The 2^-100 in e makes every |y| < 2^-90 fall back (t <= 2^-8 |y|), so all the
  * underflow terms above (2^-148 and below) are covered, and no subnormal is ever
  * accepted. NaN or Inf anywhere (input, coefficient, overflowed float) makes t or
  * err NaN or Inf, and the comparison false: exact path.
- * ReLU: the rounded value is nonzero with y's sign, so its mask bit is y > 0 and
- * the ReLU of the stored bits is the exact path's. dz = g is copied as ever. */
+ * ReLU: the rounded value is nonzero with y's sign, so its mask bit is y > 0, and the
+ * ReLU of the stored bits is RNE16 of max(y, +0) (+0 rounds to +0, the exact path's
+ * ReLU of a negative result). dz = g is copied as ever, as bits.
+ *
+ * All of the above is per lane: a vector of 16 is accepted only when every lane is,
+ * else its two halves go to the exact path, 8 outputs at a time. */
 
 static int bf16_path; /* sbn_test_bf16_path */
 static uint64_t bf16_vectors, bf16_fallbacks;
@@ -303,10 +309,11 @@ void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks)
 }
 
 /* The float coefficient arrays of one call, [4][W] in the caller's scratch block: k,
- * c, b (gradient only), e; W = fast_stride(C) >= C + SBN_COEF_PAD. Returns NULL where
+ * c, b (gradient only), e; W = fast_stride(C) >= C + EW_FPAD. Returns NULL where
  * there is no float path (float elements, the test switch, or no scratch: the exact
  * path then does everything, with the same bits). */
-static int64_t fast_stride(int64_t C) { return (C + SBN_COEF_PAD + 15) / 16 * 16; }
+#define EW_FPAD 16 /* the float arrays' wrap: entry C + j is entry j mod C (16 lanes) */
+static int64_t fast_stride(int64_t C) { return (C + EW_FPAD + 15) / 16 * 16; }
 
 int64_t sbn_apply_scratch_floats(int64_t C) { return 4 * fast_stride(C); }
 
@@ -316,7 +323,7 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
         return NULL;
     const int64_t C = sh.C, W = fast_stride(C);
     const double u = 0x1p-24;
-    for (int64_t j = 0; j < C + SBN_COEF_PAD; j++) {
+    for (int64_t j = 0; j < C; j++) {
         const double k = e->k[j], m = e->m[j], a = e->a[j], b = dx ? e->b[j] : 0;
         double c, cd, ec, E;
         float kf = (float)k, bf = 0;
@@ -345,110 +352,185 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
             ef = -INFINITY; /* tests: trust float everywhere (finite lanes) */
         f[j] = kf, f[W + j] = (float)cd, f[2 * W + j] = bf, f[3 * W + j] = ef;
     }
+    for (int64_t j = C; j < C + EW_FPAD; j++)
+        for (int r = 0; r < 4; r++)
+            f[r * W + j] = f[r * W + j % C];
     return f;
 }
 
+/* The float path works on 16 lanes (one 512-bit vector on AVX-512; GNU vectors, so
+ * other builds split it): 16 bfloat16 are one 32-byte load, and the rounded results
+ * one 32-byte store, a vector step per 16 outputs where the exact path needs two. */
 typedef struct {
-    sbn_v8f k, c, b, e;
+    sbn_v16f k, c, b, e;
 } ew_fcoef;
 
-SBN_INLINE sbn_v8f ew_bcastf(float v) { return (sbn_v8f){v, v, v, v, v, v, v, v}; }
+SBN_INLINE sbn_v16f ew_bcastf(float v) { return (sbn_v16f){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
 
 SBN_INLINE void ew_fcoef_row(int v, const ew_args *e, int64_t c, ew_fcoef *q)
 {
     q->k = ew_bcastf(e->fk[c]), q->c = ew_bcastf(e->fc[c]), q->e = ew_bcastf(e->fe[c]);
-    q->b = v & EW_DX ? ew_bcastf(e->fb[c]) : (sbn_v8f){0};
+    q->b = v & EW_DX ? ew_bcastf(e->fb[c]) : (sbn_v16f){0};
 }
 
-SBN_INLINE sbn_v8f ew_loadf8(const float *p)
+SBN_INLINE sbn_v16f ew_loadf16(const float *p)
 {
-    sbn_v8f r;
+    sbn_v16f r;
     memcpy(&r, p, sizeof r);
     return r;
 }
 
 SBN_INLINE void ew_fcoef_lanes(int v, const ew_args *e, int64_t c, ew_fcoef *q)
 {
-    q->k = ew_loadf8(e->fk + c), q->c = ew_loadf8(e->fc + c), q->e = ew_loadf8(e->fe + c);
-    q->b = v & EW_DX ? ew_loadf8(e->fb + c) : (sbn_v8f){0};
+    q->k = ew_loadf16(e->fk + c), q->c = ew_loadf16(e->fc + c), q->e = ew_loadf16(e->fe + c);
+    q->b = v & EW_DX ? ew_loadf16(e->fb + c) : (sbn_v16f){0};
 }
 
-SBN_INLINE sbn_v8f ew_absf(sbn_v8f v) { return (sbn_v8f)((sbn_v8w)v & 0x7FFFFFFFu); }
+SBN_INLINE sbn_v16f ew_absf(sbn_v16f v) { return (sbn_v16f)((sbn_v16u)v & 0x7FFFFFFFu); }
 
-/* Whether every lane of a > b (false for NaN). */
-SBN_INLINE int ew_all_gt(sbn_v8f a, sbn_v8f b)
+/* 16 bfloat16 bits (8 words) at element i, and as floats (exact). */
+SBN_INLINE sbn_v8w ew_ldh16(const void *p, int64_t i)
 {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-    return _mm256_cmp_ps_mask((__m256)a, (__m256)b, _CMP_GT_OQ) == 0xFF;
-#elif defined(__AVX__)
-    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ)) == 0xFF;
+    sbn_v8w w;
+    memcpy(&w, (const uint16_t *)p + i, sizeof w);
+    return w;
+}
+
+SBN_INLINE sbn_v16f ew_widen16(sbn_v8w w)
+{
+#ifdef __AVX512F__ /* vpmovzxwd + vpslld on the whole vector */
+    return (sbn_v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16);
 #else
-    const sbn_v8i gt = a > b;
-    return (gt[0] & gt[1] & gt[2] & gt[3] & gt[4] & gt[5] & gt[6] & gt[7]) != 0;
+    return (sbn_v16f)(__builtin_convertvector((sbn_v16h)w, sbn_v16u) << 16);
+#endif
+}
+
+/* RNE16 of 16 floats that are no ties, normal or overflowing (what the test below
+ * accepts), as 16 bfloat16 bits: y's bits + 0x8000 cut to the upper 16, or the one
+ * instruction that rounds to nearest-even where the CPU has it (the same bits: y is
+ * no tie, and not subnormal, which that instruction would flush). */
+SBN_INLINE sbn_v8w ew_round16(sbn_v16f y)
+{
+#if defined(__AVX512BF16__)
+    return (sbn_v8w)(__m256i)_mm512_cvtneps_pbh((__m512)y);
+#elif defined(__AVX512BW__)
+    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                         27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return (sbn_v8w)_mm512_castsi512_si256(_mm512_permutexvar_epi16(odd, (__m512i)((sbn_v16u)y + 0x8000u)));
+#else
+    return (sbn_v8w)__builtin_convertvector(((sbn_v16u)y + 0x8000u) >> 16, sbn_v16h);
+#endif
+}
+
+/* 16 bfloat16 bits at element i (w[0]), or 32 (w[0], w[1]) when two; streaming when
+ * nt (the address is then 32-byte aligned, or 64 when two: whole output lines). */
+SBN_INLINE void ew_sth(void *p, int64_t i, int two, const sbn_v8w *w, int nt)
+{
+    uint16_t *d = (uint16_t *)p + i;
+#if SBN_HAVE_NT
+    if (nt && two) {
+        _mm512_stream_si512((void *)d, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)w[0]), (__m256i)w[1], 1));
+        return;
+    }
+    if (nt) {
+        _mm256_stream_si256((__m256i *)d, (__m256i)w[0]);
+        return;
+    }
+#endif
+    memcpy(d, w, (size_t)(two ? 2 : 1) * sizeof *w);
+    (void)nt;
+}
+
+/* The lanes where a > b (false for NaN), as 16 bits. */
+SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
+{
+#ifdef __AVX512F__
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ);
+#else
+    const sbn_v16u gt = (sbn_v16u)(a > b) & (sbn_v16u){1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+                                                       8192, 16384, 32768};
+    unsigned r = 0;
+    for (int j = 0; j < 16; j++)
+        r |= gt[j];
+    return r;
 #endif
 }
 
 /* min(a, b) where a is not NaN... or b where either is NaN (the test then fails on
  * b, which is NaN whenever a is: see the analysis). */
-SBN_INLINE sbn_v8f ew_minf(sbn_v8f a, sbn_v8f b)
+SBN_INLINE sbn_v16f ew_minf(sbn_v16f a, sbn_v16f b)
 {
-#ifdef __AVX__
-    return (sbn_v8f)_mm256_min_ps((__m256)a, (__m256)b);
+#ifdef __AVX512F__
+    return (sbn_v16f)_mm512_min_ps((__m512)a, (__m512)b);
 #else
-    const sbn_v8i lt = a < b;
-    return (sbn_v8f)(((sbn_v8i)a & lt) | ((sbn_v8i)b & ~lt));
+    const sbn_v16u lt = (sbn_v16u)(a < b);
+    return (sbn_v16f)(((sbn_v16u)a & lt) | ((sbn_v16u)b & ~lt));
 #endif
 }
 
-/* 8 outputs at f in float, stored only when the test above accepts them. Returns 0
- * (nothing written) when the exact path must do them; else 1, with the ReLU mask
- * bits in *bits. */
-SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, int nt, unsigned *bits)
+/* y with the lanes whose bit is clear set to +0. */
+SBN_INLINE sbn_v16f ew_keepf16(sbn_v16f y, unsigned bits)
 {
-    const int dt = SYNCBN_BF16;
-    const sbn_v8f x = sbn_ldf8(dt, e->x, f);
-    sbn_v8f y, s, g = {0};
-    if (v & EW_NOOUT) { /* dz only: a copy */
-        g = sbn_ldf8(dt, e->dy, f);
+#ifdef __AVX512F__
+    return (sbn_v16f)_mm512_maskz_mov_ps((__mmask16)bits, (__m512)y);
+#else
+    const sbn_v16u lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+    return (sbn_v16f)((sbn_v16u)y & (sbn_v16u)((lane & bits) != 0));
+#endif
+}
+
+/* 16 outputs at f in float. Returns 1 when the test above accepts them, with their
+ * bfloat16 bits in *o (normalize and dx), the ReLU mask bits in *bits (normalize),
+ * and g's bits in *gh (dx: the masked dy, which is dz); else 0, and the exact path
+ * must do them. Nothing is stored. */
+SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sbn_v8w *o, sbn_v8w *gh,
+                       unsigned *bits)
+{
+    sbn_v16f y, s;
+    if (v & EW_DX) {
+        *gh = ew_ldh16(e->dy, f);
         if (v & EW_RELU)
-            g = sbn_keep_bits_f(g, sbn_mask8(e->mask, f));
-        sbn_st8(dt, e->out2, f, g, nt);
-        (void)x;
-        return 1;
+            *gh = sbn_keep16(*gh, sbn_mask16(e->mask, f));
     }
+    if (v & EW_NOOUT) /* dz only: a copy */
+        return 1;
+    const sbn_v16f x = ew_widen16(ew_ldh16(e->x, f));
     if (!(v & EW_DX)) {
-        const sbn_v8f p = q->k * x;
+        const sbn_v16f p = q->k * x;
         y = p + q->c;
         s = ew_absf(y);
         if (v & EW_ADD) {
-            y += sbn_ldf8(dt, e->dy, f);
+            y += ew_widen16(ew_ldh16(e->dy, f));
             s += ew_absf(y);
         }
     } else {
-        g = sbn_ldf8(dt, e->dy, f);
-        if (v & EW_RELU)
-            g = sbn_keep_bits_f(g, sbn_mask8(e->mask, f));
-        const sbn_v8f t1 = q->k * g, t2 = t1 + q->c, t3 = q->b * x;
+        const sbn_v16f g = ew_widen16(*gh);
+        const sbn_v16f t1 = q->k * g, t2 = t1 + q->c, t3 = q->b * x;
         y = t2 - t3;
         s = ew_absf(y) + ew_absf(t3);
     }
-    const sbn_v8f err = s * e->R + q->e;
-    const sbn_v8w yb = (sbn_v8w)y;
-    const sbn_v8f mid = (sbn_v8f)((yb & 0xFFFF0000u) | 0x8000u);
-    const sbn_v8f t = ew_minf(ew_absf(y - mid), ew_absf(y) * 0x1p-10f);
-    if (__builtin_expect(!ew_all_gt(t, err), 0))
+    const sbn_v16f err = s * e->R + q->e;
+    const sbn_v16f mid = (sbn_v16f)(((sbn_v16u)y & 0xFFFF0000u) | 0x8000u);
+    const sbn_v16f t = ew_minf(ew_absf(y - mid), ew_absf(y) * 0x1p-10f);
+    if (__builtin_expect(ew_gt16(t, err) != 0xFFFFu, 0))
         return 0;
-    sbn_v8f o = (sbn_v8f)(yb + 0x8000u); /* rounded: its upper 16 bits are RNE16(y) */
-    if (!(v & EW_DX)) {
-        *bits = v & EW_RELU ? sbn_relu8(&o) : 0;
-        sbn_st8(dt, e->out, f, o, nt);
-        return 1;
+    if (!(v & EW_DX) && (v & EW_RELU)) { /* y is nonzero, not NaN: its rounding has its sign */
+        *bits = ew_gt16(y, (sbn_v16f){0});
+        y = ew_keepf16(y, *bits);
     }
-    if (!(v & EW_NOOUT))
-        sbn_st8(dt, e->out, f, o, nt);
-    if (v & EW_DZ)
-        sbn_st8(dt, e->out2, f, g, v & EW_NOOUT ? nt : nt && e->nt2);
+    *o = ew_round16(y);
     return 1;
+}
+
+/* Stores what ew_fast accepted: 16 outputs at f (lo) and, when two, 16 more at f + 16
+ * (hi): one 64-byte store each, a whole output line when nt. */
+SBN_INLINE void ew_fast_store(int v, const ew_args *e, int64_t f, int two, const sbn_v8w *o, const sbn_v8w *gh,
+                              int nt)
+{
+    if (!(v & EW_NOOUT))
+        ew_sth(e->out, f, two, o, nt);
+    if (v & EW_DZ)
+        ew_sth(e->out2, f, two, gh, v & EW_NOOUT ? nt : nt && e->nt2);
 }
 
 /* Points e's float coefficients into the block of fast_coef (NULL: none). */
@@ -459,28 +541,87 @@ static void ew_fast_args(ew_args *e, const float *f, int64_t C, float R)
     e->R = bf16_path >= 2 ? 0.0f : R; /* the test switch's modes 2 and 3: no margin */
 }
 
-/* 8 outputs at f (channel c when lanes): in float where ew_fast accepts them, else
- * on the exact path. cnt[0] counts the vectors tried in float, cnt[1] the fallbacks. */
-SBN_INLINE unsigned ew_step8(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
-                             const ew_fcoef *fq, int nt, int64_t *cnt)
+/* The channel k elements after channel c (NHWC; a division only when C < k). */
+SBN_INLINE int64_t next_c(int64_t c, int64_t k, int64_t C)
 {
-    if ((v & EW_BF16) && e->fk) {
-        ew_fcoef l;
-        if (lanes)
-            ew_fcoef_lanes(v, e, c, &l);
-        unsigned bits = 0;
-        cnt[0]++;
-        if (ew_fast(v, e, f, lanes ? &l : fq, nt, &bits))
-            return bits;
-        cnt[1]++;
-    }
+    return C >= k ? (c + k >= C ? c + k - C : c + k) : (c + k) % C;
+}
+
+/* 8 outputs at f on the exact path (channel c at f when lanes). */
+SBN_INLINE unsigned ew_step8(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt)
+{
     if (lanes)
         ew_coef_lanes(v, e, c, q);
     return ew_vec(v, e, f, q, 8, nt);
 }
 
-/* The channel 8 elements after channel c (NHWC; a division only when C < 8). */
-SBN_INLINE int64_t next8(int64_t c, int64_t C) { return C >= 8 ? (c + 8 >= C ? c + 8 - C : c + 8) : (c + 8) % C; }
+/* 16 bfloat16 outputs at f on the exact path: two vectors of 8. */
+SBN_INLINE unsigned ew_exact16(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt)
+{
+    const unsigned lo = ew_step8(v, lanes, e, f, c, q, nt);
+    return lo | ew_step8(v, lanes, e, f + 8, lanes ? next_c(c, 8, e->C) : c, q, nt) << 8;
+}
+
+/* 32 bfloat16 outputs at f (channel c at f when lanes): in float, 16 at a time, where
+ * ew_fast accepts them, else as exact vectors of 8; stored as whole 64-byte lines
+ * where both halves are accepted. cnt[0] counts the vectors of 16 tried in float,
+ * cnt[1] the fallbacks. Returns the 32 ReLU mask bits. */
+SBN_INLINE unsigned ew_step32(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
+                              const ew_fcoef *fq, int nt, int64_t *cnt)
+{
+    const int64_t c1 = lanes ? next_c(c, 16, e->C) : c;
+    if (!e->fk)
+        return ew_exact16(v, lanes, e, f, c, q, nt) | ew_exact16(v, lanes, e, f + 16, c1, q, nt) << 16;
+    ew_fcoef l0, l1;
+    if (lanes)
+        ew_fcoef_lanes(v, e, c, &l0), ew_fcoef_lanes(v, e, c1, &l1);
+    sbn_v8w o[2] = {{0}}, gh[2] = {{0}};
+    unsigned b0 = 0, b1 = 0;
+    const int a0 = ew_fast(v, e, f, lanes ? &l0 : fq, &o[0], &gh[0], &b0);
+    const int a1 = ew_fast(v, e, f + 16, lanes ? &l1 : fq, &o[1], &gh[1], &b1);
+    cnt[0] += 2;
+    if (__builtin_expect(a0 && a1, 1)) {
+        ew_fast_store(v, e, f, 1, o, gh, nt);
+        return b0 | b1 << 16;
+    }
+    cnt[1] += !a0 + !a1;
+    if (a0)
+        ew_fast_store(v, e, f, 0, &o[0], &gh[0], nt);
+    else
+        b0 = ew_exact16(v, lanes, e, f, c, q, nt);
+    if (a1)
+        ew_fast_store(v, e, f + 16, 0, &o[1], &gh[1], nt);
+    else
+        b1 = ew_exact16(v, lanes, e, f + 16, c1, q, nt);
+    return b0 | b1 << 16;
+}
+
+/* 16 bfloat16 outputs at f, as one half of ew_step32. */
+SBN_INLINE unsigned ew_step16(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
+                              const ew_fcoef *fq, int nt, int64_t *cnt)
+{
+    if (e->fk) {
+        ew_fcoef l;
+        if (lanes)
+            ew_fcoef_lanes(v, e, c, &l);
+        sbn_v8w o = {0}, gh = {0};
+        unsigned bits = 0;
+        cnt[0]++;
+        if (ew_fast(v, e, f, lanes ? &l : fq, &o, &gh, &bits)) {
+            ew_fast_store(v, e, f, 0, &o, &gh, nt);
+            return bits;
+        }
+        cnt[1]++;
+    }
+    return ew_exact16(v, lanes, e, f, c, q, nt);
+}
+
+/* W outputs at f: ew_step32 (bfloat16, W = 32) or ew_step8 (float, W = 8). */
+SBN_INLINE unsigned ew_step(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
+                            const ew_fcoef *fq, int nt, int64_t *cnt)
+{
+    return v & EW_BF16 ? ew_step32(v, lanes, e, f, c, q, fq, nt, cnt) : ew_step8(v, lanes, e, f, c, q, nt);
+}
 
 /* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
  * c at f0, advancing with f and wrapping at C (NHWC). Streaming stores for the whole
@@ -494,6 +635,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     bitw lbw = *bw; /* by value: see bitw */
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
     const int64_t C = e->C, es = sbn_esize(dt), line = 64 / es;
+    const int W = v & EW_BF16 ? 32 : 8; /* outputs per step */
     ew_coef q;
     ew_fcoef fq = {.k = {0}};
     int64_t cnt[2] = {count[0], count[1]}; /* in registers: see bitw */
@@ -518,19 +660,35 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
             for (; f + 64 <= end; f += 64) {
                 uint64_t bits = 0;
 #pragma GCC unroll 8
-                for (int j = 0; j < 8; j++) {
-                    bits |= (uint64_t)ew_step8(v, lanes, e, f + 8 * j, c, &q, &fq, stream, cnt) << 8 * j;
+                for (int j = 0; j < 64 / W; j++) {
+                    bits |= (uint64_t)ew_step(v, lanes, e, f + W * j, c, &q, &fq, stream, cnt) << W * j;
                     if (lanes)
-                        c = next8(c, C);
+                        c = next_c(c, W, C);
                 }
                 bw_put(&lbw, bits, 64);
             }
-        for (; f + 8 <= end; f += 8) {
-            const unsigned bits = ew_step8(v, lanes, e, f, c, &q, &fq, stream, cnt);
+        for (; f + W <= end; f += W) {
+            const unsigned bits = ew_step(v, lanes, e, f, c, &q, &fq, stream, cnt);
+            if (v & EW_MASK)
+                bw_put(&lbw, bits, W);
+            if (lanes)
+                c = next_c(c, W, C);
+        }
+        if (W == 32 && f + 16 <= end) {
+            const unsigned bits = ew_step16(v, lanes, e, f, c, &q, &fq, stream, cnt);
+            if (v & EW_MASK)
+                bw_put(&lbw, bits, 16);
+            if (lanes)
+                c = next_c(c, 16, C);
+            f += 16;
+        }
+        if (W == 32 && f + 8 <= end) {
+            const unsigned bits = ew_step8(v, lanes, e, f, c, &q, stream);
             if (v & EW_MASK)
                 bw_put(&lbw, bits, 8);
             if (lanes)
-                c = next8(c, C);
+                c = next_c(c, 8, C);
+            f += 8;
         }
         if (SBN_HAVE_MASKED(dt) && f < end) {
             if (lanes)

@@ -89,7 +89,7 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
 int64_t sbn_apply_scratch_floats(int64_t C);
 
 /* bfloat16 passes compute in float and fall back to the exact double path per vector
- * of 8 outputs where a bound says the rounding could differ (apply.c). For tests and
+ * of 16 outputs where a bound says the rounding could differ (apply.c). For tests and
  * benchmarks, not part of the API: sbn_bf16_counts reads the vectors tried in float
  * and those that fell back, since the process started (all threads); and
  * sbn_test_bf16_path(mode) selects 0: the real test (the default), 1: the exact path

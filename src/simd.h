@@ -46,6 +46,8 @@ typedef uint32_t sbn_v8w __attribute__((vector_size(32)));
 typedef int32_t sbn_v8i __attribute__((vector_size(32)));
 typedef uint16_t sbn_v8h __attribute__((vector_size(16)));
 typedef uint32_t sbn_v16u __attribute__((vector_size(64)));
+typedef float sbn_v16f __attribute__((vector_size(64)));
+typedef uint16_t sbn_v16h __attribute__((vector_size(32)));
 
 #define SBN_INLINE static inline __attribute__((always_inline))
 
@@ -372,6 +374,29 @@ SBN_INLINE sbn_v8f sbn_keep_bits_f(sbn_v8f v, unsigned bits)
 #else
     const sbn_v8w lane = {1, 2, 4, 8, 16, 32, 64, 128};
     return (sbn_v8f)((sbn_v8w)v & (sbn_v8w)((lane & bits) != 0));
+#endif
+}
+
+/* Mask bits i .. i+15 as the low 16 bits. Up to two bytes past the byte of the last
+ * element (i + k - 1, k >= 1) may be read: the mask must have that slack, which the
+ * layer's (layer.c, mask_reserve: a whole spare 64-bit word) always has. */
+SBN_INLINE unsigned sbn_mask16(const uint8_t *m, int64_t i)
+{
+    const uint8_t *b = m + (i >> 3);
+    const unsigned w = b[0] | (unsigned)b[1] << 8;
+    if (!(i & 7))
+        return w;
+    return ((w | (unsigned)b[2] << 16) >> (i & 7)) & 0xFFFFu;
+}
+
+/* 16 bfloat16 (as 8 words), elements whose bit is clear set to +0 (bits 0x0000). */
+SBN_INLINE sbn_v8w sbn_keep16(sbn_v8w w, unsigned bits)
+{
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return (sbn_v8w)_mm256_maskz_mov_epi16((__mmask16)bits, (__m256i)w);
+#else
+    const sbn_v16h lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+    return (sbn_v8w)((sbn_v16h)w & (sbn_v16h)((lane & (uint16_t)bits) != 0));
 #endif
 }
 

@@ -75,31 +75,6 @@ SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
  * For float, the 16 come as elements i..i+7 and i+8..i+15 (no pairing). The ReLU
  * mask is applied to the 16-bit elements before widening (a masked element is +0,
  * as in sbn_ldg8). */
-typedef uint16_t sv_v16h __attribute__((vector_size(32)));
-
-/* Mask bits i .. i+15 as the low 16 bits. Up to two bytes past the byte of the last
- * element (i + k - 1, k >= 1) may be read: the mask must have that slack, which the
- * layer's (layer.c, mask_reserve: a whole spare 64-bit word) always has. */
-SBN_INLINE unsigned sv_mask16(const uint8_t *m, int64_t i)
-{
-    const uint8_t *b = m + (i >> 3);
-    const unsigned w = b[0] | (unsigned)b[1] << 8;
-    if (!(i & 7))
-        return w;
-    return ((w | (unsigned)b[2] << 16) >> (i & 7)) & 0xFFFFu;
-}
-
-/* The 16 bfloat16 as words, elements whose bit is clear zeroed (relu). */
-SBN_INLINE sbn_v8w sv_keep16(sbn_v8w w, unsigned bits)
-{
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    return (sbn_v8w)_mm256_maskz_mov_epi16((__mmask16)bits, (__m256i)w);
-#else
-    const sv_v16h lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
-    return (sbn_v8w)((sv_v16h)w & (sv_v16h)((lane & (uint16_t)bits) != 0));
-#endif
-}
-
 SBN_INLINE void sv_split16(sbn_v8w w, sbn_v8d *even, sbn_v8d *odd)
 {
     *even = sbn_f8_to_d8((sbn_v8f)(w << 16));
@@ -134,7 +109,7 @@ SBN_INLINE void sv_ld16(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn
 #endif
     }
     if (relu)
-        w = sv_keep16(w, sv_mask16(in->mask, i));
+        w = sbn_keep16(w, sbn_mask16(in->mask, i));
     sv_split16(w, lo, hi);
 }
 
