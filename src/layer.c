@@ -387,13 +387,6 @@ static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, c
     if (is_repro(l)) {
         const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
         int64_t *acc1 = l->acc, *acc2 = acc1 + C * W1;
-        memset(acc1, 0, (size_t)acc_words(&l->cfg) * sizeof *acc1);
-        if (contribute && sh.n > 0) {
-            if (kind == KIND_FORWARD)
-                sbn_forward_sums(x, sh, NULL, NULL, acc1, acc2);
-            else
-                sbn_backward_sums(x, dy, mask, l->mean, sh, NULL, NULL, acc1, acc2);
-        }
         /* The wire elements: header elements with zero payload (exchange fills in the
          * header), the NaN/Inf counts summed over the message, and each sum packed from
          * its normalized accumulator (the normalized words are also what a fallback
@@ -402,17 +395,36 @@ static void data_put(syncbn_layer *l, int kind, const void *x, const void *dy, c
         memset(m, 0, WIRE_HDR_ELEMS * SBX_WIRE_WORDS * sizeof *m);
         for (int e = 0; e < WIRE_HDR_ELEMS; e++)
             m[e * SBX_WIRE_WORDS] = SBX_WIRE_PLAIN;
+        if (l->nranks == 1) {
+            /* One rank: nothing to merge. The kernels round the exact sums themselves
+             * into t1, t2 (moments.h: the bits sbx_round gives, so the same bits), with
+             * the accumulators as scratch; the data elements are not read, and a NaN
+             * or Inf term leaves its own channel's sums non-finite, which fails the call
+             * (SYNCBN_ENONFINITE) just as the message's counts would. */
+            if (contribute && sh.n > 0) {
+                if (kind == KIND_FORWARD)
+                    sbn_forward_sums(x, sh, l->t1, l->t2, acc1, acc2);
+                else
+                    sbn_backward_sums(x, dy, mask, l->mean, sh, l->t1, l->t2, acc1, acc2);
+            } else {
+                memset(l->t1, 0, (size_t)C * sizeof *l->t1);
+                memset(l->t2, 0, (size_t)C * sizeof *l->t2);
+            }
+            return;
+        }
+        memset(acc1, 0, (size_t)acc_words(&l->cfg) * sizeof *acc1);
+        if (contribute && sh.n > 0) {
+            if (kind == KIND_FORWARD)
+                sbn_forward_sums(x, sh, NULL, NULL, acc1, acc2);
+            else
+                sbn_backward_sums(x, dy, mask, l->mean, sh, NULL, NULL, acc1, acc2);
+        }
         int64_t *el = m + WIRE_HDR_ELEMS * SBX_WIRE_WORDS;
-        /* One rank: nothing to merge; repro_results rounds the accumulators directly
-         * (the same exact sums, so the same bits) and the data elements are not read. */
-        const int pack = l->nranks > 1;
         int64_t sp[SBX_SPECIALS] = {0};
         for (int64_t c = 0; c < C; c++) {
             int64_t *a1 = acc1 + c * W1, *a2 = acc2 + c * W2;
             for (int k = 0; k < SBX_SPECIALS; k++)
                 sp[k] += a1[SBX_LINEAR.ndigits + k] + a2[SBX_QUADRATIC.ndigits + k];
-            if (!pack)
-                continue;
             sbx_normalize(a1, SBX_LINEAR);
             sbx_normalize(a2, SBX_QUADRATIC);
             sbx_wire_pack(el + c * SBX_WIRE_WORDS, a1, SBX_LINEAR);
@@ -448,11 +460,8 @@ static int repro_results(syncbn_layer *l, int kind, int timed, double deadline)
     int over = 0;
     for (int64_t e = 0; l->nranks > 1 && e < 2 * C; e++)
         over |= el[e * SBX_WIRE_WORDS] == SBX_WIRE_OVER;
-    if (l->nranks == 1) { /* data_put packed nothing: the own accumulators are the sums */
-        for (int64_t c = 0; c < C; c++) {
-            l->t1[c] = sbx_round(l->acc + c * W1, SBX_LINEAR);
-            l->t2[c] = sbx_round(l->acc + C * W1 + c * W2, SBX_QUADRATIC);
-        }
+    if (l->nranks == 1) {
+        /* data_put rounded the sums into t1, t2 */
     } else if (over) {
         sbn_comm *sc = l->comm;
         const int64_t n = acc_words(&l->cfg);

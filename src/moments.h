@@ -45,7 +45,11 @@ typedef struct {
  * Forward sums: s1 = sum x, s2 = sum x^2 per channel.
  * FAST: acc1 == NULL; writes s1[C], s2[C] (overwritten).
  * REPRODUCIBLE: s1 == s2 == NULL; deposits into accumulators acc1[c*W1...],
- *   acc2[c*W2...] (W = sbx_words(SBX_LINEAR/QUADRATIC)), which the caller zeroed. */
+ *   acc2[c*W2...] (W = sbx_words(SBX_LINEAR/QUADRATIC)), which the caller zeroed.
+ * REPRODUCIBLE, rounded (all four given: one rank, nothing to merge): writes s1[C],
+ *   s2[C] = the exact sums rounded once, the bits sbx_round gives for the accumulators
+ *   above (NaN or +-Inf where a term was); acc1, acc2 are scratch, in any state
+ *   before, unspecified after. */
 void sbn_forward_sums(const void *x, sbn_shape sh, double *s1, double *s2, int64_t *acc1,
                       int64_t *acc2);
 

@@ -238,7 +238,7 @@ SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, 
  * whatever the blocking, so block edges and thread splits cannot change a bit. */
 #define SBN_XB_BITS 8
 #define SBN_XB (1 << SBN_XB_BITS) /* partials per block at most (K <= 2^B) */
-#define SBN_XC 32                 /* S == 1: channels per block (SBN_XB x SBN_XC floats per buffer) */
+#define SBN_XC 32                 /* S == 1: row stride of packed tail channels (pack_rows_v) */
 #define SBN_XBUF 4096             /* S > 1: doubles per buffer of partials (32 KiB) */
 _Static_assert(SBN_XB * SBN_XC * sizeof(float) <= SBN_XBUF * sizeof(double), "S == 1 rows fit the buffers");
 
@@ -331,8 +331,9 @@ typedef struct {
     int ok[32];
 } xplan;
 
-static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
-                                                            int mbits, sbx_format f, xplan *pl)
+static inline __attribute__((always_inline)) int plan_lanes_to(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
+                                                               int mbits, sbx_format f, double *s0, int32_t *E0,
+                                                               int32_t *E1, int *ok)
 {
     const int B = SBN_XB_BITS;
     int one_level = 1;
@@ -346,13 +347,26 @@ static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8
                 int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
                 lo = (ebm ? ebm : 1) - 1023 - mbits;
             }
-            pl->ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
-            if (!pl->ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
+            ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
+            if (!ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
             else if (lo < e0) one_level = 0;
-            pl->E0[l] = e0, pl->E1[l] = e1;
-            pl->s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
+            E0[l] = e0, E1[l] = e1;
+            s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
         }
     return one_level;
+}
+
+static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
+                                                            int mbits, sbx_format f, xplan *pl)
+{
+    return plan_lanes_to(nv, mx, mn, mbits, f, pl->s0, pl->E0, pl->E1, pl->ok);
+}
+
+/* The exact total T0 + T1 of a taken lane (plan E0, E1) as the integer of one deposit. */
+static inline void deposit_total(double T0, double T1, int32_t E0, int32_t E1, sbx_format f, int64_t *acc)
+{
+    const __int128 v = (__int128)scaled_int(T0, E0) * ((__int128)1 << (52 - SBN_XB_BITS)) + scaled_int(T1, E1);
+    sbx_add_scaled(acc, f, v, E1);
 }
 
 /* Pass 2 step: T0 += q0, T1 += v - q0 (or T0 += v with one level). */
@@ -374,16 +388,13 @@ static inline __attribute__((always_inline)) void deposit_lanes(int src, int nv,
                                                                 const float *dy, const double *m, int64_t ld,
                                                                 int64_t K, sbx_format f, int64_t *acc)
 {
-    const int B = SBN_XB_BITS;
     const int64_t W = sbx_words(f);
     for (int q = 0; q < nv; q++)
         for (int j = 0; j < 8; j++) {
             const int l = 8 * q + j;
             int64_t *a = acc + l * W;
             if (pl->ok[l]) {
-                __int128 v = (__int128)scaled_int(T0[q][j], pl->E0[l]) * ((__int128)1 << (52 - B)) +
-                             scaled_int(T1[q][j], pl->E1[l]);
-                sbx_add_scaled(a, f, v, pl->E1[l]);
+                deposit_total(T0[q][j], T1[q][j], pl->E0[l], pl->E1[l], f, a);
             } else {
                 for (int64_t k = 0; k < K; k++)
                     sbx_add(a, f, xs_scalar(src, p, x, dy, m, k * ld + l, l));
@@ -418,85 +429,6 @@ static inline __attribute__((always_inline)) void xblock(int src, int nv, const 
                 extract(xs_load(src, p, x, dy, m, k * ld + 8 * q, 8 * q), S0[q], 0, &T0[q], &T1[q]);
     }
     deposit_lanes(src, nv, T0, T1, &pl, p, x, dy, m, ld, K, f, acc);
-}
-
-/* Both sums of an S == 1 block of 16 channels (nv must be 2) at once (kind 0: x and
- * x^2; kind 1: dy and dy*(x-m)),
- * sharing the loads and, for x^2, pass 1: squaring is exact and monotonic in |x|, so
- * the extreme magnitudes of x^2 are the squares of those of x. */
-
-static inline __attribute__((always_inline)) void xblock_pair(int kind, int nv, const float *x, const float *dy,
-                                                              const double *m, int64_t ld, int64_t K,
-                                                              int64_t *acc1, int64_t *acc2)
-{
-    const int sa = kind ? XS_DY : XS_X, sb = kind ? XS_DYXM : XS_XX;
-    sbn_v8u mxa[2], mna[2], mxb[2] = {{0}}, mnb[2];
-    for (int q = 0; q < nv; q++)
-        mnb[q] = ~(sbn_v8u){0};
-    /* Pass 1 of the linear sum on the float bit patterns themselves, 16 lanes a vector
-     * and no conversion (widening to double is exact and keeps the order). */
-    const float *fa = kind ? dy : x;
-    sbn_v16u fmx = {0}, fmn = ~(sbn_v16u){0};
-    for (int64_t k = 0; k < K; k++) {
-        sbn_v16u b;
-        memcpy(&b, fa + k * ld, sizeof b);
-        b &= 0x7FFFFFFFu;
-#ifdef __AVX512F__
-        fmx = (sbn_v16u)_mm512_max_epu32((__m512i)b, (__m512i)fmx);
-        fmn = (sbn_v16u)_mm512_min_epu32((__m512i)(b - 1u), (__m512i)fmn);
-#else
-        sbn_v16u gt = (sbn_v16u)(b > fmx), bm = b - 1u, lt = (sbn_v16u)(bm < fmn);
-        fmx = (b & gt) | (fmx & ~gt);
-        fmn = (bm & lt) | (fmn & ~lt);
-#endif
-        if (kind)
-            for (int q = 0; q < nv; q++)
-                track(xs_load(sb, NULL, x, dy, m, k * ld + 8 * q, 8 * q), &mxb[q], &mnb[q]);
-    }
-    for (int l = 0; l < 16; l++) {
-        /* element by value: clang refuses the address of a vector element */
-        float hi, lo;
-        const uint32_t bh = fmx[l], bl = fmn[l] + 1u;
-        memcpy(&hi, &bh, sizeof hi), memcpy(&lo, &bl, sizeof lo);
-        double dh = hi, dl = lo;
-        uint64_t uh, ul;
-        memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
-        mxa[l / 8][l % 8] = uh;
-        mna[l / 8][l % 8] = fmn[l] == ~0u ? ~UINT64_C(0) : ul - 1;
-    }
-    if (!kind)
-        for (int q = 0; q < nv; q++)
-            for (int j = 0; j < 8; j++) {
-                double hi = dbl_of_bits(mxa[q][j]), lo = dbl_of_bits(mna[q][j] + 1);
-                uint64_t bh, bl;
-                hi *= hi, lo *= lo; /* NaN and Inf stay NaN and Inf */
-                memcpy(&bh, &hi, sizeof bh), memcpy(&bl, &lo, sizeof bl);
-                mxb[q][j] = bh;
-                mnb[q][j] = mna[q][j] == ~UINT64_C(0) ? mna[q][j] : bl - 1;
-            }
-    xplan pa, pb;
-    const int onea = plan_lanes(nv, mxa, mna, xs_mbits(sa), SBX_LINEAR, &pa);
-    const int oneb = plan_lanes(nv, mxb, mnb, xs_mbits(sb), SBX_QUADRATIC, &pb);
-    sbn_v8d Sa[4], Sb[4], Ta0[4] = {{0}}, Ta1[4] = {{0}}, Tb0[4] = {{0}}, Tb1[4] = {{0}};
-    memcpy(Sa, pa.s0, (size_t)nv * sizeof Sa[0]);
-    memcpy(Sb, pb.s0, (size_t)nv * sizeof Sb[0]);
-    /* The common case (one level for the linear sum, two for the quadratic one) gets its
-     * own loop; the others share a generic one. */
-#define SBN_XPAIR_LOOP(ONEA, ONEB)                                                                    \
-    for (int64_t k = 0; k < K; k++)                                                                \
-        for (int q = 0; q < nv; q++) {                                                             \
-            const int64_t o = k * ld + 8 * q;                                                      \
-            extract(xs_load(sa, NULL, x, dy, m, o, 8 * q), Sa[q], ONEA, &Ta0[q], &Ta1[q]);         \
-            extract(xs_load(sb, NULL, x, dy, m, o, 8 * q), Sb[q], ONEB, &Tb0[q], &Tb1[q]);         \
-        }
-    if (onea && !oneb) {
-        SBN_XPAIR_LOOP(1, 0)
-    } else {
-        SBN_XPAIR_LOOP(onea, oneb)
-    }
-#undef SBN_XPAIR_LOOP
-    deposit_lanes(sa, nv, Ta0, Ta1, &pa, NULL, x, dy, m, ld, K, SBX_LINEAR, acc1);
-    deposit_lanes(sb, nv, Tb0, Tb1, &pb, NULL, x, dy, m, ld, K, SBX_QUADRATIC, acc2);
 }
 
 /* Partials (k, j) of channels j < nc of one source into acc (channel 0's first). */
@@ -540,19 +472,8 @@ static void deposit_block(int src1, int src2, const double *p1, const double *p2
                           int64_t *acc2, int64_t done)
 {
     const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
-    int64_t j = 0;
-    if (src1 != XS_BUF) { /* S == 1: both sums in one pass over the rows */
-        const int kind = src1 == XS_DY;
-        for (; j + 16 <= nc; j += 16) /* 16 lanes: the 12 vectors of sums and constants stay in registers */
-            if (kind)
-                xblock_pair(1, 2, x + j, dy + j, m + j, ld, K, acc1 + j * W1, acc2 + j * W2);
-            else
-                xblock_pair(0, 2, x + j, NULL, NULL, ld, K, acc1 + j * W1, acc2 + j * W2);
-    }
-    xblock_any(src1, p1 ? p1 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
-               SBX_LINEAR, acc1 + j * W1);
-    xblock_any(src2, p2 ? p2 + j : NULL, x ? x + j : NULL, dy ? dy + j : NULL, m ? m + j : NULL, ld, K, nc - j,
-               SBX_QUADRATIC, acc2 + j * W2);
+    xblock_any(src1, p1, x, dy, m, ld, K, nc, SBX_LINEAR, acc1);
+    xblock_any(src2, p2, x, dy, m, ld, K, nc, SBX_QUADRATIC, acc2);
     if ((done + K) / SBN_RENORM_EVERY != done / SBN_RENORM_EVERY)
         for (int64_t j = 0; j < nc; j++) {
             sbx_normalize(acc1 + j * W1, SBX_LINEAR);
@@ -781,49 +702,305 @@ SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C,
     }
 }
 
-/* REPRODUCIBLE, S == 1: the rows of samples [i0, i0 + K), channels [c0, c0 + nc), as
- * floats packed SBN_XC apart (the exact blocks read floats; a bfloat16 widens
- * exactly, a masked dy is +0). */
+/* REPRODUCIBLE, S == 1, the last nc < 8 channels of a thread (below a vector of the
+ * chunks): the rows of samples [i0, i0 + K) as floats packed SBN_XC apart, for the
+ * exact blocks, which read floats (a bfloat16 widens exactly, a masked dy is +0). */
 SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
                             float *xb, float *gb)
 {
-    for (int64_t k = 0; k < K; k++) {
-        const int64_t row = (i0 + k) * C + c0;
-        if (v == 0 || v == SV_KIND) { /* float, no mask: a plain copy */
-            if (nc == SBN_XC) {         /* constant size: inlined, no libc call per row */
-                memcpy(xb + k * SBN_XC, (const float *)in->x + row, SBN_XC * sizeof *xb);
-                if (v & SV_KIND)
-                    memcpy(gb + k * SBN_XC, (const float *)in->dy + row, SBN_XC * sizeof *gb);
-            } else {
-                memcpy(xb + k * SBN_XC, (const float *)in->x + row, (size_t)nc * sizeof *xb);
-                if (v & SV_KIND)
-                    memcpy(gb + k * SBN_XC, (const float *)in->dy + row, (size_t)nc * sizeof *gb);
-            }
-            continue;
-        }
-        int64_t j = 0;
-        for (; j + 8 <= nc; j += 8) { /* widened exactly; masked dy is +0 */
-            const sbn_v8f u = sbn_ldf8(SV_DT(v), in->x, row + j);
-            memcpy(xb + k * SBN_XC + j, &u, sizeof u);
-            if (v & SV_KIND) {
-                sbn_v8f g = sbn_ldf8(SV_DT(v), in->dy, row + j);
-                if (v & SV_RELU)
-                    g = sbn_keep_bits_f(g, sbn_mask8(in->mask, row + j));
-                memcpy(gb + k * SBN_XC + j, &g, sizeof g);
-            }
-        }
-        for (; j < nc; j++) {
-            xb[k * SBN_XC + j] = (float)sv_x1(v, in, row + j);
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t e = (i0 + k) * C + c0 + j;
+            xb[k * SBN_XC + j] = (float)sv_x1(v, in, e);
             if (v & SV_KIND)
-                gb[k * SBN_XC + j] = (float)sv_g1(v, in, row + j);
+                gb[k * SBN_XC + j] = (float)sv_g1(v, in, e);
+        }
+}
+
+/* ---- REPRODUCIBLE, S == 1: a chunk of channels, walked row after row ----
+ * The exact blocks need each channel's extreme magnitudes before its sums: pass 1,
+ * the plan, pass 2. With S == 1 a channel's K terms lie C elements apart, so walking
+ * a few channels down all K rows reads 64-128 bytes from each of K rows: K streams
+ * that defeat the prefetchers, from rows that share L1 sets when C is a power of two
+ * (packing them first into a contiguous buffer was measured at about half the time
+ * of the S == 1 sums). Instead a chunk of up to SBN_S1_CW channels is walked row after
+ * row, each row a run of contiguous cache lines, twice (the chunk's K rows, 256 KiB
+ * at most, stay in L2 between the passes): pass 1 keeps each channel's extremes,
+ * pass 2 its extraction sums T0, T1, in arrays of the chunk (s1_work, in L1), read
+ * and written once per SBN_S1_R rows. Lane by lane the arithmetic is that of the
+ * exact block deposits above (the same tracking, plan_lanes, extraction and
+ * deposit), so their exactness argument applies unchanged (a lane not taken deposits
+ * its terms one by one with sbx_add), and the accumulated integer, hence every bit,
+ * is the same as with any other blocking. tests/test_moments.c checks the words
+ * against an independent big integer on adversarial channels. */
+#define SBN_S1_CW 256 /* channels per chunk */
+#define SBN_S1_R 4    /* rows per sweep */
+
+typedef struct {
+    uint32_t fmx[SBN_S1_CW], fmn[SBN_S1_CW]; /* pass 1, linear term: |float| bits, max and min - 1 */
+    uint64_t qmx[SBN_S1_CW], qmn[SBN_S1_CW]; /* pass 1, backward quadratic term: |double| bits */
+    double sa[SBN_S1_CW], sb[SBN_S1_CW];     /* plans: extraction constants, */
+    int32_t ea0[SBN_S1_CW], ea1[SBN_S1_CW], eb0[SBN_S1_CW], eb1[SBN_S1_CW]; /* grids, */
+    int oka[SBN_S1_CW], okb[SBN_S1_CW];                                     /* lanes taken */
+    double ta0[SBN_S1_CW], ta1[SBN_S1_CW], tb0[SBN_S1_CW], tb1[SBN_S1_CW]; /* pass 2 sums */
+} s1_work;
+
+/* The linear term (x, or g) and the quadratic one (x^2, or g (x - m)) of 8 channels
+ * of one row, from element i: the same operations as xs_load's on packed rows (a
+ * bfloat16 widens exactly, a masked g is +0). */
+SBN_INLINE void s1_terms8(int v, const sv_in *in, int64_t i, sbn_v8d m, sbn_v8f *lin, sbn_v8d *a, sbn_v8d *b)
+{
+    const sbn_v8f u = sbn_ldf8(SV_DT(v), in->x, i);
+    if (!(v & SV_KIND)) {
+        *lin = u;
+        *a = sbn_f8_to_d8(u);
+        *b = *a * *a;
+        return;
+    }
+    sbn_v8f g = sbn_ldf8(SV_DT(v), in->dy, i);
+    if (v & SV_RELU)
+        g = sbn_keep_bits_f(g, sbn_mask8(in->mask, i));
+    *lin = g;
+    *a = sbn_f8_to_d8(g);
+    *b = *a * (sbn_f8_to_d8(u) - m);
+}
+
+/* The same terms of one element, for a lane not taken. */
+SBN_INLINE double s1_term1(int v, const sv_in *in, int64_t i, int64_t c, int quad)
+{
+    if (!(v & SV_KIND)) {
+        const double u = sv_x1(v, in, i);
+        return quad ? u * u : u;
+    }
+    const double g = sv_g1(v, in, i);
+    return quad ? g * (sv_x1(v, in, i) - in->mean[c]) : g;
+}
+
+SBN_INLINE sbn_v8w s1_max32(sbn_v8w a, sbn_v8w b)
+{
+#ifdef __AVX2__
+    return (sbn_v8w)_mm256_max_epu32((__m256i)a, (__m256i)b);
+#else
+    const sbn_v8w gt = (sbn_v8w)(a > b);
+    return (a & gt) | (b & ~gt);
+#endif
+}
+
+SBN_INLINE sbn_v8w s1_min32(sbn_v8w a, sbn_v8w b)
+{
+#ifdef __AVX2__
+    return (sbn_v8w)_mm256_min_epu32((__m256i)a, (__m256i)b);
+#else
+    const sbn_v8w lt = (sbn_v8w)(a < b);
+    return (a & lt) | (b & ~lt);
+#endif
+}
+
+/* Pass 1 over R rows from row i (R a compile-time constant), channels [c0, c0 + nc)
+ * (nc a multiple of 8). */
+SBN_INLINE void s1_sweep1(int v, int R, const sv_in *in, int64_t C, int64_t i, int64_t c0, int64_t nc, s1_work *w)
+{
+    for (int64_t j = 0; j < nc; j += 8) {
+        sbn_v8w mx, mn;
+        sbn_v8u qx = {0}, qn = {0};
+        sbn_v8d m = {0};
+        memcpy(&mx, w->fmx + j, sizeof mx), memcpy(&mn, w->fmn + j, sizeof mn);
+        if (v & SV_KIND) {
+            memcpy(&qx, w->qmx + j, sizeof qx), memcpy(&qn, w->qmn + j, sizeof qn);
+            m = sbn_loadd8(in->mean + c0 + j);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const int64_t e = (i + r) * C + c0 + j;
+            if (!(v & SV_KIND)) {
+                const sbn_v8w b = (sbn_v8w)sbn_ldf8(SV_DT(v), in->x, e) & 0x7FFFFFFFu;
+                mx = s1_max32(b, mx), mn = s1_min32(b - 1u, mn);
+            } else {
+                sbn_v8f lin;
+                sbn_v8d a, b;
+                s1_terms8(v, in, e, m, &lin, &a, &b);
+                const sbn_v8w fb = (sbn_v8w)lin & 0x7FFFFFFFu;
+                mx = s1_max32(fb, mx), mn = s1_min32(fb - 1u, mn);
+                track(b, &qx, &qn);
+            }
+        }
+        memcpy(w->fmx + j, &mx, sizeof mx), memcpy(w->fmn + j, &mn, sizeof mn);
+        if (v & SV_KIND)
+            memcpy(w->qmx + j, &qx, sizeof qx), memcpy(w->qmn + j, &qn, sizeof qn);
+    }
+}
+
+SBN_INLINE void s1_pass1(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
+                         s1_work *w)
+{
+    for (int64_t j = 0; j < nc; j += 8) {
+        const sbn_v8w z = {0}, ones = ~z;
+        memcpy(w->fmx + j, &z, sizeof z), memcpy(w->fmn + j, &ones, sizeof ones);
+        if (v & SV_KIND) {
+            const sbn_v8u zq = {0}, onesq = ~zq;
+            memcpy(w->qmx + j, &zq, sizeof zq), memcpy(w->qmn + j, &onesq, sizeof onesq);
         }
     }
+    int64_t k = 0;
+    for (; k + SBN_S1_R <= K; k += SBN_S1_R)
+        s1_sweep1(v, SBN_S1_R, in, C, i0 + k, c0, nc, w);
+    for (; k < K; k++)
+        s1_sweep1(v, 1, in, C, i0 + k, c0, nc, w);
+}
+
+/* The plans of both sums from pass 1; returns whether
+ * every taken lane of the chunk needs one extraction level only, per sum (bit 0:
+ * linear, bit 1: quadratic). */
+static int s1_plan(int kind, int64_t nc, s1_work *w)
+{
+    int onea = 1, oneb = 1;
+    for (int64_t j = 0; j < nc; j += 8) {
+        sbn_v8u mxa, mna, mxb, mnb;
+        for (int l = 0; l < 8; l++) {
+            float hi, lo;
+            const uint32_t bh = w->fmx[j + l], bl = w->fmn[j + l] + 1u;
+            memcpy(&hi, &bh, sizeof hi), memcpy(&lo, &bl, sizeof lo);
+            double dh = hi, dl = lo; /* exact and monotonic: the extremes of the widened terms */
+            uint64_t uh, ul;
+            memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
+            mxa[l] = uh;
+            mna[l] = w->fmn[j + l] == ~0u ? ~UINT64_C(0) : ul - 1;
+            if (kind) {
+                mxb[l] = w->qmx[j + l], mnb[l] = w->qmn[j + l];
+            } else { /* squaring is exact and monotonic in |x| */
+                dh *= dh, dl *= dl;
+                memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
+                mxb[l] = uh;
+                mnb[l] = mna[l] == ~UINT64_C(0) ? mna[l] : ul - 1;
+            }
+        }
+        onea &= plan_lanes_to(1, &mxa, &mna, xs_mbits(kind ? XS_DY : XS_X), SBX_LINEAR, w->sa + j, w->ea0 + j,
+                              w->ea1 + j, w->oka + j);
+        oneb &= plan_lanes_to(1, &mxb, &mnb, xs_mbits(kind ? XS_DYXM : XS_XX), SBX_QUADRATIC, w->sb + j,
+                              w->eb0 + j, w->eb1 + j, w->okb + j);
+    }
+    return onea | oneb << 1;
+}
+
+/* Pass 2 over R rows from row i: the extraction sums of both terms (one level or
+ * two, per sum). */
+SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, const sv_in *in, int64_t C, int64_t i, int64_t c0,
+                          int64_t nc, s1_work *w)
+{
+    for (int64_t j = 0; j < nc; j += 8) {
+        sbn_v8d ta0, ta1, tb0, tb1, sa, sb, m = {0};
+        memcpy(&ta0, w->ta0 + j, sizeof ta0), memcpy(&ta1, w->ta1 + j, sizeof ta1);
+        memcpy(&tb0, w->tb0 + j, sizeof tb0), memcpy(&tb1, w->tb1 + j, sizeof tb1);
+        memcpy(&sa, w->sa + j, sizeof sa), memcpy(&sb, w->sb + j, sizeof sb);
+        if (v & SV_KIND)
+            m = sbn_loadd8(in->mean + c0 + j);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            sbn_v8f lin;
+            sbn_v8d a, b;
+            s1_terms8(v, in, (i + r) * C + c0 + j, m, &lin, &a, &b);
+            extract(a, sa, onea, &ta0, &ta1);
+            extract(b, sb, oneb, &tb0, &tb1);
+        }
+        memcpy(w->ta0 + j, &ta0, sizeof ta0), memcpy(w->ta1 + j, &ta1, sizeof ta1);
+        memcpy(w->tb0 + j, &tb0, sizeof tb0), memcpy(w->tb1 + j, &tb1, sizeof tb1);
+    }
+}
+
+SBN_INLINE void s1_pass2(int v, int onea, int oneb, const sv_in *in, int64_t C, int64_t i0, int64_t K,
+                         int64_t c0, int64_t nc, s1_work *w)
+{
+    for (int64_t j = 0; j < nc; j += 8) {
+        const sbn_v8d z = {0};
+        memcpy(w->ta0 + j, &z, sizeof z), memcpy(w->ta1 + j, &z, sizeof z);
+        memcpy(w->tb0 + j, &z, sizeof z), memcpy(w->tb1 + j, &z, sizeof z);
+    }
+    int64_t k = 0;
+    for (; k + SBN_S1_R <= K; k += SBN_S1_R)
+        s1_sweep2(v, SBN_S1_R, onea, oneb, in, C, i0 + k, c0, nc, w);
+    for (; k < K; k++)
+        s1_sweep2(v, 1, onea, oneb, in, C, i0 + k, c0, nc, w);
+}
+
+/* Deposits the chunk's totals: a taken lane's as one exact integer, the others'
+ * terms one by one. Rounded (r1 != NULL: the chunk's rows are the whole batch, and
+ * the caller wants each sum rounded once, not accumulated): a taken lane's sum is
+ * T0 + T1 in double, which IS the exact sum rounded once, as sbx_round would round
+ * it: T0 and T1 are doubles whose exact sum is the block's (the exactness argument
+ * above), and an IEEE addition returns its operands' exact sum rounded to nearest,
+ * ties to even, with no double rounding; a subnormal sum of two doubles is exact;
+ * the sum cannot overflow (the plan keeps it below 2^(lsb + 32 ndigits) <= 2^384);
+ * and an exact zero is +0 either way (T0 and T1 start at +0 and never become -0: a
+ * sum with +0 or a cancelling sum is +0 when rounding to nearest). A lane not taken
+ * is summed into its (zeroed) accumulator and rounded by sbx_round. */
+SBN_INLINE void s1_deposit(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
+                           const s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
+{
+    const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+    for (int64_t j = 0; j < nc; j++) {
+        int64_t *a1 = acc1 + j * W1, *a2 = acc2 + j * W2;
+        if (w->oka[j] && r1) {
+            r1[j] = w->ta0[j] + w->ta1[j];
+        } else if (w->oka[j]) {
+            deposit_total(w->ta0[j], w->ta1[j], w->ea0[j], w->ea1[j], SBX_LINEAR, a1);
+        } else {
+            if (r1)
+                sbx_zero(a1, SBX_LINEAR);
+            for (int64_t k = 0; k < K; k++)
+                sbx_add(a1, SBX_LINEAR, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 0));
+            if (r1)
+                r1[j] = sbx_round(a1, SBX_LINEAR);
+        }
+        if (w->okb[j] && r2) {
+            r2[j] = w->tb0[j] + w->tb1[j];
+        } else if (w->okb[j]) {
+            deposit_total(w->tb0[j], w->tb1[j], w->eb0[j], w->eb1[j], SBX_QUADRATIC, a2);
+        } else {
+            if (r2)
+                sbx_zero(a2, SBX_QUADRATIC);
+            for (int64_t k = 0; k < K; k++)
+                sbx_add(a2, SBX_QUADRATIC, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 1));
+            if (r2)
+                r2[j] = sbx_round(a2, SBX_QUADRATIC);
+        }
+    }
+}
+
+/* Both sums of rows [i0, i0 + K) (K <= SBN_XB), channels [c0, c0 + nc), nc a multiple
+ * of 8 and at most SBN_S1_CW, into acc1, acc2 (channel c0's first); or, when r1 is not
+ * NULL (K rows are the whole batch), rounded into r1, r2 (acc1, acc2 as scratch). */
+SBN_INLINE void s1_chunk_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
+                           s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
+{
+    s1_pass1(v, in, C, i0, K, c0, nc, w);
+    const int one = s1_plan(v & SV_KIND, nc, w);
+    if (one == 1) /* the common case: one level for the linear sum, two for the quadratic one */
+        s1_pass2(v, 1, 0, in, C, i0, K, c0, nc, w);
+    else
+        s1_pass2(v, one & 1, one >> 1, in, C, i0, K, c0, nc, w);
+    s1_deposit(v, in, C, i0, K, c0, nc, w, acc1, acc2, r1, r2);
 }
 
 static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, int64_t *acc1, int64_t *acc2)
 {
     const int64_t n = sh.n, C = sh.C, S = sh.S;
     const int kind = v & SV_KIND;
+    /* NHWC with narrow rows: split samples (below). */
+    const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
+    const int split = T > 1 && n >= T && C * sbn_esize(sh.dt) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX;
+    /* REPRODUCIBLE, rounded (moments.h): S == 1 batches of one block per channel round
+     * their blocks directly (s1_deposit); the rest accumulate, then round. */
+    const int direct = acc1 && s1 && S == 1 && n <= SBN_XB && !split;
+    if (acc1 && s1 && !direct) {
+        memset(acc1, 0, (size_t)(C * sbx_words(SBX_LINEAR)) * sizeof *acc1);
+        memset(acc2, 0, (size_t)(C * sbx_words(SBX_QUADRATIC)) * sizeof *acc2);
+        sums(v, in, sh, NULL, NULL, acc1, acc2);
+        for (int64_t c = 0; c < C; c++) {
+            s1[c] = sbx_round(acc1 + c * sbx_words(SBX_LINEAR), SBX_LINEAR);
+            s2[c] = sbx_round(acc2 + c * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+        }
+        return;
+    }
     if (!acc1)
         for (int64_t c = 0; c < C; c++)
             s1[c] = 0, s2[c] = 0;
@@ -867,8 +1044,7 @@ static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, i
      * SAMPLES instead: each per-sample partial is still computed by one thread in
      * the same order, stored, and combined per channel in sample order afterwards,
      * so every sum is the same as with the channel split. */
-    const int T = n * C * S >= SBN_OMP_MIN_WORK ? omp_get_max_threads() : 1;
-    if (T > 1 && n >= T && C * sbn_esize(sh.dt) < SBN_ROW_SPLIT_BYTES * T && n * C <= SBN_PART_MAX) {
+    if (split) {
         double part[2 * SBN_PART_MAX]; /* [2][n][C]: p1 then p2 */
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < n; i++)
@@ -897,24 +1073,51 @@ static void sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *s2, i
             int64_t t0, t1;
             thread_channels(C, SBN_LANES, &t0, &t1);
             double b1[SBN_XBUF], b2[SBN_XBUF]; /* partials, or (S == 1) packed rows as floats */
+            if (S == 1) {
+                s1_work w;
+                const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
+                for (int64_t c0 = t0; c0 < t1; c0 += SBN_S1_CW) {
+                    const int64_t nc = (t1 - c0 < SBN_S1_CW ? t1 - c0 : SBN_S1_CW) / 8 * 8;
+                    for (int64_t i0 = 0; i0 < n && nc; i0 += SBN_XB) {
+                        const int64_t K = n - i0 < SBN_XB ? n - i0 : SBN_XB;
+#define SBN_S1(V) \
+    s1_chunk_v(V, in, C, i0, K, c0, nc, &w, acc1 + c0 * W1, acc2 + c0 * W2, direct ? s1 + c0 : NULL, direct ? s2 + c0 : NULL)
+                        SV_DISPATCH(v, SBN_S1)
+#undef SBN_S1
+                        if ((i0 + K) / SBN_RENORM_EVERY != i0 / SBN_RENORM_EVERY)
+                            for (int64_t j = c0; j < c0 + nc; j++) {
+                                sbx_normalize(acc1 + j * W1, SBX_LINEAR);
+                                sbx_normalize(acc2 + j * W2, SBX_QUADRATIC);
+                            }
+                    }
+                    if (nc < SBN_S1_CW)
+                        break; /* the rest of this thread's channels, fewer than 8: below */
+                }
+            }
             const int64_t cstep = S == 1 ? SBN_XC : SBN_CBLOCK;
-            for (int64_t c0 = t0; c0 < t1; c0 += cstep) {
+            for (int64_t c0 = S == 1 ? t0 + (t1 - t0) / 8 * 8 : t0; c0 < t1; c0 += cstep) {
                 const int64_t c1 = c0 + cstep < t1 ? c0 + cstep : t1, nc = c1 - c0;
                 const int64_t kmax = S == 1 || nc * SBN_XB <= SBN_XBUF ? SBN_XB : SBN_XBUF / nc;
                 int64_t *a1 = acc1 + c0 * sbx_words(SBX_LINEAR), *a2 = acc2 + c0 * sbx_words(SBX_QUADRATIC);
                 for (int64_t i0 = 0; i0 < n; i0 += kmax) {
                     const int64_t K = n - i0 < kmax ? n - i0 : kmax;
-                    if (S == 1) {
-                        /* The partials are the elements' terms themselves. The block's
-                         * rows are first packed contiguously: read in place, rows C
-                         * elements apart would alias in the L1 sets (C is often a power
-                         * of two) and be fetched from L2 on each pass. */
+                    if (S == 1) { /* fewer than 8 channels: packed, then the exact blocks */
                         float *xb = (float *)b1, *gb = (float *)b2;
+                        if (direct) /* the whole batch in one block: zeroed here, rounded below */
+                            for (int64_t j = 0; j < nc; j++) {
+                                sbx_zero(a1 + j * sbx_words(SBX_LINEAR), SBX_LINEAR);
+                                sbx_zero(a2 + j * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+                            }
 #define SBN_PACK(V) pack_rows_v(V, in, C, i0, K, c0, nc, xb, gb)
                         SV_DISPATCH(v, SBN_PACK)
 #undef SBN_PACK
                         deposit_block(kind ? XS_DY : XS_X, kind ? XS_DYXM : XS_XX, NULL, NULL, xb, gb,
                                       kind ? in->mean + c0 : NULL, SBN_XC, K, nc, a1, a2, i0);
+                        if (direct)
+                            for (int64_t j = 0; j < nc; j++) {
+                                s1[c0 + j] = sbx_round(a1 + j * sbx_words(SBX_LINEAR), SBX_LINEAR);
+                                s2[c0 + j] = sbx_round(a2 + j * sbx_words(SBX_QUADRATIC), SBX_QUADRATIC);
+                            }
                         continue;
                     }
                     for (int64_t k = 0; k < K; k++)

@@ -6,9 +6,11 @@
  * References are computed here, independently of the kernels: long double sums of the
  * terms (FAST, within a bound on the rounding of double sums), exact integer totals
  * for integer-valued data (both modes, compared bit for bit), and the IEEE rules for
- * infinities. Every case runs at 1 and 2 OpenMP threads, whose results must be the
+ * infinities, and for the exact S == 1 blocks a big integer (tests/exactref.h)
+ * holding each channel's exact sum. Every case runs at 1 and 2 OpenMP threads, whose results must be the
  * same bits.
  */
+#include "exactref.h"
 #include "exactsum.h"
 #include "moments.h"
 #include "simd.h"
@@ -231,6 +233,17 @@ static void run_both(int kind, const void *x, const void *dy, const uint8_t *mas
     }
 }
 
+/* Element e of x and dy: fx and fg, as floats or as bfloat16 (their top 16 bits). */
+static void put_pair(int bf16, void *x, void *dy, int64_t e, float fx, float fg)
+{
+    uint32_t bx, bg;
+    memcpy(&bx, &fx, 4), memcpy(&bg, &fg, 4);
+    if (bf16)
+        ((uint16_t *)x)[e] = (uint16_t)(bx >> 16), ((uint16_t *)dy)[e] = (uint16_t)(bg >> 16);
+    else
+        ((float *)x)[e] = fx, ((float *)dy)[e] = fg;
+}
+
 START_TEST(sums_fast_order_every_type)
 {
     /* Small shapes stay on one thread; the large ones take each threaded path:
@@ -262,12 +275,7 @@ START_TEST(sums_fast_order_every_type)
                                  (hx & 4096 ? -1 : 1);
                 const float fg = (float)ldexp((double)(hg >> 40) / (1 << 24) + 1, (int)(hg % 41) - 20) *
                                  (hg & 4096 ? -1 : 1);
-                uint32_t bx, bg;
-                memcpy(&bx, &fx, 4), memcpy(&bg, &fg, 4);
-                if (bf16)
-                    ((uint16_t *)x)[e] = (uint16_t)(bx >> 16), ((uint16_t *)dy)[e] = (uint16_t)(bg >> 16);
-                else
-                    ((float *)x)[e] = fx, ((float *)dy)[e] = fg;
+                put_pair(bf16, x, dy, e, fx, fg);
             }
             for (int64_t b = 0; b < E / 8 + 2; b++)
                 mask[b] = (uint8_t)tu_hash(key++);
@@ -305,6 +313,138 @@ START_TEST(sums_fast_order_every_type)
                 free(ref1), free(ref2), free(abs1), free(abs2);
             }
             free(xbuf), free(dybuf), free(mask), free(mean);
+        }
+}
+END_TEST
+
+/* ---- REPRODUCIBLE, S == 1: every exact path against an independent big integer ----
+ * The S == 1 sums deposit a chunk of channels block by block: a lane whose block
+ * passes the plan as one exact integer (one or two extraction levels), the others'
+ * terms one by one (sums.c). Whichever way, the normalized accumulator must hold the
+ * exact sum of the terms (tests/exactref.h, which shares no code with the library)
+ * and count each NaN, +Inf and -Inf term. Channels are adversarial by pattern:
+ * ordinary data, massive cancellation (+-2^100 pairs around a tiny rest), both edges
+ * of the float range together (denormals next to 2^127: the block takes the
+ * fallback), sums that land exactly on a tie between two doubles (and a bit below
+ * one that breaks it), NaN, +Inf, both infinities, signed zeros, the limit of one
+ * extraction level (24-bit values spread over 2^-21 .. 2^0, and over 2^-40 .. 2^40),
+ * denormals alone, and a constant. Shapes cross the chunk width (256 channels),
+ * the block length (256 samples), and leave a tail of fewer than 8 channels; 1 and
+ * 2 threads, f32 and bf16, forward, backward, and backward through the ReLU mask. */
+enum { ADV_PATTERNS = 13 };
+
+static float adv_value(int pattern, int64_t i, int64_t n, uint64_t h)
+{
+    const float sgn = h & 1 ? -1.0f : 1.0f;
+    const float mant = (float)(1 + (double)(h >> 40) / (1 << 24)); /* 24 bits in [1, 2) */
+    switch (pattern) {
+    case 0: return (float)tu_normal(h);
+    case 1: return i == n - 1 ? 0x1.8p-130f : (i & 1 ? -0x1.000002p100f : 0x1.000002p100f);
+    case 2: return i % 3 == 0 ? 0x1p-149f * (float)(h % 7) : i % 3 == 1 ? sgn * 0x1.fffffep127f : sgn * 0x1p-126f;
+    case 3: return i == 0 ? 1.0f : i == 1 ? 0x1p-53f : 0.0f;
+    case 4: return i == 0 ? 1.0f : i == 1 ? 0x1p-53f : i == 2 ? 0x1p-90f : 0.0f;
+    case 5: return i == n / 2 ? NAN : (float)tu_normal(h);
+    case 6: return i == n / 3 ? INFINITY : (float)tu_normal(h);
+    case 7: return i == n / 3 ? INFINITY : i == n / 2 ? -INFINITY : 1.0f;
+    case 8: return h & 2 ? -0.0f : 0.0f;
+    case 9: return sgn * ldexpf(mant, -(int)(h % 22));
+    case 10: return sgn * ldexpf(mant, (int)(h % 81) - 40);
+    case 11: return sgn * 0x1p-149f * (float)(h % 1000);
+    default: return 0.75f;
+    }
+}
+
+START_TEST(sums_s1_exact_adversarial)
+{
+    const struct { int64_t n, C; int layout; } cases[] = {
+        {256, 264, SYNCBN_NCHW}, {300, 45, SYNCBN_NHWC}, {5, 24, SYNCBN_NCHW}, {513, 16, SYNCBN_NHWC},
+    };
+    const sbx_format F[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    uint64_t key = 7;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            const sbn_shape sh = {.n = cases[ci].n, .C = cases[ci].C, .S = 1, .layout = cases[ci].layout,
+                                  .dt = bf16 ? SYNCBN_BF16 : SYNCBN_F32};
+            const int64_t n = sh.n, C = sh.C, E = n * C, es = bf16 ? 2 : 4;
+            const int64_t W[2] = {sbx_words(SBX_LINEAR), sbx_words(SBX_QUADRATIC)};
+            char *x = malloc(E * es), *dy = malloc(E * es);
+            uint8_t *mask = malloc(mask_bytes(E));
+            double *mean = malloc(C * sizeof *mean);
+            ck_assert(x && dy && mask && mean);
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t c = 0; c < C; c++) {
+                    const float fx = adv_value((int)(c % ADV_PATTERNS), i, n, tu_hash(key++));
+                    const float fg = adv_value((int)((c / ADV_PATTERNS + c) % ADV_PATTERNS), i, n, tu_hash(key++));
+                    put_pair(bf16, x, dy, at(sh, i, c, 0), fx, fg);
+                }
+            for (int64_t b = 0; b < E / 8 + 2; b++)
+                mask[b] = (uint8_t)tu_hash(key++);
+            for (int64_t c = 0; c < C; c++) /* x - m rounds (1/3), cancels (2^100), or is exact */
+                mean[c] = c % 3 == 0 ? 1.0 / 3 : c % 3 == 1 ? 0x1p100 : 0.0;
+            for (int variant = 0; variant < 3; variant++) {
+                const int kind = variant > 0;
+                const uint8_t *mk = variant == 2 ? mask : NULL;
+                /* the reference: each channel's terms, exactly; non-finite ones counted */
+                ref_t *ref = calloc(2 * C, sizeof *ref);
+                int64_t *spec = calloc(2 * C * SBX_SPECIALS, sizeof *spec);
+                ck_assert(ref && spec);
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t i = 0; i < n; i++)
+                        for (int q = 0; q < 2; q++) {
+                            const double t = term(kind, q, bf16, x, dy, mk, mean, c, at(sh, i, c, 0));
+                            if (isfinite(t))
+                                ref_add(&ref[q * C + c], t);
+                            else
+                                spec[(q * C + c) * SBX_SPECIALS + (isnan(t) ? 0 : t > 0 ? 1 : 2)]++;
+                        }
+                for (int threads = 1; threads <= 2; threads++) {
+                    int64_t *a[2] = {calloc(C * W[0], sizeof(int64_t)), calloc(C * W[1], sizeof(int64_t))};
+                    ck_assert(a[0] && a[1]);
+                    omp_set_num_threads(threads);
+                    if (kind)
+                        sbn_backward_sums(x, dy, mk, mean, sh, NULL, NULL, a[0], a[1]);
+                    else
+                        sbn_forward_sums(x, sh, NULL, NULL, a[0], a[1]);
+                    /* the rounded mode (one rank), its scratch accumulators full of garbage */
+                    double *r[2] = {malloc(C * sizeof(double)), malloc(C * sizeof(double))};
+                    int64_t *scratch[2] = {malloc(C * W[0] * sizeof(int64_t)), malloc(C * W[1] * sizeof(int64_t))};
+                    ck_assert(r[0] && r[1] && scratch[0] && scratch[1]);
+                    memset(scratch[0], 0x5A, C * W[0] * sizeof(int64_t));
+                    memset(scratch[1], 0xA5, C * W[1] * sizeof(int64_t));
+                    if (kind)
+                        sbn_backward_sums(x, dy, mk, mean, sh, r[0], r[1], scratch[0], scratch[1]);
+                    else
+                        sbn_forward_sums(x, sh, r[0], r[1], scratch[0], scratch[1]);
+                    for (int q = 0; q < 2; q++)
+                        for (int64_t c = 0; c < C; c++) {
+                            int64_t *acc = a[q] + c * W[q], want[64];
+                            sbx_normalize(acc, F[q]);
+                            ref_words(&ref[q * C + c], F[q], want);
+                            const int64_t *sp = spec + (q * C + c) * SBX_SPECIALS;
+                            ck_assert_msg(!memcmp(acc, want, F[q].ndigits * sizeof *acc) &&
+                                              !memcmp(acc + F[q].ndigits, sp, SBX_SPECIALS * sizeof *acc),
+                                          "S == 1 exact: case %zu bf16=%d variant=%d threads=%d sum %d channel "
+                                          "%lld (pattern %lld)",
+                                          ci, bf16, variant, threads, q, (long long)c, (long long)(c % ADV_PATTERNS));
+                            /* rounded: the reference's own rounding where it applies (a
+                             * normal or zero result, no special term), else sbx_round's */
+                            double expect = sbx_round(acc, F[q]);
+                            if (!sp[0] && !sp[1] && !sp[2]) {
+                                const double rr = ref_round_any(&ref[q * C + c]);
+                                if (rr == 0 || fabs(rr) >= DBL_MIN)
+                                    expect = rr;
+                            }
+                            ck_assert_msg(same_bits(&r[q][c], &expect, 1),
+                                          "S == 1 rounded: case %zu bf16=%d variant=%d threads=%d sum %d channel "
+                                          "%lld (pattern %lld): %a, want %a",
+                                          ci, bf16, variant, threads, q, (long long)c, (long long)(c % ADV_PATTERNS),
+                                          r[q][c], expect);
+                        }
+                    free(a[0]), free(a[1]), free(r[0]), free(r[1]), free(scratch[0]), free(scratch[1]);
+                }
+                free(ref), free(spec);
+            }
+            free(x), free(dy), free(mask), free(mean);
         }
 }
 END_TEST
@@ -452,6 +592,7 @@ static Suite *moments_suite(void)
     tcase_add_test(tc, nonfinite_mean_masked_positions);
     tcase_add_test(tc, sums_fast_order_every_type);
     tcase_add_test(tc, sums_bf16_exact_integers);
+    tcase_add_test(tc, sums_s1_exact_adversarial);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
     TCase *tr = tcase_create("rounding");
