@@ -933,36 +933,33 @@ SBN_INLINE void s1_pass2(int v, int onea, int oneb, const sv_in *in, int64_t C, 
  * and an exact zero is +0 either way (T0 and T1 start at +0 and never become -0: a
  * sum with +0 or a cancelling sum is +0 when rounding to nearest). A lane not taken
  * is summed into its (zeroed) accumulator and rounded by sbx_round. */
+SBN_INLINE void s1_deposit_sum(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c, int quad,
+                               int ok, double t0, double t1, int32_t e0, int32_t e1, int64_t *a, double *r)
+{
+    const sbx_format f = quad ? SBX_QUADRATIC : SBX_LINEAR;
+    if (ok && r) {
+        *r = t0 + t1;
+    } else if (ok) {
+        deposit_total(t0, t1, e0, e1, f, a);
+    } else {
+        if (r)
+            sbx_zero(a, f);
+        for (int64_t k = 0; k < K; k++)
+            sbx_add(a, f, s1_term1(v, in, (i0 + k) * C + c, c, quad));
+        if (r)
+            *r = sbx_round(a, f);
+    }
+}
+
 SBN_INLINE void s1_deposit(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
                            const s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
     const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
     for (int64_t j = 0; j < nc; j++) {
-        int64_t *a1 = acc1 + j * W1, *a2 = acc2 + j * W2;
-        if (w->oka[j] && r1) {
-            r1[j] = w->ta0[j] + w->ta1[j];
-        } else if (w->oka[j]) {
-            deposit_total(w->ta0[j], w->ta1[j], w->ea0[j], w->ea1[j], SBX_LINEAR, a1);
-        } else {
-            if (r1)
-                sbx_zero(a1, SBX_LINEAR);
-            for (int64_t k = 0; k < K; k++)
-                sbx_add(a1, SBX_LINEAR, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 0));
-            if (r1)
-                r1[j] = sbx_round(a1, SBX_LINEAR);
-        }
-        if (w->okb[j] && r2) {
-            r2[j] = w->tb0[j] + w->tb1[j];
-        } else if (w->okb[j]) {
-            deposit_total(w->tb0[j], w->tb1[j], w->eb0[j], w->eb1[j], SBX_QUADRATIC, a2);
-        } else {
-            if (r2)
-                sbx_zero(a2, SBX_QUADRATIC);
-            for (int64_t k = 0; k < K; k++)
-                sbx_add(a2, SBX_QUADRATIC, s1_term1(v, in, (i0 + k) * C + c0 + j, c0 + j, 1));
-            if (r2)
-                r2[j] = sbx_round(a2, SBX_QUADRATIC);
-        }
+        s1_deposit_sum(v, in, C, i0, K, c0 + j, 0, w->oka[j], w->ta0[j], w->ta1[j], w->ea0[j], w->ea1[j],
+                       acc1 + j * W1, r1 ? r1 + j : NULL);
+        s1_deposit_sum(v, in, C, i0, K, c0 + j, 1, w->okb[j], w->tb0[j], w->tb1[j], w->eb0[j], w->eb1[j],
+                       acc2 + j * W2, r2 ? r2 + j : NULL);
     }
 }
 
