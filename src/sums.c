@@ -331,34 +331,49 @@ typedef struct {
     int ok[32];
 } xplan;
 
-/* el, lol (may be NULL): each lane's e (every |v| < 2^e) and lo (every v a multiple of
- * 2^lo), for checking a plan against other data (s1_verify). A lane counts as needing
- * one level only if lo - margin >= e0: margin > 0 leaves room for values not yet seen. */
+/* The plan of 8 lanes (vector code: the same integer steps for every lane). el, lol
+ * (may be NULL): each lane's e (every |v| < 2^e) and lo (every v a multiple of 2^lo),
+ * for checking a plan against other data (s1_verify). A lane counts as needing one
+ * level only if lo - margin >= e0: margin > 0 leaves room for values not yet seen. */
+static inline __attribute__((always_inline)) int plan8(sbn_v8u mx, sbn_v8u mn, int mbits, sbx_format f, int margin,
+                                                       double *s0, int32_t *E0, int32_t *E1, int *ok, int32_t *el,
+                                                       int32_t *lol)
+{
+    const int B = SBN_XB_BITS;
+    const int64_t lsb = f.lsb_exp;
+    const sbn_v8l eb = (sbn_v8l)(mx >> 52), ebm = (sbn_v8l)((mn + 1) >> 52);
+    const sbn_v8l e = eb - (eb == 0) - 1022;                                 /* every |v| < 2^e */
+    const sbn_v8l none = (sbn_v8l)(mn == ~(sbn_v8u){0});                     /* all zero */
+    const sbn_v8l lo = ((ebm - (ebm == 0) - 1023 - mbits) & ~none) | (INT32_MAX & none);
+    sbn_v8l e1 = e + 2 * B - 103, big = e1 > lsb;
+    e1 = (e1 & big) | (lsb & ~big);
+    const sbn_v8l okm = (eb != 0x7FF) & (lo >= e1) & (e + B <= lsb + 32 * (f.ndigits - 1));
+    e1 = (e1 & okm) | (lsb & ~okm); /* keeps sigma finite; totals discarded */
+    const sbn_v8l e0 = e1 + 52 - B, two = okm & (lo - margin < e0);
+    const sbn_v8u sig = (sbn_v8u)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51;
+    const sbn_v8i o = __builtin_convertvector(okm & 1, sbn_v8i), i0 = __builtin_convertvector(e0, sbn_v8i),
+                  i1 = __builtin_convertvector(e1, sbn_v8i);
+    _Static_assert(sizeof(int) == sizeof(int32_t), "ok[] holds int32 lanes");
+    memcpy(s0, &sig, sizeof sig), memcpy(E0, &i0, sizeof i0), memcpy(E1, &i1, sizeof i1), memcpy(ok, &o, sizeof o);
+    if (el) {
+        const sbn_v8i ie = __builtin_convertvector(e, sbn_v8i), il = __builtin_convertvector(lo, sbn_v8i);
+        memcpy(el, &ie, sizeof ie), memcpy(lol, &il, sizeof il);
+    }
+    int one_level = 1;
+    for (int l = 0; l < 8; l++)
+        one_level &= two[l] == 0;
+    return one_level;
+}
+
 static inline __attribute__((always_inline)) int plan_lanes_to(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
                                                                int mbits, sbx_format f, int margin, double *s0,
                                                                int32_t *E0, int32_t *E1, int *ok, int32_t *el,
                                                                int32_t *lol)
 {
-    const int B = SBN_XB_BITS;
     int one_level = 1;
     for (int q = 0; q < nv; q++)
-        for (int j = 0; j < 8; j++) {
-            const int l = 8 * q + j;
-            int32_t eb = (int32_t)(mx[q][j] >> 52), e = (eb ? eb : 1) - 1022; /* every |v| < 2^e */
-            int32_t e1 = e + 2 * B - 103 > f.lsb_exp ? e + 2 * B - 103 : f.lsb_exp, e0 = e1 + 52 - B;
-            int32_t lo = INT32_MAX; /* every value is a multiple of 2^lo; all zero: of anything */
-            if (mn[q][j] != ~UINT64_C(0)) {
-                int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
-                lo = (ebm ? ebm : 1) - 1023 - mbits;
-            }
-            if (el)
-                el[l] = e, lol[l] = lo;
-            ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
-            if (!ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
-            else if (lo - margin < e0) one_level = 0;
-            E0[l] = e0, E1[l] = e1;
-            s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
-        }
+        one_level &= plan8(mx[q], mn[q], mbits, f, margin, s0 + 8 * q, E0 + 8 * q, E1 + 8 * q, ok + 8 * q,
+                           el ? el + 8 * q : NULL, lol ? lol + 8 * q : NULL);
     return one_level;
 }
 
@@ -896,28 +911,18 @@ SBN_INLINE void s1_pass1(int v, const sv_in *in, int64_t C, int64_t i0, int64_t 
 static void s1_extremes(int kind, const s1_work *w, int64_t j, int h, int hq, sbn_v8u *mxa, sbn_v8u *mna,
                         sbn_v8u *mxb, sbn_v8u *mnb)
 {
-    const double up = (double)(1 << h), upq = (double)(1 << hq);
-    for (int l = 0; l < 8; l++) {
-        float hi, lo;
-        const uint32_t bh = w->fmx[j + l], bl = w->fmn[j + l] + 1u;
-        memcpy(&hi, &bh, sizeof hi), memcpy(&lo, &bl, sizeof lo);
-        double dh = (double)hi * up, dl = lo; /* exact and monotonic: the extremes of the widened terms */
-        uint64_t uh, ul;
-        memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
-        (*mxa)[l] = uh;
-        (*mna)[l] = w->fmn[j + l] == ~0u ? ~UINT64_C(0) : ul - 1;
-        if (kind) {
-            double q;
-            memcpy(&q, &w->qmx[j + l], sizeof q);
-            q *= upq;
-            memcpy(&uh, &q, sizeof uh);
-            (*mxb)[l] = uh, (*mnb)[l] = w->qmn[j + l];
-        } else { /* squaring is exact and monotonic in |x| */
-            dh *= dh, dl *= dl;
-            memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
-            (*mxb)[l] = uh;
-            (*mnb)[l] = (*mna)[l] == ~UINT64_C(0) ? (*mna)[l] : ul - 1;
-        }
+    /* widening is exact and monotonic: the extremes of the widened terms; a minimum
+     * of ~0 (no nonzero term) wraps to +0, whose bits minus 1 are ~0 again */
+    sbn_v8w fx, fn;
+    memcpy(&fx, w->fmx + j, sizeof fx), memcpy(&fn, w->fmn + j, sizeof fn);
+    sbn_v8d dh = sbn_f8_to_d8((sbn_v8f)fx) * (double)(1 << h), dl = sbn_f8_to_d8((sbn_v8f)(fn + 1u));
+    *mxa = (sbn_v8u)dh, *mna = (sbn_v8u)dl - 1;
+    if (kind) {
+        sbn_v8d q;
+        memcpy(&q, w->qmx + j, sizeof q), memcpy(mnb, w->qmn + j, sizeof *mnb);
+        *mxb = (sbn_v8u)(q * (double)(1 << hq));
+    } else { /* squaring is exact and monotonic in |x| */
+        *mxb = (sbn_v8u)(dh * dh), *mnb = (sbn_v8u)(dl * dl) - 1;
     }
 }
 
@@ -1044,15 +1049,23 @@ SBN_INLINE void s1_pass2(int v, int onea, int oneb, int trk, const sv_in *in, in
     }
 }
 
-/* s1_pass2 with the plan's levels `one` (s1_plan's bits); the common case, one level
- * for the linear sum and two for the quadratic one, compiled apart. */
+/* s1_pass2 with the plan's levels `one` (s1_plan's bits); the common cases compiled
+ * apart: one level for the linear sum and two for the quadratic one (the plan from all
+ * rows), two for both (the checked pass's guess, whose margin usually rules one
+ * level out), so that no level is tested in the inner loop. */
 SBN_INLINE void s1_pass2_for(int v, int one, int trk, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0,
                              int64_t nc, s1_work *w)
 {
-    if (one == 1)
-        s1_pass2(v, 1, 0, trk, in, C, i0, K, c0, nc, w);
+    if (trk && one == 0)
+        s1_pass2(v, 0, 0, 1, in, C, i0, K, c0, nc, w);
+    else if (trk)
+        s1_pass2(v, one & 1, one >> 1, 1, in, C, i0, K, c0, nc, w);
+    else if (one == 1)
+        s1_pass2(v, 1, 0, 0, in, C, i0, K, c0, nc, w);
+    else if (one == 0)
+        s1_pass2(v, 0, 0, 0, in, C, i0, K, c0, nc, w);
     else
-        s1_pass2(v, one & 1, one >> 1, trk, in, C, i0, K, c0, nc, w);
+        s1_pass2(v, one & 1, one >> 1, 0, in, C, i0, K, c0, nc, w);
 }
 
 /* Deposits the chunk's totals: a taken lane's as one exact integer, the others'
