@@ -149,42 +149,56 @@ SBN_INLINE void bw_put(bitw *b, uint64_t bits, int64_t k)
 
 /* ---- one step ---- */
 
-/* Outputs f .. f+t-1 (t = 8, or 0 < t < 8 by masked loads and stores). Returns their
- * ReLU mask bits (normalize with EW_RELU; else 0). */
+/* The rounded results of outputs f .. f+t-1 (t = 8, or 0 < t < 8 by masked loads),
+ * before the ReLU (normalize), and g, the masked dy (gradient; nothing else with
+ * EW_NOOUT). gb: the mask bits of f .. f+7 (gradient with EW_RELU and t = 8). Nothing
+ * is stored. */
+SBN_INLINE sbn_v8f ew_val(int v, const ew_args *e, int64_t f, const ew_coef *q, int64_t t, unsigned gb,
+                          sbn_v8d *g)
+{
+    const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
+    if (v & EW_DX) {
+        if (!(v & EW_RELU))
+            *g = t == 8 ? sbn_ld8(dt, e->dy, f) : sbn_ld8_first(dt, e->dy, f, t);
+        else
+            *g = t == 8 ? sbn_ldg8_bits(dt, e->dy, f, gb) : sbn_ldg8_first(dt, 1, e->dy, e->mask, f, t);
+        if (v & EW_NOOUT)
+            return (sbn_v8f){0};
+    }
+    const sbn_v8d x = t == 8 ? sbn_ld8(dt, e->x, f) : sbn_ld8_first(dt, e->x, f, t);
+    if (v & EW_DX) {
+        const sbn_v8d r = q->k * (*g - q->a - (x - q->m) * q->b);
+        return sbn_round8(dt, &r);
+    }
+    sbn_v8d r = (x - q->m) * q->k + q->a;
+    if (v & EW_ADD)
+        r += t == 8 ? sbn_ld8(dt, e->dy, f) : sbn_ld8_first(dt, e->dy, f, t);
+    return sbn_round8(dt, &r);
+}
+
+/* Outputs f .. f+t-1 (t as in ew_val), stored. Returns their ReLU mask bits
+ * (normalize with EW_RELU; else 0). */
 SBN_INLINE unsigned ew_vec(int v, const ew_args *e, int64_t f, const ew_coef *q, int64_t t, int nt)
 {
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
-    const sbn_v8d x = t == 8 ? sbn_ld8(dt, e->x, f) : sbn_ld8_first(dt, e->x, f, t);
-    if (!(v & EW_DX)) {
-        sbn_v8d r = (x - q->m) * q->k + q->a;
-        if (v & EW_ADD)
-            r += t == 8 ? sbn_ld8(dt, e->dy, f) : sbn_ld8_first(dt, e->dy, f, t);
-        sbn_v8f o = sbn_round8(dt, &r);
-        const unsigned bits = v & EW_RELU ? sbn_relu8(&o) & ((1u << t) - 1) : 0;
-        if (t == 8)
-            sbn_st8(dt, e->out, f, o, nt);
-        else
-            sbn_st8_first(dt, e->out, f, o, t);
-        return bits;
-    }
-    const int relu = (v & EW_RELU) != 0;
-    const sbn_v8d g = t == 8 ? sbn_ldg8(dt, relu, e->dy, e->mask, f) : sbn_ldg8_first(dt, relu, e->dy, e->mask, f, t);
+    sbn_v8d g;
+    const unsigned gb = (v & EW_DX) && (v & EW_RELU) && t == 8 ? sbn_mask8(e->mask, f) : 0;
+    sbn_v8f o = ew_val(v, e, f, q, t, gb, &g);
+    const unsigned bits = !(v & EW_DX) && (v & EW_RELU) ? sbn_relu8(&o) & ((1u << t) - 1) : 0;
     if (!(v & EW_NOOUT)) {
-        const sbn_v8d r = q->k * (g - q->a - (x - q->m) * q->b);
-        const sbn_v8f o = sbn_round8(dt, &r);
         if (t == 8)
             sbn_st8(dt, e->out, f, o, nt);
         else
             sbn_st8_first(dt, e->out, f, o, t);
     }
     if (v & EW_DZ) { /* g is exact in the element type: no rounding */
-        const sbn_v8f o = sbn_exact8(&g);
+        const sbn_v8f d = sbn_exact8(&g);
         if (t == 8)
-            sbn_st8(dt, e->out2, f, o, v & EW_NOOUT ? nt : nt && e->nt2);
+            sbn_st8(dt, e->out2, f, d, v & EW_NOOUT ? nt : nt && e->nt2);
         else
-            sbn_st8_first(dt, e->out2, f, o, t);
+            sbn_st8_first(dt, e->out2, f, d, t);
     }
-    return 0;
+    return bits;
 }
 
 SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
@@ -490,7 +504,7 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
     if (v & EW_DX) {
         *gh = ew_ldh16(e->dy, f);
         if (v & EW_RELU)
-            *gh = sbn_keep16(*gh, sbn_mask16(e->mask, f));
+            *gh = sbn_keep16_at(*gh, e->mask, f);
     }
     if (v & EW_NOOUT) /* dz only: a copy */
         return 1;
@@ -616,11 +630,106 @@ SBN_INLINE unsigned ew_step16(int v, int lanes, const ew_args *e, int64_t f, int
     return ew_exact16(v, lanes, e, f, c, q, nt);
 }
 
-/* W outputs at f: ew_step32 (bfloat16, W = 32) or ew_step8 (float, W = 8). */
+/* ---- float on 16 lanes ----
+ * A float step does 16 outputs: two exact vectors of 8 (ew_val: 8 doubles each), whose
+ * rounded results are joined into one vector of 16 floats, so that the ReLU (compare
+ * and clamp) runs once per 16 lanes and its 16 mask bits come from one compare, and
+ * the outputs go out as one 64-byte store (a whole line when streaming). The values
+ * are ew_vec's. AVX-512 builds only; the others step by 8. */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#define EW_F32_W 16
+
+/* The ReLU as a vfixupimmps table: one 4-bit response per class of input (QNaN, SNaN,
+ * zero, one, -Inf, +Inf, negative, positive, from the low nibble up): 1 = the input,
+ * 2 = the input quieted, 8 = +0. */
+#define EW_RELU_FIXUP 0x18181821
+
+SBN_INLINE __m512 ew_join16(sbn_v8f lo, sbn_v8f hi)
+{
+    return _mm512_insertf32x8(_mm512_castps256_ps512((__m256)lo), (__m256)hi, 1);
+}
+
+/* 16 floats at element i; streaming when nt (i's address is then 64-byte aligned). */
+SBN_INLINE void ew_st16f(void *p, int64_t i, __m512 o, int nt)
+{
+    if (nt)
+        _mm512_stream_ps((float *)p + i, o);
+    else
+        _mm512_storeu_ps((float *)p + i, o);
+}
+
+/* Returns the 16 ReLU mask bits (normalize with EW_RELU) in a mask register. gb: the
+ * mask bits of the 16 outputs (gradient with EW_RELU). */
+SBN_INLINE __mmask16 ew_step16k(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt,
+                                unsigned gb)
+{
+    sbn_v8d g0, g1;
+    if (lanes)
+        ew_coef_lanes(v, e, c, q);
+    const sbn_v8f o0 = ew_val(v, e, f, q, 8, gb & 0xFFu, &g0);
+    if (lanes)
+        ew_coef_lanes(v, e, next_c(c, 8, e->C), q);
+    const sbn_v8f o1 = ew_val(v, e, f + 8, q, 8, gb >> 8 & 0xFFu, &g1);
+    __mmask16 bits = 0;
+    if (!(v & EW_NOOUT)) {
+        __m512 o = ew_join16(o0, o1);
+        if (!(v & EW_DX) && (v & EW_RELU)) { /* sbn_relu8's values, on 16 lanes */
+            bits = _mm512_cmp_ps_mask(o, _mm512_setzero_ps(), _CMP_GT_OQ);
+            /* One vfixupimmps for sbn_relu8's add and max: a table per class of
+             * input, here +0 for -Inf, negatives and +-0, the value itself for
+             * positives, +Inf and quiet NaN, and a signalling NaN quieted (as the
+             * addition does; tests/test_apply compares the two on every class). */
+            o = _mm512_fixupimm_ps(o, o, _mm512_set1_epi32(EW_RELU_FIXUP), 0);
+        }
+        ew_st16f(e->out, f, o, nt);
+    }
+    if (v & EW_DZ)
+        ew_st16f(e->out2, f, ew_join16(sbn_exact8(&g0), sbn_exact8(&g1)), v & EW_NOOUT ? nt : nt && e->nt2);
+    return bits;
+}
+
+SBN_INLINE unsigned ew_step16f(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt)
+{
+    return ew_step16k(v, lanes, e, f, c, q, nt, (v & EW_DX) && (v & EW_RELU) ? sbn_mask16(e->mask, f) : 0);
+}
+
+/* 64 outputs at f (4 steps of 16, channel c at f when lanes; *c advanced), and their
+ * mask bits as one word, put together in mask registers (kunpckwd, kunpckdq): the
+ * 16-bit pieces never pass through general registers one by one. */
+SBN_INLINE uint64_t ew_step64k(int v, int lanes, const ew_args *e, int64_t f, int64_t *c, ew_coef *q, int nt)
+{
+    __mmask16 b[4];
+    for (int j = 0; j < 4; j++) {
+        b[j] = ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, 0);
+        if (lanes)
+            *c = next_c(*c, 16, e->C);
+    }
+    return _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(b[3], b[2]), _mm512_kunpackw(b[1], b[0])));
+}
+
+/* 64 gradient outputs at f with the ReLU mask: its 64 bits read as one word (two
+ * where they do not start on a byte), not a byte per 8 outputs. */
+SBN_INLINE void ew_step64g(int v, int lanes, const ew_args *e, int64_t f, int64_t *c, ew_coef *q, int nt)
+{
+    const uint64_t gb = sbn_mask64(e->mask, f);
+    for (int j = 0; j < 4; j++) {
+        ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, (unsigned)(gb >> 16 * j) & 0xFFFFu);
+        if (lanes)
+            *c = next_c(*c, 16, e->C);
+    }
+}
+#else
+#define EW_F32_W 8
+#define ew_step16f ew_step8
+#endif
+
+/* W outputs at f: ew_step32 (bfloat16, W = 32), or float, W = EW_F32_W. */
 SBN_INLINE unsigned ew_step(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
                             const ew_fcoef *fq, int nt, int64_t *cnt)
 {
-    return v & EW_BF16 ? ew_step32(v, lanes, e, f, c, q, fq, nt, cnt) : ew_step8(v, lanes, e, f, c, q, nt);
+    if (v & EW_BF16)
+        return ew_step32(v, lanes, e, f, c, q, fq, nt, cnt);
+    return EW_F32_W == 16 ? ew_step16f(v, lanes, e, f, c, q, nt) : ew_step8(v, lanes, e, f, c, q, nt);
 }
 
 /* Outputs [f0, f1). lanes == 0: all of channel c (an NCHW row). lanes == 1: channel
@@ -635,7 +744,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     bitw lbw = *bw; /* by value: see bitw */
     const int dt = v & EW_BF16 ? SYNCBN_BF16 : SYNCBN_F32;
     const int64_t C = e->C, es = sbn_esize(dt), line = 64 / es;
-    const int W = v & EW_BF16 ? 32 : 8; /* outputs per step */
+    const int W = v & EW_BF16 ? 32 : EW_F32_W; /* outputs per step */
     ew_coef q;
     ew_fcoef fq = {.k = {0}};
     int64_t cnt[2] = {count[0], count[1]}; /* in registers: see bitw */
@@ -656,6 +765,14 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     for (int part = 0; part < 3; part++) {
         const int64_t end = part == 0 ? h : part == 1 ? g : f1;
         const int stream = part == 1;
+#if EW_F32_W == 16
+        if ((v & EW_MASK) && !(v & EW_BF16))
+            for (; f + 64 <= end; f += 64)
+                bw_put(&lbw, ew_step64k(v, lanes, e, f, &c, &q, stream), 64);
+        if ((v & EW_DX) && (v & EW_RELU) && !(v & EW_BF16))
+            for (; f + 64 <= end; f += 64)
+                ew_step64g(v, lanes, e, f, &c, &q, stream);
+#endif
         if (v & EW_MASK) /* 64 outputs a step: one word of mask bits, put at once */
             for (; f + 64 <= end; f += 64) {
                 uint64_t bits = 0;
@@ -682,7 +799,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
                 c = next_c(c, 16, C);
             f += 16;
         }
-        if (W == 32 && f + 8 <= end) {
+        if (W >= 16 && f + 8 <= end) {
             const unsigned bits = ew_step8(v, lanes, e, f, c, &q, stream);
             if (v & EW_MASK)
                 bw_put(&lbw, bits, 8);

@@ -88,6 +88,12 @@ SBN_INLINE void sv_ld16(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn
     const void *p = g ? in->dy : in->x;
     const int relu = g && (v & SV_RELU);
     if (!(v & SV_BF16)) {
+        if (relu && k == 16) { /* the 16 mask bits read once */
+            const unsigned gb = sbn_mask16(in->mask, i);
+            *lo = sbn_ldg8_bits(SYNCBN_F32, p, i, gb & 0xFFu);
+            *hi = sbn_ldg8_bits(SYNCBN_F32, p, i + 8, gb >> 8);
+            return;
+        }
         const int64_t k0 = k < 8 ? k : 8, k1 = k - k0;
         *lo = k0 == 8 ? sbn_ldg8(SYNCBN_F32, relu, p, in->mask, i)
                       : sbn_ldg8_first(SYNCBN_F32, relu, p, in->mask, i, k0);
@@ -109,7 +115,7 @@ SBN_INLINE void sv_ld16(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn
 #endif
     }
     if (relu)
-        w = sbn_keep16(w, sbn_mask16(in->mask, i));
+        w = sbn_keep16_at(w, in->mask, i);
     sv_split16(w, lo, hi);
 }
 
@@ -550,14 +556,17 @@ SBN_INLINE void nhwc_block(int v, int nq, const sv_in *in, int64_t base, int64_t
         for (int q = 0; q < nq; q += 2)
             sv_unpair(v, &P1[q], &P1[q + 1]), sv_unpair(v, &P2[q], &P2[q + 1]);
     } else {
+        const int word = (v & SV_RELU) && nq == 8; /* the 64 mask bits of a row read once */
         for (int64_t s = 0; s < S; s++) {
             const int64_t i = base + s * C + c0;
+            const uint64_t gb = word ? sbn_mask64(in->mask, i) : 0;
             for (int q = 0; q < nq; q++) {
                 if (!kind) {
                     sbn_v8d u = sv_x8(v, in, i + 8 * q);
                     P1[q] += u, P2[q] += u * u;
                 } else {
-                    sbn_v8d g = sv_g8(v, in, i + 8 * q);
+                    sbn_v8d g = word ? sbn_ldg8_bits(SV_DT(v), in->dy, i + 8 * q, (unsigned)(gb >> 8 * q) & 0xFFu)
+                                     : sv_g8(v, in, i + 8 * q);
                     P1[q] += g, P2[q] += g * (sv_x8(v, in, i + 8 * q) - M[q]);
                 }
             }
