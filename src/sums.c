@@ -757,8 +757,9 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
  * row a run of contiguous cache lines, its per-channel state in arrays of the chunk
  * (s1_work, in L1), read and written once per SBN_S1_R rows.
  *
- * One pass, checked (K >= SBN_S1_SPEC rows). The plan is GUESSED from the extremes of
- * the first SBN_S1_GUESS rows, the largest magnitude taken SBN_S1_HEAD binades higher
+ * Backward: one pass, checked (K >= SBN_S1_SPEC rows). The plan is GUESSED from the
+ * extremes of the first SBN_S1_GUESS rows, the largest magnitude taken SBN_S1_HEAD
+ * (a product's SBN_S1_HEADQ) binades higher
  * (and one level chosen only if the smallest would pass SBN_S1_MARGIN binades lower);
  * then a single pass over all K rows forms the sums under that plan AND tracks every
  * term's extremes (what pass 1 tracks). Afterwards each lane is checked: its guessed
@@ -772,16 +773,23 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
  * is the exact sum whatever the guess was; the guess only decides the time.
  * tests/test_moments.c forces misses (a late large value, a late tiny one, zeros in
  * the first rows) and checks the words against an independent big integer.
- * Two passes (fewer rows, or after a miss): pass 1 keeps each channel's extremes,
- * the plan, pass 2 its sums (the chunk's K rows, 256 KiB at most, stay in L2).
+ * Forward, fewer rows, or after a miss: two passes. Pass 1 keeps each channel's
+ * extremes, then the plan, then pass 2 its sums (the chunk's K rows, 256 KiB at most,
+ * stay in L2). The forward keeps them because its pass 1 is cheap (only x's float
+ * bits, no term computed) while a guess costs it range: SBN_S1_HEAD binades on x
+ * are twice that on x^2, and its one-level linear sum would need the margin too
+ * (one checked pass measured 1.1-1.2x the two passes' time on (256, 1024) f32).
  *
  * Two levels are summed as A = sigma + (the sum so far on the grid u0) and T1:
  * a = fl(A + v), T1 += v - (a - A), A = a (Fast2Sum into an accumulator kept in
- * sigma's binade, one operation fewer than extracting q0 first). With |v| < 2^e and
- * K 2^e <= 2^51 u0 (the plan), A + v lies strictly inside [2^52 u0, 2^53 u0], whose
- * grid is u0, so a - A is v rounded to the grid (exact: a and A are within a factor
- * 2), and v - (a - A), of magnitude at most u0/2, is exact, a multiple of u1 if v is;
- * T1 then sums exactly as above, and T0 = A - sigma (exact, same binade). The rounding
+ * sigma's binade, one operation fewer than extracting q0 first). sigma = 1.5 2^52 u0.
+ * Each step moves A by v rounded to the grid u0, at most max(2^e, u0) in magnitude
+ * (2^e is on the grid when u0 <= 2^e), and K such steps at most 2^51 u0 (K <= 2^B
+ * and the plan's u0 >= 2^(e+B-51) give K 2^e <= 2^51 u0, and K u0 < 2^51 u0), so
+ * every A + v lies strictly between 2^52 u0 and 2^53 u0, where the grid of doubles
+ * is u0: a - A is v rounded to the grid (exact: a and A are within a factor 2), and
+ * v - (a - A), at most u0/2 in magnitude, is exact, a multiple of u1 if v is; T1 then
+ * sums exactly as above, and T0 = A - sigma (exact, same binade). The rounding
  * of a tie may depend on A, the split of v between T0 and T1 with it; T0 + T1, the
  * block's exact sum, does not. Lane by lane, tracking, plan and deposit are those of
  * the exact block deposits above, so the accumulated integer, hence every bit, is the
