@@ -99,4 +99,9 @@ int64_t sbn_apply_scratch_floats(int64_t C);
 SYNCBN_EXTERN void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks);
 SYNCBN_EXTERN void sbn_test_bf16_path(int mode);
 
+/* REPRODUCIBLE S == 1 backward sums, for tests: the chunks summed in one checked pass
+ * since the process started (all threads), and those whose guessed plan missed and
+ * were summed again (sums.c). */
+SYNCBN_EXTERN void sbn_s1_counts(uint64_t *checked, uint64_t *missed);
+
 #endif /* SYNCBN_MOMENTS_H */

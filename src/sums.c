@@ -337,35 +337,56 @@ typedef struct {
     int ok[32];
 } xplan;
 
-static inline __attribute__((always_inline)) int plan_lanes_to(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
-                                                               int mbits, sbx_format f, double *s0, int32_t *E0,
-                                                               int32_t *E1, int *ok)
+/* The plan of 8 lanes (vector code: the same integer steps for every lane). el, lol
+ * (may be NULL): each lane's e (every |v| < 2^e) and lo (every v a multiple of 2^lo),
+ * for checking a plan against other data (s1_verify). A lane counts as needing one
+ * level only if lo - margin >= e0: margin > 0 leaves room for values not yet seen. */
+static inline __attribute__((always_inline)) int plan8(sbn_v8u mx, sbn_v8u mn, int mbits, sbx_format f, int margin,
+                                                       double *s0, int32_t *E0, int32_t *E1, int *ok, int32_t *el,
+                                                       int32_t *lol)
 {
     const int B = SBN_XB_BITS;
+    const int64_t lsb = f.lsb_exp;
+    const sbn_v8l eb = (sbn_v8l)(mx >> 52), ebm = (sbn_v8l)((mn + 1) >> 52);
+    const sbn_v8l e = eb - (eb == 0) - 1022;                                 /* every |v| < 2^e */
+    const sbn_v8l none = (sbn_v8l)(mn == ~(sbn_v8u){0});                     /* all zero */
+    const sbn_v8l lo = ((ebm - (ebm == 0) - 1023 - mbits) & ~none) | (INT32_MAX & none);
+    sbn_v8l e1 = e + 2 * B - 103, big = e1 > lsb;
+    e1 = (e1 & big) | (lsb & ~big);
+    const sbn_v8l okm = (eb != 0x7FF) & (lo >= e1) & (e + B <= lsb + 32 * (f.ndigits - 1));
+    e1 = (e1 & okm) | (lsb & ~okm); /* keeps sigma finite; totals discarded */
+    const sbn_v8l e0 = e1 + 52 - B, two = okm & (lo - margin < e0);
+    const sbn_v8u sig = (sbn_v8u)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51;
+    const sbn_v8i o = __builtin_convertvector(okm & 1, sbn_v8i), i0 = __builtin_convertvector(e0, sbn_v8i),
+                  i1 = __builtin_convertvector(e1, sbn_v8i);
+    _Static_assert(sizeof(int) == sizeof(int32_t), "ok[] holds int32 lanes");
+    memcpy(s0, &sig, sizeof sig), memcpy(E0, &i0, sizeof i0), memcpy(E1, &i1, sizeof i1), memcpy(ok, &o, sizeof o);
+    if (el) {
+        const sbn_v8i ie = __builtin_convertvector(e, sbn_v8i), il = __builtin_convertvector(lo, sbn_v8i);
+        memcpy(el, &ie, sizeof ie), memcpy(lol, &il, sizeof il);
+    }
+    int one_level = 1;
+    for (int l = 0; l < 8; l++)
+        one_level &= two[l] == 0;
+    return one_level;
+}
+
+static inline __attribute__((always_inline)) int plan_lanes_to(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
+                                                               int mbits, sbx_format f, int margin, double *s0,
+                                                               int32_t *E0, int32_t *E1, int *ok, int32_t *el,
+                                                               int32_t *lol)
+{
     int one_level = 1;
     for (int q = 0; q < nv; q++)
-        for (int j = 0; j < 8; j++) {
-            const int l = 8 * q + j;
-            int32_t eb = (int32_t)(mx[q][j] >> 52), e = (eb ? eb : 1) - 1022; /* every |v| < 2^e */
-            int32_t e1 = e + 2 * B - 103 > f.lsb_exp ? e + 2 * B - 103 : f.lsb_exp, e0 = e1 + 52 - B;
-            int32_t lo = e0; /* every value is a multiple of 2^lo; all zero: of anything */
-            if (mn[q][j] != ~UINT64_C(0)) {
-                int32_t ebm = (int32_t)((mn[q][j] + 1) >> 52);
-                lo = (ebm ? ebm : 1) - 1023 - mbits;
-            }
-            ok[l] = eb != 0x7FF && lo >= e1 && e + B <= f.lsb_exp + 32 * (f.ndigits - 1);
-            if (!ok[l]) e1 = f.lsb_exp, e0 = e1 + 52 - B; /* keeps sigma finite; totals discarded */
-            else if (lo < e0) one_level = 0;
-            E0[l] = e0, E1[l] = e1;
-            s0[l] = dbl_of_bits((uint64_t)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51);
-        }
+        one_level &= plan8(mx[q], mn[q], mbits, f, margin, s0 + 8 * q, E0 + 8 * q, E1 + 8 * q, ok + 8 * q,
+                           el ? el + 8 * q : NULL, lol ? lol + 8 * q : NULL);
     return one_level;
 }
 
 static inline __attribute__((always_inline)) int plan_lanes(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
                                                             int mbits, sbx_format f, xplan *pl)
 {
-    return plan_lanes_to(nv, mx, mn, mbits, f, pl->s0, pl->E0, pl->E1, pl->ok);
+    return plan_lanes_to(nv, mx, mn, mbits, f, 0, pl->s0, pl->E0, pl->E1, pl->ok, NULL, NULL);
 }
 
 /* The exact total T0 + T1 of a taken lane (plan E0, E1) as the integer of one deposit. */
@@ -727,31 +748,68 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
 }
 
 /* ---- REPRODUCIBLE, S == 1: a chunk of channels, walked row after row ----
- * The exact blocks need each channel's extreme magnitudes before its sums: pass 1,
- * the plan, pass 2. With S == 1 a channel's K terms lie C elements apart, so walking
- * a few channels down all K rows reads 64-128 bytes from each of K rows: K streams
- * that defeat the prefetchers, from rows that share L1 sets when C is a power of two
- * (packing them first into a contiguous buffer was measured at about half the time
- * of the S == 1 sums). Instead a chunk of up to SBN_S1_CW channels is walked row after
- * row, each row a run of contiguous cache lines, twice (the chunk's K rows, 256 KiB
- * at most, stay in L2 between the passes): pass 1 keeps each channel's extremes,
- * pass 2 its extraction sums T0, T1, in arrays of the chunk (s1_work, in L1), read
- * and written once per SBN_S1_R rows. Lane by lane the arithmetic is that of the
- * exact block deposits above (the same tracking, plan_lanes, extraction and
- * deposit), so their exactness argument applies unchanged (a lane not taken deposits
- * its terms one by one with sbx_add), and the accumulated integer, hence every bit,
- * is the same as with any other blocking. tests/test_moments.c checks the words
- * against an independent big integer on adversarial channels. */
-#define SBN_S1_CW 256 /* channels per chunk */
-#define SBN_S1_R 4    /* rows per sweep */
+ * The exact blocks need each channel's extreme magnitudes before its sums. With
+ * S == 1 a channel's K terms lie C elements apart, so walking a few channels down all
+ * K rows reads 64-128 bytes from each of K rows: K streams that defeat the
+ * prefetchers, from rows that share L1 sets when C is a power of two (packing them
+ * first into a contiguous buffer was measured at about half the time of the S == 1
+ * sums). Instead a chunk of up to SBN_S1_CW channels is walked row after row, each
+ * row a run of contiguous cache lines, its per-channel state in arrays of the chunk
+ * (s1_work, in L1), read and written once per SBN_S1_R rows.
+ *
+ * Backward: one pass, checked (K >= SBN_S1_SPEC rows). The plan is GUESSED from the
+ * extremes of the first SBN_S1_GUESS rows, the largest magnitude taken SBN_S1_HEAD
+ * (a product's SBN_S1_HEADQ) binades higher
+ * (and one level chosen only if the smallest would pass SBN_S1_MARGIN binades lower);
+ * then a single pass over all K rows forms the sums under that plan AND tracks every
+ * term's extremes (what pass 1 tracks). Afterwards each lane is checked: its guessed
+ * plan holds for the data that were actually summed (every |v| < 2^e of the guess,
+ * every v a multiple of the grid the guess relies on: 2^e0 with one level, 2^e1 with
+ * two), which are exactly the hypotheses of the exactness argument above, so its
+ * T0 + T1 is the exact sum. If any lane that the true plan (from the tracked
+ * extremes) would take fails the check, the chunk is summed again under the true
+ * plan: pass 1 done, the second pass as below. A lane the true plan does not take
+ * (NaN, Inf, a range too wide) deposits its terms one by one either way. So the result
+ * is the exact sum whatever the guess was; the guess only decides the time.
+ * tests/test_moments.c forces misses (a late large value, a late tiny one, zeros in
+ * the first rows) and checks the words against an independent big integer.
+ * Forward, fewer rows, or after a miss: two passes. Pass 1 keeps each channel's
+ * extremes, then the plan, then pass 2 its sums (the chunk's K rows, 256 KiB at most,
+ * stay in L2). The forward keeps them because its pass 1 is cheap (only x's float
+ * bits, no term computed) while a guess costs it range: SBN_S1_HEAD binades on x
+ * are twice that on x^2, and its one-level linear sum would need the margin too
+ * (one checked pass measured 1.1-1.2x the two passes' time on (256, 1024) f32).
+ *
+ * Two levels are summed as A = sigma + (the sum so far on the grid u0) and T1:
+ * a = fl(A + v), T1 += v - (a - A), A = a (Fast2Sum into an accumulator kept in
+ * sigma's binade, one operation fewer than extracting q0 first). sigma = 1.5 2^52 u0.
+ * Each step moves A by v rounded to the grid u0, at most max(2^e, u0) in magnitude
+ * (2^e is on the grid when u0 <= 2^e), and K such steps at most 2^51 u0 (K <= 2^B
+ * and the plan's u0 >= 2^(e+B-51) give K 2^e <= 2^51 u0, and K u0 < 2^51 u0), so
+ * every A + v lies strictly between 2^52 u0 and 2^53 u0, where the grid of doubles
+ * is u0: a - A is v rounded to the grid (exact: a and A are within a factor 2), and
+ * v - (a - A), at most u0/2 in magnitude, is exact, a multiple of u1 if v is; T1 then
+ * sums exactly as above, and T0 = A - sigma (exact, same binade). The rounding
+ * of a tie may depend on A, the split of v between T0 and T1 with it; T0 + T1, the
+ * block's exact sum, does not. Lane by lane, tracking, plan and deposit are those of
+ * the exact block deposits above, so the accumulated integer, hence every bit, is the
+ * same as with any other blocking. */
+#define SBN_S1_CW 256   /* channels per chunk */
+#define SBN_S1_R 4      /* rows per sweep */
+#define SBN_S1_GUESS 16 /* rows that guess the plan */
+#define SBN_S1_SPEC 64  /* blocks of at least this many rows: one pass, checked */
+#define SBN_S1_HEAD 2   /* binades of headroom over the guess rows' largest magnitude, */
+#define SBN_S1_HEADQ 4  /* ... of a product g (x - m), whose tails are heavier */
+#define SBN_S1_MARGIN 8 /* binades below their smallest for one level */
 
 typedef struct {
-    uint32_t fmx[SBN_S1_CW], fmn[SBN_S1_CW]; /* pass 1, linear term: |float| bits, max and min - 1 */
-    uint64_t qmx[SBN_S1_CW], qmn[SBN_S1_CW]; /* pass 1, backward quadratic term: |double| bits */
+    uint32_t fmx[SBN_S1_CW], fmn[SBN_S1_CW]; /* tracked, linear term: |float| bits, max and min - 1 */
+    uint64_t qmx[SBN_S1_CW], qmn[SBN_S1_CW]; /* tracked, backward quadratic term: |double| bits */
     double sa[SBN_S1_CW], sb[SBN_S1_CW];     /* plans: extraction constants, */
     int32_t ea0[SBN_S1_CW], ea1[SBN_S1_CW], eb0[SBN_S1_CW], eb1[SBN_S1_CW]; /* grids, */
+    int32_t ga[SBN_S1_CW], gb[SBN_S1_CW];                                   /* e (|v| < 2^e), */
     int oka[SBN_S1_CW], okb[SBN_S1_CW];                                     /* lanes taken */
-    double ta0[SBN_S1_CW], ta1[SBN_S1_CW], tb0[SBN_S1_CW], tb1[SBN_S1_CW]; /* pass 2 sums */
+    double ta0[SBN_S1_CW], ta1[SBN_S1_CW], tb0[SBN_S1_CW], tb1[SBN_S1_CW]; /* sums */
 } s1_work;
 
 /* The linear term (x, or g) and the quadratic one (x^2, or g (x - m)) of 8 channels
@@ -805,6 +863,24 @@ SBN_INLINE sbn_v8w s1_min32(sbn_v8w a, sbn_v8w b)
 #endif
 }
 
+/* Tracking of one row's 8 lanes: the linear term's float bits, and (backward) the
+ * quadratic term's double bits. */
+SBN_INLINE void s1_track(int v, sbn_v8f lin, sbn_v8d b, sbn_v8w *mx, sbn_v8w *mn, sbn_v8u *qx, sbn_v8u *qn)
+{
+    const sbn_v8w fb = (sbn_v8w)lin & 0x7FFFFFFFu;
+    *mx = s1_max32(fb, *mx), *mn = s1_min32(fb - 1u, *mn);
+    if (v & SV_KIND)
+        track(b, qx, qn);
+}
+
+/* Starts the tracking of channels [0, nc) of the chunk. */
+static void s1_track_init(int kind, int64_t nc, s1_work *w)
+{
+    memset(w->fmx, 0, (size_t)nc * sizeof *w->fmx), memset(w->fmn, 0xFF, (size_t)nc * sizeof *w->fmn);
+    if (kind)
+        memset(w->qmx, 0, (size_t)nc * sizeof *w->qmx), memset(w->qmn, 0xFF, (size_t)nc * sizeof *w->qmn);
+}
+
 /* Pass 1 over R rows from row i (R a compile-time constant), channels [c0, c0 + nc)
  * (nc a multiple of 8). */
 SBN_INLINE void s1_sweep1(int v, int R, const sv_in *in, int64_t C, int64_t i, int64_t c0, int64_t nc, s1_work *w)
@@ -821,17 +897,13 @@ SBN_INLINE void s1_sweep1(int v, int R, const sv_in *in, int64_t C, int64_t i, i
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const int64_t e = (i + r) * C + c0 + j;
-            if (!(v & SV_KIND)) {
-                const sbn_v8w b = (sbn_v8w)sbn_ldf8(SV_DT(v), in->x, e) & 0x7FFFFFFFu;
-                mx = s1_max32(b, mx), mn = s1_min32(b - 1u, mn);
-            } else {
-                sbn_v8f lin;
-                sbn_v8d a, b;
+            sbn_v8f lin;
+            sbn_v8d a = {0}, b = {0};
+            if (!(v & SV_KIND))
+                lin = sbn_ldf8(SV_DT(v), in->x, e); /* x^2's extremes follow from x's */
+            else
                 s1_terms8(v, in, e, m, &lin, &a, &b);
-                const sbn_v8w fb = (sbn_v8w)lin & 0x7FFFFFFFu;
-                mx = s1_max32(fb, mx), mn = s1_min32(fb - 1u, mn);
-                track(b, &qx, &qn);
-            }
+            s1_track(v, lin, b, &mx, &mn, &qx, &qn);
         }
         memcpy(w->fmx + j, &mx, sizeof mx), memcpy(w->fmn + j, &mn, sizeof mn);
         if (v & SV_KIND)
@@ -842,14 +914,7 @@ SBN_INLINE void s1_sweep1(int v, int R, const sv_in *in, int64_t C, int64_t i, i
 SBN_INLINE void s1_pass1(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
                          s1_work *w)
 {
-    for (int64_t j = 0; j < nc; j += 8) {
-        const sbn_v8w z = {0}, ones = ~z;
-        memcpy(w->fmx + j, &z, sizeof z), memcpy(w->fmn + j, &ones, sizeof ones);
-        if (v & SV_KIND) {
-            const sbn_v8u zq = {0}, onesq = ~zq;
-            memcpy(w->qmx + j, &zq, sizeof zq), memcpy(w->qmn + j, &onesq, sizeof onesq);
-        }
-    }
+    s1_track_init(v & SV_KIND, nc, w);
     int64_t k = 0;
     for (; k + SBN_S1_R <= K; k += SBN_S1_R)
         s1_sweep1(v, SBN_S1_R, in, C, i0 + k, c0, nc, w);
@@ -857,50 +922,104 @@ SBN_INLINE void s1_pass1(int v, const sv_in *in, int64_t C, int64_t i0, int64_t 
         s1_sweep1(v, 1, in, C, i0 + k, c0, nc, w);
 }
 
-/* The plans of both sums from pass 1; returns whether
- * every taken lane of the chunk needs one extraction level only, per sum (bit 0:
- * linear, bit 1: quadratic). */
-static int s1_plan(int kind, int64_t nc, s1_work *w)
+/* The tracked extremes of both terms of lanes j .. j+7 as double bit patterns (the
+ * largest magnitude, the smallest nonzero one minus 1), the largest times 2^h (that of
+ * a backward quadratic term times 2^hq). */
+static void s1_extremes(int kind, const s1_work *w, int64_t j, int h, int hq, sbn_v8u *mxa, sbn_v8u *mna,
+                        sbn_v8u *mxb, sbn_v8u *mnb)
+{
+    /* widening is exact and monotonic: the extremes of the widened terms; a minimum
+     * of ~0 (no nonzero term) wraps to +0, whose bits minus 1 are ~0 again */
+    sbn_v8w fx, fn;
+    memcpy(&fx, w->fmx + j, sizeof fx), memcpy(&fn, w->fmn + j, sizeof fn);
+    sbn_v8d dh = sbn_f8_to_d8((sbn_v8f)fx) * (double)(1 << h), dl = sbn_f8_to_d8((sbn_v8f)(fn + 1u));
+    *mxa = (sbn_v8u)dh, *mna = (sbn_v8u)dl - 1;
+    if (kind) {
+        sbn_v8d q;
+        memcpy(&q, w->qmx + j, sizeof q), memcpy(mnb, w->qmn + j, sizeof *mnb);
+        *mxb = (sbn_v8u)(q * (double)(1 << hq));
+    } else { /* squaring is exact and monotonic in |x| */
+        *mxb = (sbn_v8u)(dh * dh), *mnb = (sbn_v8u)(dl * dl) - 1;
+    }
+}
+
+/* The plans of both sums from the tracked extremes, the largest magnitudes taken h
+ * binades higher and one level required to hold `margin` binades lower; returns
+ * whether every taken lane of the chunk needs one extraction level only, per sum
+ * (bit 0: linear, bit 1: quadratic). */
+static int s1_plan(int kind, int64_t nc, s1_work *w, int h, int hq, int margin)
 {
     int onea = 1, oneb = 1;
     for (int64_t j = 0; j < nc; j += 8) {
         sbn_v8u mxa, mna, mxb, mnb;
-        for (int l = 0; l < 8; l++) {
-            float hi, lo;
-            const uint32_t bh = w->fmx[j + l], bl = w->fmn[j + l] + 1u;
-            memcpy(&hi, &bh, sizeof hi), memcpy(&lo, &bl, sizeof lo);
-            double dh = hi, dl = lo; /* exact and monotonic: the extremes of the widened terms */
-            uint64_t uh, ul;
-            memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
-            mxa[l] = uh;
-            mna[l] = w->fmn[j + l] == ~0u ? ~UINT64_C(0) : ul - 1;
-            if (kind) {
-                mxb[l] = w->qmx[j + l], mnb[l] = w->qmn[j + l];
-            } else { /* squaring is exact and monotonic in |x| */
-                dh *= dh, dl *= dl;
-                memcpy(&uh, &dh, sizeof uh), memcpy(&ul, &dl, sizeof ul);
-                mxb[l] = uh;
-                mnb[l] = mna[l] == ~UINT64_C(0) ? mna[l] : ul - 1;
-            }
-        }
-        onea &= plan_lanes_to(1, &mxa, &mna, xs_mbits(kind ? XS_DY : XS_X), SBX_LINEAR, w->sa + j, w->ea0 + j,
-                              w->ea1 + j, w->oka + j);
-        oneb &= plan_lanes_to(1, &mxb, &mnb, xs_mbits(kind ? XS_DYXM : XS_XX), SBX_QUADRATIC, w->sb + j,
-                              w->eb0 + j, w->eb1 + j, w->okb + j);
+        int32_t lo[8];
+        s1_extremes(kind, w, j, h, hq, &mxa, &mna, &mxb, &mnb);
+        onea &= plan_lanes_to(1, &mxa, &mna, xs_mbits(kind ? XS_DY : XS_X), SBX_LINEAR, margin, w->sa + j,
+                              w->ea0 + j, w->ea1 + j, w->oka + j, w->ga + j, lo);
+        oneb &= plan_lanes_to(1, &mxb, &mnb, xs_mbits(kind ? XS_DYXM : XS_XX), SBX_QUADRATIC, margin, w->sb + j,
+                              w->eb0 + j, w->eb1 + j, w->okb + j, w->gb + j, lo);
     }
     return onea | oneb << 1;
 }
 
-/* Pass 2 over R rows from row i: the extraction sums of both terms (one level or
- * two, per sum). */
-SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, const sv_in *in, int64_t C, int64_t i, int64_t c0,
-                          int64_t nc, s1_work *w)
+/* After a checked pass: whether the guessed plans (one level for the linear sum if
+ * onea, for the quadratic one if oneb) hold for the tracked extremes of every lane
+ * that the true plan takes (see above); each lane's `ok` is then whether its guess
+ * holds. 0: a miss, the chunk must be summed again. */
+static int s1_verify(int kind, int64_t nc, s1_work *w, int onea, int oneb)
 {
     for (int64_t j = 0; j < nc; j += 8) {
-        sbn_v8d ta0, ta1, tb0, tb1, sa, sb, m = {0};
+        sbn_v8u mx[2], mn[2];
+        s1_extremes(kind, w, j, 0, 0, &mx[0], &mn[0], &mx[1], &mn[1]);
+        for (int q = 0; q < 2; q++) {
+            double s0[8];
+            int32_t E0[8], E1[8], e[8], lo[8];
+            int ok[8];
+            plan_lanes_to(1, &mx[q], &mn[q], xs_mbits(q ? (kind ? XS_DYXM : XS_XX) : (kind ? XS_DY : XS_X)),
+                          q ? SBX_QUADRATIC : SBX_LINEAR, 0, s0, E0, E1, ok, e, lo);
+            int *gok = (q ? w->okb : w->oka) + j;
+            const int32_t *ge = (q ? w->gb : w->ga) + j;
+            const int32_t *grid = (q ? (oneb ? w->eb0 : w->eb1) : (onea ? w->ea0 : w->ea1)) + j;
+            for (int l = 0; l < 8; l++) {
+                const int holds = gok[l] && e[l] <= ge[l] && lo[l] >= grid[l];
+                if (ok[l] && !holds)
+                    return 0;
+                gok[l] = holds;
+            }
+        }
+    }
+    return 1;
+}
+
+/* Pass 2 step: T0 += v (one level), or the two-level Fast2Sum step (above) with A in
+ * place of T0. */
+SBN_INLINE void s1_acc(sbn_v8d v, int one_level, sbn_v8d *A, sbn_v8d *T1)
+{
+    if (one_level) {
+        *A += v;
+    } else {
+        const sbn_v8d a = *A + v;
+        *T1 += v - (a - *A);
+        *A = a;
+    }
+}
+
+/* Pass 2 over R rows from row i: the sums of both terms (one level or two, per sum),
+ * and with trk the tracking of pass 1 as well. */
+SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, int trk, const sv_in *in, int64_t C, int64_t i,
+                          int64_t c0, int64_t nc, s1_work *w)
+{
+    for (int64_t j = 0; j < nc; j += 8) {
+        sbn_v8d ta0, ta1, tb0, tb1, m = {0};
+        sbn_v8w mx = {0}, mn = {0};
+        sbn_v8u qx = {0}, qn = {0};
         memcpy(&ta0, w->ta0 + j, sizeof ta0), memcpy(&ta1, w->ta1 + j, sizeof ta1);
         memcpy(&tb0, w->tb0 + j, sizeof tb0), memcpy(&tb1, w->tb1 + j, sizeof tb1);
-        memcpy(&sa, w->sa + j, sizeof sa), memcpy(&sb, w->sb + j, sizeof sb);
+        if (trk) {
+            memcpy(&mx, w->fmx + j, sizeof mx), memcpy(&mn, w->fmn + j, sizeof mn);
+            if (v & SV_KIND)
+                memcpy(&qx, w->qmx + j, sizeof qx), memcpy(&qn, w->qmn + j, sizeof qn);
+        }
         if (v & SV_KIND)
             m = sbn_loadd8(in->mean + c0 + j);
 #pragma GCC unroll 4
@@ -908,27 +1027,62 @@ SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, const sv_in *in, int
             sbn_v8f lin;
             sbn_v8d a, b;
             s1_terms8(v, in, (i + r) * C + c0 + j, m, &lin, &a, &b);
-            extract(a, sa, onea, &ta0, &ta1);
-            extract(b, sb, oneb, &tb0, &tb1);
+            if (trk)
+                s1_track(v, lin, b, &mx, &mn, &qx, &qn);
+            s1_acc(a, onea, &ta0, &ta1);
+            s1_acc(b, oneb, &tb0, &tb1);
         }
         memcpy(w->ta0 + j, &ta0, sizeof ta0), memcpy(w->ta1 + j, &ta1, sizeof ta1);
         memcpy(w->tb0 + j, &tb0, sizeof tb0), memcpy(w->tb1 + j, &tb1, sizeof tb1);
+        if (trk) {
+            memcpy(w->fmx + j, &mx, sizeof mx), memcpy(w->fmn + j, &mn, sizeof mn);
+            if (v & SV_KIND)
+                memcpy(w->qmx + j, &qx, sizeof qx), memcpy(w->qmn + j, &qn, sizeof qn);
+        }
     }
 }
 
-SBN_INLINE void s1_pass2(int v, int onea, int oneb, const sv_in *in, int64_t C, int64_t i0, int64_t K,
+/* Pass 2 over rows [i0, i0 + K): T0, T1 of both sums (A starts at sigma on two
+ * levels, and T0 = A - sigma after), tracking with trk. */
+SBN_INLINE void s1_pass2(int v, int onea, int oneb, int trk, const sv_in *in, int64_t C, int64_t i0, int64_t K,
                          int64_t c0, int64_t nc, s1_work *w)
 {
-    for (int64_t j = 0; j < nc; j += 8) {
-        const sbn_v8d z = {0};
-        memcpy(w->ta0 + j, &z, sizeof z), memcpy(w->ta1 + j, &z, sizeof z);
-        memcpy(w->tb0 + j, &z, sizeof z), memcpy(w->tb1 + j, &z, sizeof z);
+    for (int64_t j = 0; j < nc; j++) {
+        w->ta0[j] = onea ? 0 : w->sa[j], w->tb0[j] = oneb ? 0 : w->sb[j];
+        w->ta1[j] = 0, w->tb1[j] = 0;
     }
+    if (trk)
+        s1_track_init(v & SV_KIND, nc, w);
     int64_t k = 0;
     for (; k + SBN_S1_R <= K; k += SBN_S1_R)
-        s1_sweep2(v, SBN_S1_R, onea, oneb, in, C, i0 + k, c0, nc, w);
+        s1_sweep2(v, SBN_S1_R, onea, oneb, trk, in, C, i0 + k, c0, nc, w);
     for (; k < K; k++)
-        s1_sweep2(v, 1, onea, oneb, in, C, i0 + k, c0, nc, w);
+        s1_sweep2(v, 1, onea, oneb, trk, in, C, i0 + k, c0, nc, w);
+    for (int64_t j = 0; j < nc; j++) {
+        if (!onea)
+            w->ta0[j] -= w->sa[j];
+        if (!oneb)
+            w->tb0[j] -= w->sb[j];
+    }
+}
+
+/* s1_pass2 with the plan's levels `one` (s1_plan's bits); the common cases compiled
+ * apart: one level for the linear sum and two for the quadratic one (the plan from all
+ * rows), two for both (the checked pass's guess, whose margin usually rules one
+ * level out), so that no level is tested in the inner loop. */
+SBN_INLINE void s1_pass2_for(int v, int one, int trk, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0,
+                             int64_t nc, s1_work *w)
+{
+    if (trk && one == 0)
+        s1_pass2(v, 0, 0, 1, in, C, i0, K, c0, nc, w);
+    else if (trk)
+        s1_pass2(v, one & 1, one >> 1, 1, in, C, i0, K, c0, nc, w);
+    else if (one == 1)
+        s1_pass2(v, 1, 0, 0, in, C, i0, K, c0, nc, w);
+    else if (one == 0)
+        s1_pass2(v, 0, 0, 0, in, C, i0, K, c0, nc, w);
+    else
+        s1_pass2(v, one & 1, one >> 1, 0, in, C, i0, K, c0, nc, w);
 }
 
 /* Deposits the chunk's totals: a taken lane's as one exact integer, the others'
@@ -940,8 +1094,9 @@ SBN_INLINE void s1_pass2(int v, int onea, int oneb, const sv_in *in, int64_t C, 
  * ties to even, with no double rounding; a subnormal sum of two doubles is exact;
  * the sum cannot overflow (the plan keeps it below 2^(lsb + 32 ndigits) <= 2^384);
  * and an exact zero is +0 either way (T0 and T1 start at +0 and never become -0: a
- * sum with +0 or a cancelling sum is +0 when rounding to nearest). A lane not taken
- * is summed into its (zeroed) accumulator and rounded by sbx_round. */
+ * sum with +0 or a cancelling sum is +0 when rounding to nearest; A - sigma is an
+ * exact difference, +0 when zero). A lane not taken is summed into its (zeroed)
+ * accumulator and rounded by sbx_round. */
 SBN_INLINE void s1_deposit_sum(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c, int quad,
                                int ok, double t0, double t1, int32_t e0, int32_t e1, int64_t *a, double *r)
 {
@@ -972,18 +1127,38 @@ SBN_INLINE void s1_deposit(int v, const sv_in *in, int64_t C, int64_t i0, int64_
     }
 }
 
+static uint64_t s1_checked, s1_missed; /* sbn_s1_counts */
+
+void sbn_s1_counts(uint64_t *checked, uint64_t *missed)
+{
+    *checked = __atomic_load_n(&s1_checked, __ATOMIC_RELAXED);
+    *missed = __atomic_load_n(&s1_missed, __ATOMIC_RELAXED);
+}
+
 /* Both sums of rows [i0, i0 + K) (K <= SBN_XB), channels [c0, c0 + nc), nc a multiple
  * of 8 and at most SBN_S1_CW, into acc1, acc2 (channel c0's first); or, when r1 is not
- * NULL (K rows are the whole batch), rounded into r1, r2 (acc1, acc2 as scratch). */
+ * NULL (K rows are the whole batch), rounded into r1, r2 (acc1, acc2 as scratch). One
+ * checked pass, or two (see above). */
 SBN_INLINE void s1_chunk_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t nc,
                            s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
-    s1_pass1(v, in, C, i0, K, c0, nc, w);
-    const int one = s1_plan(v & SV_KIND, nc, w);
-    if (one == 1) /* the common case: one level for the linear sum, two for the quadratic one */
-        s1_pass2(v, 1, 0, in, C, i0, K, c0, nc, w);
-    else
-        s1_pass2(v, one & 1, one >> 1, in, C, i0, K, c0, nc, w);
+    const int kind = v & SV_KIND;
+    int one, missed = !kind || K < SBN_S1_SPEC;
+    if (!missed) {
+        s1_pass1(v, in, C, i0, SBN_S1_GUESS, c0, nc, w);
+        one = s1_plan(kind, nc, w, SBN_S1_HEAD, SBN_S1_HEADQ, SBN_S1_MARGIN);
+        s1_pass2_for(v, one, 1, in, C, i0, K, c0, nc, w);
+        missed = !s1_verify(kind, nc, w, one & 1, one >> 1);
+        __atomic_fetch_add(&s1_checked, 1, __ATOMIC_RELAXED);
+        if (missed)
+            __atomic_fetch_add(&s1_missed, 1, __ATOMIC_RELAXED);
+    } else {
+        s1_pass1(v, in, C, i0, K, c0, nc, w);
+    }
+    if (missed) {
+        one = s1_plan(kind, nc, w, 0, 0, 0);
+        s1_pass2_for(v, one, 0, in, C, i0, K, c0, nc, w);
+    }
     s1_deposit(v, in, C, i0, K, c0, nc, w, acc1, acc2, r1, r2);
 }
 

@@ -328,10 +328,14 @@ END_TEST
  * fallback), sums that land exactly on a tie between two doubles (and a bit below
  * one that breaks it), NaN, +Inf, both infinities, signed zeros, the limit of one
  * extraction level (24-bit values spread over 2^-21 .. 2^0, and over 2^-40 .. 2^40),
- * denormals alone, and a constant. Shapes cross the chunk width (256 channels),
+ * denormals alone, a constant; and, against the backward's one checked pass (whose
+ * plan is guessed from the first rows), a large value late in the block, a small one
+ * late in the block, and zeros in the first rows, so that the guess misses and the
+ * chunk is summed again (the test requires that both a miss and a hit happened).
+ * Shapes cross the chunk width (256 channels),
  * the block length (256 samples), and leave a tail of fewer than 8 channels; 1 and
  * 2 threads, f32 and bf16, forward, backward, and backward through the ReLU mask. */
-enum { ADV_PATTERNS = 13 };
+enum { ADV_PATTERNS = 16 };
 
 static float adv_value(int pattern, int64_t i, int64_t n, uint64_t h)
 {
@@ -350,7 +354,10 @@ static float adv_value(int pattern, int64_t i, int64_t n, uint64_t h)
     case 9: return sgn * ldexpf(mant, -(int)(h % 22));
     case 10: return sgn * ldexpf(mant, (int)(h % 81) - 40);
     case 11: return sgn * 0x1p-149f * (float)(h % 1000);
-    default: return 0.75f;
+    case 12: return 0.75f;
+    case 13: return i == n - 3 ? 0x1.234568p20f : 0x1p-10f * (float)tu_normal(h);
+    case 14: return i == n - 5 ? sgn * ldexpf(mant, -29) : (float)tu_normal(h);
+    default: return i < 32 ? 0.0f : (float)tu_normal(h);
     }
 }
 
@@ -360,7 +367,8 @@ START_TEST(sums_s1_exact_adversarial)
         {256, 264, SYNCBN_NCHW}, {300, 45, SYNCBN_NHWC}, {5, 24, SYNCBN_NCHW}, {513, 16, SYNCBN_NHWC},
     };
     const sbx_format F[2] = {SBX_LINEAR, SBX_QUADRATIC};
-    uint64_t key = 7;
+    uint64_t key = 7, checked0, missed0, checked1, missed1;
+    sbn_s1_counts(&checked0, &missed0);
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
         for (int bf16 = 0; bf16 < 2; bf16++) {
             const sbn_shape sh = {.n = cases[ci].n, .C = cases[ci].C, .S = 1, .layout = cases[ci].layout,
@@ -446,6 +454,10 @@ START_TEST(sums_s1_exact_adversarial)
             }
             free(x), free(dy), free(mask), free(mean);
         }
+    sbn_s1_counts(&checked1, &missed1);
+    ck_assert_msg(missed1 > missed0 && checked1 - checked0 > missed1 - missed0,
+                  "the checked pass: %llu chunks, %llu missed (both kinds wanted)",
+                  (unsigned long long)(checked1 - checked0), (unsigned long long)(missed1 - missed0));
 }
 END_TEST
 
