@@ -76,12 +76,14 @@ typedef struct {
  * plain load). */
 typedef struct {
     sbn_v8d m, k, a, b;
+    sbn_v8d na; /* NCHW gradient with the ReLU: 0 - a, g - a where g is masked to +0 */
 } ew_coef;
 
 SBN_INLINE void ew_coef_row(int v, const ew_args *e, int64_t c, ew_coef *q)
 {
     q->m = sbn_bcast8(e->m[c]), q->k = sbn_bcast8(e->k[c]), q->a = sbn_bcast8(e->a[c]);
     q->b = v & EW_DX ? sbn_bcast8(e->b[c]) : (sbn_v8d){0};
+    q->na = (v & EW_DX) && (v & EW_RELU) ? sbn_bcast8(0.0 - e->a[c]) : (sbn_v8d){0};
 }
 
 SBN_INLINE void ew_coef_lanes(int v, const ew_args *e, int64_t c, ew_coef *q)
@@ -658,12 +660,30 @@ SBN_INLINE void ew_st16f(void *p, int64_t i, __m512 o, int nt)
         _mm512_storeu_ps((float *)p + i, o);
 }
 
+/* 8 gradient outputs at f of one channel with the ReLU (bits gb) and no dz: ew_val's
+ * values with the mask applied to g - a instead of g. Where the bit is clear, g is +0
+ * and g - a is fl(0 - a), which the row's coefficients hold (q->na): a merge-masked
+ * subtraction gives it, so dy is widened unmasked (its load a memory operand of the
+ * conversion, as in the plain pass) and the masking costs no operation. */
+SBN_INLINE sbn_v8f ew_dx_merge(const ew_args *e, int64_t f, const ew_coef *q, unsigned gb)
+{
+    const sbn_v8d g = sbn_ld8(SYNCBN_F32, e->dy, f), x = sbn_ld8(SYNCBN_F32, e->x, f);
+    const sbn_v8d ga = (sbn_v8d)_mm512_mask_sub_pd((__m512d)q->na, (__mmask8)gb, (__m512d)g, (__m512d)q->a);
+    const sbn_v8d r = q->k * (ga - (x - q->m) * q->b);
+    return sbn_round8(SYNCBN_F32, &r);
+}
+
 /* Returns the 16 ReLU mask bits (normalize with EW_RELU) in a mask register. gb: the
  * mask bits of the 16 outputs (gradient with EW_RELU). */
 SBN_INLINE __mmask16 ew_step16k(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt,
                                 unsigned gb)
 {
     sbn_v8d g0, g1;
+    if ((v & EW_DX) && (v & EW_RELU) && !(v & EW_DZ) && !lanes) { /* one row: see ew_dx_merge */
+        const sbn_v8f lo = ew_dx_merge(e, f, q, gb & 0xFFu), hi = ew_dx_merge(e, f + 8, q, gb >> 8 & 0xFFu);
+        ew_st16f(e->out, f, ew_join16(lo, hi), nt);
+        return 0;
+    }
     if (lanes)
         ew_coef_lanes(v, e, c, q);
     const sbn_v8f o0 = ew_val(v, e, f, q, 8, gb & 0xFFu, &g0);

@@ -1,6 +1,7 @@
 /*
  * test_apply.c - Check suite for the bfloat16 elementwise passes of src/apply.c
- * (normalize with its epilogues, and the input gradient), called directly.
+ * (normalize with its epilogues, and the input gradient), called directly, and for
+ * the float32 input gradient with the ReLU mask (f32_relu_dx_bits, below).
  *
  * bfloat16 outputs are computed in float and recomputed on the exact double path per
  * vector wherever a proven bound says the float result might round differently
@@ -323,6 +324,58 @@ START_TEST(bf16_fast_path_adversarial)
 }
 END_TEST
 
+/* float32 input gradient with the ReLU mask, bit for bit against the formula written
+ * here (g = dy where the mask bit is set, else +0; dx = k (g - a - (x - m) b) in double,
+ * rounded once). The coefficients include a = +0, -0 and NaN with b = 0, where g - a of
+ * a masked element is exactly the sign of a zero or a NaN's sign (apply.c takes
+ * fl(0 - a) for it without computing g - a: -a instead would give other bits there),
+ * and masked elements hold NaN and Inf in dy, which must not reach dx. NCHW rows of 196
+ * (their mask bits start in the middle of a byte) and 256, NHWC, 1 and 2 threads. */
+START_TEST(f32_relu_dx_bits)
+{
+    const int64_t shapes[][3] = {{3, 5, 196}, {2, 6, 256}, {4, 10, 30}};
+    for (int s = 0; s < 3; s++)
+        for (int l = 0; l < 2; l++)
+            for (int threads = 1; threads <= 2; threads++) {
+                const sbn_shape sh = {shapes[s][0], shapes[s][1], shapes[s][2], l ? SYNCBN_NHWC : SYNCBN_NCHW,
+                                      SYNCBN_F32};
+                const int64_t C = sh.C, N = sh.n * C * sh.S;
+                float *x = malloc(N * 4), *dy = malloc(N * 4), *dx = malloc(N * 4);
+                uint8_t *mask = aligned_alloc(8, (size_t)(N / 64 + 2) * 8);
+                double *co = malloc(4 * (size_t)(C + SBN_COEF_PAD) * sizeof *co);
+                ck_assert(x && dy && dx && mask && co);
+                double *m = co, *k = m + C + SBN_COEF_PAD, *a = k + C + SBN_COEF_PAD, *b = a + C + SBN_COEF_PAD;
+                for (int64_t c = 0; c < C; c++) {
+                    const double special[3] = {0.0, -0.0, NAN};
+                    m[c] = uni() - 0.5, k[c] = 0.5 + uni();
+                    a[c] = c % 4 < 3 ? special[c % 4] : uni() - 0.5;
+                    b[c] = c % 4 < 3 ? 0.0 : uni() - 0.5;
+                }
+                sbn_coef_wrap(m, C), sbn_coef_wrap(k, C), sbn_coef_wrap(a, C), sbn_coef_wrap(b, C);
+                for (int64_t e = 0; e < N; e++) {
+                    x[e] = (float)(2 * uni() - 1), dy[e] = (float)(2 * uni() - 1);
+                    if (e % 7 == 3)
+                        dy[e] = e % 2 ? NAN : INFINITY; /* left out by the mask where its bit is clear */
+                }
+                memset(mask, 0, (size_t)(N / 64 + 2) * 8);
+                for (int64_t e = 0; e < N; e++)
+                    mask[e >> 3] |= (uint8_t)((uni() < 0.5 && e % 7 != 3) << (e & 7));
+                omp_set_num_threads(threads);
+                sbn_backward_dx(dx, NULL, x, dy, mask, m, k, a, b, NULL, sh);
+                int64_t wrong = 0;
+                for (int64_t e = 0; e < N; e++) {
+                    const int64_t c = sh.layout == SYNCBN_NCHW ? e / sh.S % C : e % C;
+                    const double g = (mask[e >> 3] >> (e & 7)) & 1 ? (double)dy[e] : 0.0;
+                    const float want = (float)(k[c] * (g - a[c] - ((double)x[e] - m[c]) * b[c]));
+                    wrong += memcmp(&want, &dx[e], sizeof want) != 0;
+                }
+                ck_assert_msg(wrong == 0, "shape %d layout %d, %d threads: %lld of %lld outputs wrong", s, l, threads,
+                              (long long)wrong, (long long)N);
+                free(x), free(dy), free(dx), free(mask), free(co);
+            }
+}
+END_TEST
+
 static Suite *apply_suite(void)
 {
     Suite *s = suite_create("apply");
@@ -331,6 +384,9 @@ static Suite *apply_suite(void)
     tcase_add_test(tc, bf16_fast_path_ordinary);
     tcase_add_test(tc, bf16_fast_path_adversarial);
     suite_add_tcase(s, tc);
+    TCase *tf = tcase_create("f32");
+    tcase_add_test(tf, f32_relu_dx_bits);
+    suite_add_tcase(s, tf);
     return s;
 }
 
