@@ -435,11 +435,16 @@ SBN_INLINE unsigned sbn_relu1(float *f)
 }
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-/* Mask bits i .. i+15 in a mask register (kmovw). */
+/* Mask bits i .. i+15 in a mask register (kmovw). The mask is a byte array, so the
+ * two bytes are read with memcpy: _load_mask16 would dereference a __mmask16 pointer
+ * at any byte address, which C does not allow (UBSan reports it). */
 SBN_INLINE __mmask16 sbn_kmask16(const uint8_t *m, int64_t i)
 {
-    if (!(i & 7))
-        return _load_mask16((__mmask16 *)(m + (i >> 3)));
+    if (!(i & 7)) {
+        uint16_t w;
+        memcpy(&w, m + (i >> 3), sizeof w);
+        return _cvtu32_mask16(w);
+    }
     return (__mmask16)sbn_mask16(m, i);
 }
 #endif
