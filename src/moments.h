@@ -99,9 +99,10 @@ int64_t sbn_apply_scratch_floats(int64_t C);
 SYNCBN_EXTERN void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks);
 SYNCBN_EXTERN void sbn_test_bf16_path(int mode);
 
-/* REPRODUCIBLE S == 1 backward sums, for tests: the chunks summed in one checked pass
- * since the process started (all threads), and those whose guessed plan missed and
- * were summed again (sums.c). */
+/* REPRODUCIBLE S == 1 sums, for tests: the sums of single channels (lanes) that one
+ * checked pass formed since the process started (all threads, forward and backward),
+ * and those of them that the check did not certify, so that their group of lanes was
+ * summed again (sums.c, s1_verify). */
 SYNCBN_EXTERN void sbn_s1_counts(uint64_t *checked, uint64_t *missed);
 
 #endif /* SYNCBN_MOMENTS_H */

@@ -757,28 +757,34 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
  * row a run of contiguous cache lines, its per-channel state in arrays of the chunk
  * (s1_work, in L1), read and written once per SBN_S1_R rows.
  *
- * Backward: one pass, checked (K >= SBN_S1_SPEC rows). The plan is GUESSED from the
- * extremes of the first SBN_S1_GUESS rows, the largest magnitude taken SBN_S1_HEAD
- * (a product's SBN_S1_HEADQ) binades higher
- * (and one level chosen only if the smallest would pass SBN_S1_MARGIN binades lower);
- * then a single pass over all K rows forms the sums under that plan AND tracks every
- * term's extremes (what pass 1 tracks). Afterwards each lane is checked: its guessed
- * plan holds for the data that were actually summed (every |v| < 2^e of the guess,
- * every v a multiple of the grid the guess relies on: 2^e0 with one level, 2^e1 with
- * two), which are exactly the hypotheses of the exactness argument above, so its
- * T0 + T1 is the exact sum. If any lane that the true plan (from the tracked
- * extremes) would take fails the check, the chunk is summed again under the true
- * plan: pass 1 done, the second pass as below. A lane the true plan does not take
- * (NaN, Inf, a range too wide) deposits its terms one by one either way. So the result
- * is the exact sum whatever the guess was; the guess only decides the time.
+ * One pass, checked (K >= SBN_S1_SPEC rows; forward and backward). The quadratic
+ * sum's plan is GUESSED from the extremes of the first SBN_S1_GUESS rows, the largest
+ * magnitude taken SBN_S1_HEAD (a product's SBN_S1_HEADQ) binades higher (and one level
+ * chosen only if the smallest would pass SBN_S1_MARGIN binades lower); the linear sum
+ * gets no plan: it is summed plainly, one double accumulator from +0 (one addition a
+ * term instead of Fast2Sum's four). A single pass over all K rows forms both sums and
+ * tracks every term's extremes (what pass 1 tracks). Afterwards each lane is checked
+ * against the true plan of its tracked extremes (s1_verify):
+ *  - the linear sum is exact where the true plan allows one level, lo >= e0 (every
+ *    term a multiple of 2^lo, |v| < 2^e, e0 >= e + B - 51): then every partial sum
+ *    is a multiple of 2^lo below K 2^e <= 2^(e+B) <= 2^(51+lo), an integer multiple
+ *    of 2^lo with at most 51 bits, so every addition is exact and T0 is the exact
+ *    sum, a multiple of 2^e0 below 2^51 2^e0: the T0 that the true plan's one-level
+ *    pass makes, deposited under that plan (installed by s1_verify);
+ *  - the quadratic sum holds where the guess's hypotheses hold for the data that were
+ *    actually summed (every |v| < 2^e of the guess, every v a multiple of the grid
+ *    the guess relies on: 2^e0 with one level, 2^e1 with two), which are exactly the
+ *    hypotheses of the exactness argument above, so its T0 + T1 is the exact sum.
+ * A group of 8 lanes with a lane that the true plan takes but the check does not
+ * certify is summed again, that sum only, on two levels under the true plan
+ * (s1_redo: one 64-byte run per row, not the chunk). A lane the true plan does not
+ * take (NaN, Inf, a range too wide) deposits its terms one by one either way. So the
+ * result is the exact sum whatever the guess was; the guess only decides the time.
  * tests/test_moments.c forces misses (a late large value, a late tiny one, zeros in
- * the first rows) and checks the words against an independent big integer.
- * Forward, fewer rows, or after a miss: two passes. Pass 1 keeps each channel's
- * extremes, then the plan, then pass 2 its sums (the chunk's K rows, 256 KiB at most,
- * stay in L2). The forward keeps them because its pass 1 is cheap (only x's float
- * bits, no term computed) while a guess costs it range: SBN_S1_HEAD binades on x
- * are twice that on x^2, and its one-level linear sum would need the margin too
- * (one checked pass measured 1.1-1.2x the two passes' time on (256, 1024) f32).
+ * the first rows, a linear sum just past the one-level grid) and checks the words
+ * against an independent big integer.
+ * Fewer rows: two passes. Pass 1 keeps each channel's extremes, then the plan, then
+ * pass 2 its sums (the chunk's K rows, 256 KiB at most, stay in L2).
  *
  * Two levels are summed as A = sigma + (the sum so far on the grid u0) and T1:
  * a = fl(A + v), T1 += v - (a - A), A = a (Fast2Sum into an accumulator kept in
@@ -997,33 +1003,46 @@ static int s1_plan(int kind, int64_t nc, s1_work *w, int h, int hq, int margin)
     return onea | oneb << 1;
 }
 
-/* After a checked pass: whether the guessed plans (one level for the linear sum if
- * onea, for the quadratic one if oneb) hold for the tracked extremes of every lane
- * that the true plan takes (see above); each lane's `ok` is then whether its guess
- * holds. 0: a miss, the chunk must be summed again. */
-static int s1_verify(int kind, int64_t nc, s1_work *w, int onea, int oneb)
+/* After a checked pass: each lane's sums checked against its tracked extremes, which
+ * give the true plan (margin 0). The linear sum was summed plainly (one level from
+ * +0, no plan): it is exact where the true plan allows one level (below), and the
+ * true plan is installed for its deposit. The quadratic sum was summed under the
+ * guessed plan: exact where the guess's hypotheses hold for the data (every |v| < 2^e
+ * of the guess, every v a multiple of its grid: 2^e0 with one level, 2^e1 with two).
+ * A lane that the true plan takes and whose sum is not so certified puts its group of
+ * 8 lanes in redo[0] (linear) or redo[1] (quadratic), bit j / 8, with the true plan
+ * installed for the whole group, to be summed again (s1_redo). A lane the true plan
+ * does not take (NaN, Inf, a range too wide) deposits its terms one by one. Counts
+ * (sbn_s1_counts) the lanes' sums that the true plan takes into cnt[0], those not
+ * certified into cnt[1]. */
+static void s1_verify(int kind, int64_t nc, s1_work *w, int oneb, uint32_t redo[2], uint64_t cnt[2])
 {
+    redo[0] = redo[1] = 0, cnt[0] = cnt[1] = 0;
     for (int64_t j = 0; j < nc; j += 8) {
         sbn_v8u mx[2], mn[2];
         s1_extremes(kind, w, j, 0, 0, &mx[0], &mn[0], &mx[1], &mn[1]);
         for (int q = 0; q < 2; q++) {
             double s0[8];
             int32_t E0[8], E1[8], e[8], lo[8];
-            int ok[8];
+            int ok[8], holds[8], bad = 0;
             plan_lanes_to(1, &mx[q], &mn[q], xs_mbits(q ? (kind ? XS_DYXM : XS_XX) : (kind ? XS_DY : XS_X)),
                           q ? SBX_QUADRATIC : SBX_LINEAR, 0, s0, E0, E1, ok, e, lo);
             int *gok = (q ? w->okb : w->oka) + j;
-            const int32_t *ge = (q ? w->gb : w->ga) + j;
-            const int32_t *grid = (q ? (oneb ? w->eb0 : w->eb1) : (onea ? w->ea0 : w->ea1)) + j;
+            const int32_t *ge = w->gb + j, *grid = (oneb ? w->eb0 : w->eb1) + j;
             for (int l = 0; l < 8; l++) {
-                const int holds = gok[l] && e[l] <= ge[l] && lo[l] >= grid[l];
-                if (ok[l] && !holds)
-                    return 0;
-                gok[l] = holds;
+                holds[l] = q ? gok[l] && e[l] <= ge[l] && lo[l] >= grid[l] : ok[l] && lo[l] >= E0[l];
+                bad |= ok[l] && !holds[l];
+                cnt[0] += ok[l] != 0, cnt[1] += ok[l] && !holds[l];
             }
+            if (q && !bad) {
+                memcpy(gok, holds, sizeof holds);
+                continue;
+            }
+            memcpy(gok, ok, sizeof ok), memcpy((q ? w->sb : w->sa) + j, s0, sizeof s0);
+            memcpy((q ? w->eb0 : w->ea0) + j, E0, sizeof E0), memcpy((q ? w->eb1 : w->ea1) + j, E1, sizeof E1);
+            redo[q] |= (uint32_t)bad << (j / 8);
         }
     }
-    return 1;
 }
 
 /* Pass 2 step: T0 += v (one level), or the two-level Fast2Sum step (above) with A in
@@ -1077,6 +1096,33 @@ SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, int trk, const sv_in
     }
 }
 
+/* The sums of lanes j .. j+7 again (the linear one if lin, the quadratic one if
+ * quad), on two levels under the true plan that s1_verify installed: the operations
+ * of pass 2 with two levels on these lanes, so the exactness argument above holds for
+ * every lane the plan takes (two levels need only the hypotheses of its `ok`; one
+ * level is a shortcut). A group, not the chunk: one 64-byte run per row. */
+SBN_INLINE void s1_redo(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0, int64_t j, int lin,
+                        int quad, s1_work *w)
+{
+    const sbn_v8d sa = sbn_loadd8(w->sa + j), sb = sbn_loadd8(w->sb + j);
+    const sbn_v8d m = v & SV_KIND ? sbn_loadd8(in->mean + c0 + j) : (sbn_v8d){0};
+    sbn_v8d A = sa, T1 = {0}, B = sb, U1 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        sbn_v8f f;
+        sbn_v8d a, b;
+        s1_terms8(v, in, (i0 + k) * C + c0 + j, m, &f, &a, &b);
+        if (lin)
+            s1_acc(a, 0, &A, &T1);
+        if (quad)
+            s1_acc(b, 0, &B, &U1);
+    }
+    A -= sa, B -= sb;
+    if (lin)
+        memcpy(w->ta0 + j, &A, sizeof A), memcpy(w->ta1 + j, &T1, sizeof T1);
+    if (quad)
+        memcpy(w->tb0 + j, &B, sizeof B), memcpy(w->tb1 + j, &U1, sizeof U1);
+}
+
 /* Pass 2 over rows [i0, i0 + K): T0, T1 of both sums (A starts at sigma on two
  * levels, and T0 = A - sigma after), tracking with trk. */
 SBN_INLINE void s1_pass2(int v, int onea, int oneb, int trk, const sv_in *in, int64_t C, int64_t i0, int64_t K,
@@ -1102,16 +1148,17 @@ SBN_INLINE void s1_pass2(int v, int onea, int oneb, int trk, const sv_in *in, in
 }
 
 /* s1_pass2 with the plan's levels `one` (s1_plan's bits); the common cases compiled
- * apart: one level for the linear sum and two for the quadratic one (the plan from all
- * rows), two for both (the checked pass's guess, whose margin usually rules one
- * level out), so that no level is tested in the inner loop. */
+ * apart so that no level is tested in the inner loop: the checked pass (trk) with the
+ * linear sum plain and the quadratic one on two levels (the guess's margin usually
+ * rules one level out) or one; after pass 1, one level for the linear sum and two for
+ * the quadratic one, or two for both. */
 SBN_INLINE void s1_pass2_for(int v, int one, int trk, const sv_in *in, int64_t C, int64_t i0, int64_t K, int64_t c0,
                              int64_t nc, s1_work *w)
 {
-    if (trk && one == 0)
-        s1_pass2(v, 0, 0, 1, in, C, i0, K, c0, nc, w);
+    if (trk && one == 1)
+        s1_pass2(v, 1, 0, 1, in, C, i0, K, c0, nc, w);
     else if (trk)
-        s1_pass2(v, one & 1, one >> 1, 1, in, C, i0, K, c0, nc, w);
+        s1_pass2(v, 1, 1, 1, in, C, i0, K, c0, nc, w);
     else if (one == 1)
         s1_pass2(v, 1, 0, 0, in, C, i0, K, c0, nc, w);
     else if (one == 0)
@@ -1178,21 +1225,22 @@ SBN_INLINE void s1_chunk_v(int v, const sv_in *in, int64_t C, int64_t i0, int64_
                            s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
     const int kind = v & SV_KIND;
-    int one, missed = !kind || K < SBN_S1_SPEC;
-    if (!missed) {
+    if (K >= SBN_S1_SPEC) {
+        uint32_t redo[2];
+        uint64_t cnt[2];
         s1_pass1(v, in, C, i0, SBN_S1_GUESS, c0, nc, w);
-        one = s1_plan(kind, nc, w, SBN_S1_HEAD, SBN_S1_HEADQ, SBN_S1_MARGIN);
+        const int one = s1_plan(kind, nc, w, SBN_S1_HEAD, SBN_S1_HEADQ, SBN_S1_MARGIN) | 1; /* linear: plain */
         s1_pass2_for(v, one, 1, in, C, i0, K, c0, nc, w);
-        missed = !s1_verify(kind, nc, w, one & 1, one >> 1);
-        __atomic_fetch_add(&s1_checked, 1, __ATOMIC_RELAXED);
-        if (missed)
-            __atomic_fetch_add(&s1_missed, 1, __ATOMIC_RELAXED);
+        s1_verify(kind, nc, w, one >> 1, redo, cnt);
+        __atomic_fetch_add(&s1_checked, cnt[0], __ATOMIC_RELAXED);
+        __atomic_fetch_add(&s1_missed, cnt[1], __ATOMIC_RELAXED);
+        for (uint32_t g = redo[0] | redo[1]; g; g &= g - 1) {
+            const int b = __builtin_ctz(g);
+            s1_redo(v, in, C, i0, K, c0, 8 * b, (int)(redo[0] >> b & 1), (int)(redo[1] >> b & 1), w);
+        }
     } else {
         s1_pass1(v, in, C, i0, K, c0, nc, w);
-    }
-    if (missed) {
-        one = s1_plan(kind, nc, w, 0, 0, 0);
-        s1_pass2_for(v, one, 0, in, C, i0, K, c0, nc, w);
+        s1_pass2_for(v, s1_plan(kind, nc, w, 0, 0, 0), 0, in, C, i0, K, c0, nc, w);
     }
     s1_deposit(v, in, C, i0, K, c0, nc, w, acc1, acc2, r1, r2);
 }

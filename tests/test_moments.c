@@ -461,6 +461,67 @@ START_TEST(sums_s1_exact_adversarial)
 }
 END_TEST
 
+/* The S == 1 checked pass sums the linear term plainly (one double accumulator, no
+ * plan) and certifies it afterwards from the tracked extremes (sums.c, s1_verify).
+ * Here each channel is 255 terms of 1.5 and one (1 + 2^-23) 2^-k, the same k for a
+ * group of 8 channels (the unit that is summed again), k = 16 .. 23: the plain sum is
+ * exact up to k = 21 (bits from 2^8 down to 2^(-k-23)), rounds from k = 22 on; the
+ * one-level grid of the deposit is 2^-42, so the check must certify k <= 19 only and
+ * send the other lanes to be summed again. A check loosened by one binade, or a lost
+ * re-sum, puts a truncated or rounded sum in the accumulator words. */
+START_TEST(sums_s1_plain_sum_boundary)
+{
+    const sbn_shape sh = {.n = 256, .C = 64, .S = 1, .layout = SYNCBN_NCHW, .dt = SYNCBN_F32};
+    const int64_t n = sh.n, C = sh.C, W[2] = {sbx_words(SBX_LINEAR), sbx_words(SBX_QUADRATIC)};
+    const sbx_format F[2] = {SBX_LINEAR, SBX_QUADRATIC};
+    float *x = malloc(n * C * sizeof *x), *dy = malloc(n * C * sizeof *dy);
+    double mean[64] = {0};
+    ck_assert(x && dy);
+    for (int64_t c = 0; c < C; c++) /* the small term after the rows that guess, or among them */
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t row = c % 8 < 4 ? 200 : 3;
+            const float v = i == row ? (c & 1 ? -1.0f : 1.0f) * ldexpf(1 + 0x1p-23f, -(int)(16 + c / 8)) : 1.5f;
+            x[at(sh, i, c, 0)] = v, dy[at(sh, i, c, 0)] = v;
+        }
+    uint64_t checked0, missed0, checked1, missed1;
+    sbn_s1_counts(&checked0, &missed0);
+    for (int kind = 0; kind < 2; kind++) {
+        int64_t *a[2] = {calloc(C * W[0], sizeof(int64_t)), calloc(C * W[1], sizeof(int64_t))};
+        int64_t *b[2] = {malloc(C * W[0] * sizeof(int64_t)), malloc(C * W[1] * sizeof(int64_t))};
+        double r[2][64];
+        ck_assert(a[0] && a[1] && b[0] && b[1]);
+        omp_set_num_threads(1);
+        if (kind) {
+            sbn_backward_sums(x, dy, NULL, mean, sh, NULL, NULL, a[0], a[1]);
+            sbn_backward_sums(x, dy, NULL, mean, sh, r[0], r[1], b[0], b[1]);
+        } else {
+            sbn_forward_sums(x, sh, NULL, NULL, a[0], a[1]);
+            sbn_forward_sums(x, sh, r[0], r[1], b[0], b[1]);
+        }
+        for (int q = 0; q < 2; q++)
+            for (int64_t c = 0; c < C; c++) {
+                ref_t ref = {0};
+                int64_t want[64];
+                for (int64_t i = 0; i < n; i++)
+                    ref_add(&ref, term(kind, q, 0, x, dy, NULL, mean, c, at(sh, i, c, 0)));
+                const double rr = ref_round_any(&ref);
+                ck_assert_msg(same_bits(&r[q][c], &rr, 1), "rounded: kind %d sum %d channel %lld: %a, want %a", kind,
+                              q, (long long)c, r[q][c], rr);
+                sbx_normalize(a[q] + c * W[q], F[q]);
+                ref_words(&ref, F[q], want);
+                ck_assert_msg(!memcmp(a[q] + c * W[q], want, F[q].ndigits * sizeof *want),
+                              "words: kind %d sum %d channel %lld", kind, q, (long long)c);
+            }
+        free(a[0]), free(a[1]), free(b[0]), free(b[1]);
+    }
+    sbn_s1_counts(&checked1, &missed1);
+    ck_assert_msg(missed1 - missed0 >= 4 * 32 && checked1 - checked0 > missed1 - missed0,
+                  "%llu lane sums checked, %llu not certified",
+                  (unsigned long long)(checked1 - checked0), (unsigned long long)(missed1 - missed0));
+    free(x), free(dy);
+}
+END_TEST
+
 /* bfloat16 sums against exact integer totals: small integers (exact in 8 bits), so
  * every partial and total is exact in both modes, bit for bit, masked or not. */
 START_TEST(sums_bf16_exact_integers)
@@ -605,6 +666,7 @@ static Suite *moments_suite(void)
     tcase_add_test(tc, sums_fast_order_every_type);
     tcase_add_test(tc, sums_bf16_exact_integers);
     tcase_add_test(tc, sums_s1_exact_adversarial);
+    tcase_add_test(tc, sums_s1_plain_sum_boundary);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
     TCase *tr = tcase_create("rounding");
