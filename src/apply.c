@@ -230,11 +230,11 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * above (ew_vec), RNE16 rounding to nearest-even at bfloat16's 8 bits. Double has 8
  * lanes per 512-bit vector; float has 16, and a rounding that is one instruction.
  * So each vector of 16 outputs is first computed in float, as y, together with a
- * PROVEN bound err >= |y - Y| per lane; where every lane is farther than err from
- * each bfloat16 rounding boundary (the midpoints between neighbouring bfloat16
- * values, and the overflow threshold, which is the midpoint between the largest
- * bfloat16 and 2^128), Y lies strictly inside the same rounding interval as y, so
- * RNE16(y) = RNE16(Y): the float result is stored. Otherwise the vector is
+ * PROVEN bound err > |y - Y| per lane; where every lane's interval [y - err, y +
+ * err] holds no bfloat16 rounding boundary (the midpoints between neighbouring
+ * bfloat16 values, and the overflow threshold, which is the midpoint between the
+ * largest bfloat16 and 2^128), Y lies strictly inside the same rounding interval as
+ * y, so RNE16(y) = RNE16(Y): the float result is stored. Otherwise the vector is
  * recomputed on the exact path. The bits are those of the exact path whatever the
  * decision, so the decision may differ between builds (it does not, in practice).
  *
@@ -283,35 +283,47 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * (6') |r - Y| <= 5.001u (|r| + |t3|) + E, E := 2.01u |cf| + 1.01 ec + 2^-49 (|k a| +
  *     |k b m|) + 2^-148.
  *
- * The test, per lane, on y (normalize; with z the final sum) or r (gradient):
- *     err = fl(fl(R s) + e),  R = 2^-22 (normalize) or 2^-21 (gradient),
+ * The test, per lane, on y (normalize; with z the final sum) or r (gradient), all
+ * called y below:
+ *     err = fl(R s + e) (one rounding with AVX-512's fused multiply-add, two
+ *           elsewhere), R = 2^-21 = 8u,
  *           s = |y0| (+ |y| with z) or fl(|r| + |t3|),  e = fl32(1.01 E + 2^-100);
- * err >= the bounds of (6)/(6') even though computed in float: R = 4u >= 3.001u and
- * 8u >= 5.001u, and E's factor 1.01, leave far more than the three roundings
- * (factor (1 - u)^-3) of computing err.
- *     mid = the float with y's sign, exponent and upper 7 fraction bits, and lower 16
- *           bits 0x8000: the midpoint of y's bfloat16 interval [B, B + ulp) (for the
- *           largest bfloat16, the overflow threshold);
- *     t = |y - mid| (exact: same sign, within a factor 2, Sterbenz);
- *     q = |y| 2^-10 (exact; <= ulp/4 since ulp >= 2^-8 |y|).
- * Accept when min(t, q) > err. Then Y is on y's side of mid (t > err), and cannot
- * reach the other boundaries: B + ulp + ulp/2 is >= ulp/2 >= t away, and the midpoint
- * below B is >= ulp/4 >= q away (ulp/4: B a power of two, the spacing below is
- * ulp/2). Y has y's sign (err < |y|). So RNE16(Y) = RNE16(y), and y is no tie, so
- * RNE16(y) is y's bits + 0x8000 cut to the upper 16 (a carry into the exponent gives
- * the next binade, or Inf past the largest bfloat16, as RNE16 does); AVX512_BF16's
- * conversion (vcvtneps2bf16, round to nearest-even, denormals flushed) gives the same
- * bits, since an accepted y is normal (below) and no tie.
- * The 2^-100 in e makes every |y| < 2^-90 fall back (t <= 2^-8 |y|), so all the
- * underflow terms above (2^-148 and below) are covered, and no subnormal is ever
- * accepted. NaN or Inf anywhere (input, coefficient, overflowed float) makes t or
- * err NaN or Inf, and the comparison false: exact path.
- * ReLU: the rounded value is nonzero with y's sign, so its mask bit is y > 0, and the
- * ReLU of the stored bits is RNE16 of max(y, +0) (+0 rounds to +0, the exact path's
- * ReLU of a negative result). dz = g is copied as ever, as bits.
+ *     lo = fl(y - err),  hi = fl(y + err).
+ * Accept when y is not NaN and rho(lo) = rho(hi), rho the build's rounding of a
+ * float to bfloat16: RNE16 (vcvtneps2bf16, AVX512_BF16; subnormals flushed to zero)
+ * or round half away from zero (y's bits + 0x8000 cut to the upper 16, elsewhere).
+ * Both are monotone, so rho is then constant on [lo, hi], and the output is that
+ * value, rho(hi). Why it is RNE16(Y):
+ * (a) lo < Y < hi. The bounds above give |y - Y| <= B with B <= 3.001u|y0| + E
+ *     (normalize), 3.001u|y0| + 1.001u|y| + 1.0001 E (with z), 5.001u(|r| + |t3|) + E
+ *     (gradient). fl(y + err) >= y + err - u(|y| + err), so hi > y + B >= Y when
+ *     err (1 - u) > B + u|y|; likewise lo. err >= (8u s + 1.01 E + 2^-100)(1 - u)^3
+ *     (s's own rounding included), and 8u (1 - u)^3 >= 4.001u, 1.01 (1 - u)^3 > 1.0001:
+ *     the 8u s term covers B's u-terms plus u|y| in all three cases, 1.01 E covers E,
+ *     and 2^-100 makes it strict.
+ * (b) rho(lo) = rho(hi) = b puts lo and hi in one of rho's intervals, whose ends
+ *     (in magnitude) are bfloat16 midpoints or the overflow threshold, one end
+ *     included; so the open interval (lo, hi), which holds Y, holds no midpoint and
+ *     no threshold, and RNE16(Y) = b, both for RNE16 and for round-half-away.
+ * (c) Subnormals and zero: err >= 2^-100 (about), so a y with |y| < 2^-100 gives lo
+ *     and hi of opposite signs, whose roundings differ; and lo, hi are never both
+ *     subnormal (one of them is >= 2^-100 in magnitude), so the flush of
+ *     vcvtneps2bf16 can only make them differ: rejected, never wrongly accepted.
+ *     The underflow terms of the bounds (2^-148 and below) are covered by 2^-100.
+ * (d) NaN and Inf: NaN in y is rejected by name (rho of two NaNs could agree). An
+ *     infinite y, or a channel with err = +Inf (a coefficient that is not a normal
+ *     float, E not finite: e = +Inf), gives lo or hi NaN and the other infinite, or
+ *     lo = -Inf and hi = +Inf: their roundings differ.
+ * ReLU: an accepted rounding is nonzero with y's sign (by (c), lo and hi have it),
+ * so its mask bit is y > 0, and the ReLU of the stored bits is +0 where it is clear
+ * (the exact path's ReLU of a negative result). dz = g is copied as ever, as bits.
+ * (Before, the test measured y's distance to the two nearest midpoints against err
+ * with a lower R; this one needs fewer operations and no special case at a power of
+ * two.)
  *
  * All of the above is per lane: a vector of 16 is accepted only when every lane is,
- * else its two halves go to the exact path, 8 outputs at a time. */
+ * else it is recomputed on the exact path (two vectors of 8) and stored with the
+ * other half of its line (ew_exact16v). */
 
 static int bf16_path; /* sbn_test_bf16_path */
 static uint64_t bf16_vectors, bf16_fallbacks;
@@ -362,10 +374,8 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
         float ef = (float)(1.01 * E + 0x1p-100);
         if (!ok || !isfinite(kf) || !isfinite(bf) || !isfinite((float)cd) || !isfinite(E))
             ef = INFINITY; /* NaN in E would compare false too; +Inf says so */
-        if (bf16_path == 2)
-            ef = 0; /* mutation for tests: no margin */
-        if (bf16_path == 3)
-            ef = -INFINITY; /* tests: trust float everywhere (finite lanes) */
+        if (bf16_path >= 2)
+            ef = 0; /* mutations for tests: no margin (with R = 0): float trusted */
         f[j] = kf, f[W + j] = (float)cd, f[2 * W + j] = bf, f[3 * W + j] = ef;
     }
     for (int64_t j = C; j < C + EW_FPAD; j++)
@@ -373,6 +383,13 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
             f[r * W + j] = f[r * W + j % C];
     return f;
 }
+
+/* Whether the gradient's ReLU mask may be applied to kf g (ew_fast). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define EW_MASKED_MUL 1
+#else
+#define EW_MASKED_MUL 0
+#endif
 
 /* The float path works on 16 lanes (one 512-bit vector on AVX-512; GNU vectors, so
  * other builds split it): 16 bfloat16 are one 32-byte load, and the rounded results
@@ -438,22 +455,30 @@ SBN_INLINE sbn_v8w ew_round16(sbn_v16f y)
 #endif
 }
 
-/* 16 bfloat16 bits at element i (w[0]), or 32 (w[0], w[1]) when two; streaming when
- * nt (the address is then 32-byte aligned, or 64 when two: whole output lines). */
-SBN_INLINE void ew_sth(void *p, int64_t i, int two, const sbn_v8w *w, int nt)
+/* 16 bfloat16 bits at element i (w0), or 32 (w0, w1) when two; streaming when nt
+ * (the address is then 32-byte aligned, or 64 when two: whole output lines). By value,
+ * so that they stay in registers (an array here was built on the stack, and its two
+ * 32-byte halves read back as one 64-byte load, which cannot be forwarded). */
+SBN_INLINE void ew_sth(void *p, int64_t i, int two, sbn_v8w w0, sbn_v8w w1, int nt)
 {
     uint16_t *d = (uint16_t *)p + i;
-#if SBN_HAVE_NT
-    if (nt && two) {
-        _mm512_stream_si512((void *)d, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)w[0]), (__m256i)w[1], 1));
+#ifdef __AVX512F__
+    if (two) {
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)w0), (__m256i)w1, 1);
+        if (nt)
+            _mm512_stream_si512((void *)d, w);
+        else
+            _mm512_storeu_si512((void *)d, w);
         return;
     }
     if (nt) {
-        _mm256_stream_si256((__m256i *)d, (__m256i)w[0]);
+        _mm256_stream_si256((__m256i *)d, (__m256i)w0);
         return;
     }
 #endif
-    memcpy(d, w, (size_t)(two ? 2 : 1) * sizeof *w);
+    memcpy(d, &w0, sizeof w0);
+    if (two)
+        memcpy(d + 16, &w1, sizeof w1);
     (void)nt;
 }
 
@@ -472,26 +497,29 @@ SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
 #endif
 }
 
-/* min(a, b) where a is not NaN... or b where either is NaN (the test then fails on
- * b, which is NaN whenever a is: see the analysis). */
-SBN_INLINE sbn_v16f ew_minf(sbn_v16f a, sbn_v16f b)
+/* The lanes where y is not NaN and the bfloat16 bits lo and hi are equal, as 16 bits. */
+SBN_INLINE unsigned ew_same16(sbn_v16f y, sbn_v8w lo, sbn_v8w hi)
 {
-#ifdef __AVX512F__
-    return (sbn_v16f)_mm512_min_ps((__m512)a, (__m512)b);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __mmask16 ord = _mm512_cmp_ps_mask((__m512)y, (__m512)y, _CMP_ORD_Q);
+    return _mm256_mask_cmpeq_epi16_mask(ord, (__m256i)lo, (__m256i)hi);
 #else
-    const sbn_v16u lt = (sbn_v16u)(a < b);
-    return (sbn_v16f)(((sbn_v16u)a & lt) | ((sbn_v16u)b & ~lt));
+    const sbn_v16h l = (sbn_v16h)lo, h = (sbn_v16h)hi;
+    unsigned r = 0;
+    for (int j = 0; j < 16; j++)
+        r |= (unsigned)(l[j] == h[j] && y[j] == y[j]) << j;
+    return r;
 #endif
 }
 
-/* y with the lanes whose bit is clear set to +0. */
-SBN_INLINE sbn_v16f ew_keepf16(sbn_v16f y, unsigned bits)
+/* s r + e, rounded once (AVX-512: one fused multiply-add) or twice (other builds):
+ * the analysis allows either. */
+SBN_INLINE sbn_v16f ew_fmaf(sbn_v16f s, float r, sbn_v16f e)
 {
 #ifdef __AVX512F__
-    return (sbn_v16f)_mm512_maskz_mov_ps((__mmask16)bits, (__m512)y);
+    return (sbn_v16f)_mm512_fmadd_ps((__m512)s, _mm512_set1_ps(r), (__m512)e);
 #else
-    const sbn_v16u lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
-    return (sbn_v16f)((sbn_v16u)y & (sbn_v16u)((lane & bits) != 0));
+    return s * r + e;
 #endif
 }
 
@@ -505,7 +533,7 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
     sbn_v16f y, s;
     if (v & EW_DX) {
         *gh = ew_ldh16(e->dy, f);
-        if (v & EW_RELU)
+        if ((v & EW_RELU) && ((v & EW_DZ) || !EW_MASKED_MUL))
             *gh = sbn_keep16_at(*gh, e->mask, f);
     }
     if (v & EW_NOOUT) /* dz only: a copy */
@@ -521,32 +549,39 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
         }
     } else {
         const sbn_v16f g = ew_widen16(*gh);
-        const sbn_v16f t1 = q->k * g, t2 = t1 + q->c, t3 = q->b * x;
+        sbn_v16f t1 = q->k * g;
+#if EW_MASKED_MUL
+        /* With the ReLU and no dz, the mask zeroes kf g instead of g: the mask's load
+         * is then off the path from dy's load to the result, and no operation is
+         * added. kf g is +0 there where the masked g gave kf (+0) = +-0; the sign of
+         * a zero term can only change the sign of a zero result, which the test
+         * rejects (c), so every accepted value is the same. */
+        if ((v & EW_RELU) && !(v & EW_DZ))
+            t1 = (sbn_v16f)_mm512_maskz_mul_ps(sbn_kmask16(e->mask, f), (__m512)q->k, (__m512)g);
+#endif
+        const sbn_v16f t2 = t1 + q->c, t3 = q->b * x;
         y = t2 - t3;
         s = ew_absf(y) + ew_absf(t3);
     }
-    const sbn_v16f err = s * e->R + q->e;
-    const sbn_v16f mid = (sbn_v16f)(((sbn_v16u)y & 0xFFFF0000u) | 0x8000u);
-    const sbn_v16f t = ew_minf(ew_absf(y - mid), ew_absf(y) * 0x1p-10f);
-    if (__builtin_expect(ew_gt16(t, err) != 0xFFFFu, 0))
-        return 0;
-    if (!(v & EW_DX) && (v & EW_RELU)) { /* y is nonzero, not NaN: its rounding has its sign */
+    const sbn_v16f err = ew_fmaf(s, e->R, q->e);
+    const sbn_v8w hi = ew_round16(y + err), lo = ew_round16(y - err);
+    *o = hi;
+    if (!(v & EW_DX) && (v & EW_RELU)) { /* accepted: y's rounding is nonzero with its sign */
         *bits = ew_gt16(y, (sbn_v16f){0});
-        y = ew_keepf16(y, *bits);
+        *o = sbn_keep16(hi, *bits);
     }
-    *o = ew_round16(y);
-    return 1;
+    return ew_same16(y, lo, hi) == 0xFFFFu;
 }
 
 /* Stores what ew_fast accepted: 16 outputs at f (lo) and, when two, 16 more at f + 16
  * (hi): one 64-byte store each, a whole output line when nt. */
-SBN_INLINE void ew_fast_store(int v, const ew_args *e, int64_t f, int two, const sbn_v8w *o, const sbn_v8w *gh,
-                              int nt)
+SBN_INLINE void ew_fast_store(int v, const ew_args *e, int64_t f, int two, sbn_v8w o0, sbn_v8w o1, sbn_v8w g0,
+                              sbn_v8w g1, int nt)
 {
     if (!(v & EW_NOOUT))
-        ew_sth(e->out, f, two, o, nt);
+        ew_sth(e->out, f, two, o0, o1, nt);
     if (v & EW_DZ)
-        ew_sth(e->out2, f, two, gh, v & EW_NOOUT ? nt : nt && e->nt2);
+        ew_sth(e->out2, f, two, g0, g1, v & EW_NOOUT ? nt : nt && e->nt2);
 }
 
 /* Points e's float coefficients into the block of fast_coef (NULL: none). */
@@ -578,9 +613,37 @@ SBN_INLINE unsigned ew_exact16(int v, int lanes, const ew_args *e, int64_t f, in
     return lo | ew_step8(v, lanes, e, f + 8, lanes ? next_c(c, 8, e->C) : c, q, nt) << 8;
 }
 
+/* 16 bfloat16 outputs at f on the exact path, as ew_exact16 gives them, but not
+ * stored: their bits in *o (dz, which is g's bits, ew_fast has already). Returns the
+ * ReLU mask bits. So that a vector which falls back still goes out in its whole
+ * 64-byte line: two 32-byte or four 16-byte streaming stores into one line cost a
+ * partial write each time the line leaves the write-combining buffer before it is
+ * full (on a 1.7 % fallback rate, the bfloat16 normalize took twice as long). */
+SBN_INLINE unsigned ew_exact16v(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, sbn_v8w *o)
+{
+    sbn_v8f r[2];
+    unsigned bits = 0;
+    for (int h = 0; h < 2; h++) {
+        if (lanes)
+            ew_coef_lanes(v, e, h ? next_c(c, 8, e->C) : c, q);
+        const unsigned gb = (v & EW_DX) && (v & EW_RELU) ? sbn_mask8(e->mask, f + 8 * h) : 0;
+        sbn_v8d g;
+        r[h] = ew_val(v, e, f + 8 * h, q, 8, gb, &g);
+        if (!(v & EW_DX) && (v & EW_RELU))
+            bits |= sbn_relu8(&r[h]) << 8 * h;
+    }
+    /* bfloat16 values as floats (low 16 bits zero): their upper halves */
+    const sbn_v16u u = {((sbn_v8w)r[0])[0], ((sbn_v8w)r[0])[1], ((sbn_v8w)r[0])[2], ((sbn_v8w)r[0])[3],
+                        ((sbn_v8w)r[0])[4], ((sbn_v8w)r[0])[5], ((sbn_v8w)r[0])[6], ((sbn_v8w)r[0])[7],
+                        ((sbn_v8w)r[1])[0], ((sbn_v8w)r[1])[1], ((sbn_v8w)r[1])[2], ((sbn_v8w)r[1])[3],
+                        ((sbn_v8w)r[1])[4], ((sbn_v8w)r[1])[5], ((sbn_v8w)r[1])[6], ((sbn_v8w)r[1])[7]};
+    *o = (sbn_v8w)__builtin_convertvector(u >> 16, sbn_v16h);
+    return bits;
+}
+
 /* 32 bfloat16 outputs at f (channel c at f when lanes): in float, 16 at a time, where
- * ew_fast accepts them, else as exact vectors of 8; stored as whole 64-byte lines
- * where both halves are accepted. cnt[0] counts the vectors of 16 tried in float,
+ * ew_fast accepts them, else as exact vectors of 8 (ew_exact16v); stored as one
+ * 64-byte store either way (a whole line when streaming). cnt[0] counts the vectors of 16 tried in float,
  * cnt[1] the fallbacks. Returns the 32 ReLU mask bits. */
 SBN_INLINE unsigned ew_step32(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
                               const ew_fcoef *fq, int nt, int64_t *cnt)
@@ -591,24 +654,21 @@ SBN_INLINE unsigned ew_step32(int v, int lanes, const ew_args *e, int64_t f, int
     ew_fcoef l0, l1;
     if (lanes)
         ew_fcoef_lanes(v, e, c, &l0), ew_fcoef_lanes(v, e, c1, &l1);
-    sbn_v8w o[2] = {{0}}, gh[2] = {{0}};
+    sbn_v8w o0 = {0}, o1 = {0}, g0 = {0}, g1 = {0};
     unsigned b0 = 0, b1 = 0;
-    const int a0 = ew_fast(v, e, f, lanes ? &l0 : fq, &o[0], &gh[0], &b0);
-    const int a1 = ew_fast(v, e, f + 16, lanes ? &l1 : fq, &o[1], &gh[1], &b1);
+    const int a0 = ew_fast(v, e, f, lanes ? &l0 : fq, &o0, &g0, &b0);
+    const int a1 = ew_fast(v, e, f + 16, lanes ? &l1 : fq, &o1, &g1, &b1);
     cnt[0] += 2;
-    if (__builtin_expect(a0 && a1, 1)) {
-        ew_fast_store(v, e, f, 1, o, gh, nt);
+    if (__builtin_expect(a0 & a1, 1)) { /* one branch for both */
+        ew_fast_store(v, e, f, 1, o0, o1, g0, g1, nt);
         return b0 | b1 << 16;
     }
     cnt[1] += !a0 + !a1;
-    if (a0)
-        ew_fast_store(v, e, f, 0, &o[0], &gh[0], nt);
-    else
-        b0 = ew_exact16(v, lanes, e, f, c, q, nt);
-    if (a1)
-        ew_fast_store(v, e, f + 16, 0, &o[1], &gh[1], nt);
-    else
-        b1 = ew_exact16(v, lanes, e, f + 16, c1, q, nt);
+    if (!a0)
+        b0 = ew_exact16v(v, lanes, e, f, c, q, &o0);
+    if (!a1)
+        b1 = ew_exact16v(v, lanes, e, f + 16, c1, q, &o1);
+    ew_fast_store(v, e, f, 1, o0, o1, g0, g1, nt);
     return b0 | b1 << 16;
 }
 
@@ -624,7 +684,7 @@ SBN_INLINE unsigned ew_step16(int v, int lanes, const ew_args *e, int64_t f, int
         unsigned bits = 0;
         cnt[0]++;
         if (ew_fast(v, e, f, lanes ? &l : fq, &o, &gh, &bits)) {
-            ew_fast_store(v, e, f, 0, &o, &gh, nt);
+            ew_fast_store(v, e, f, 0, o, o, gh, gh, nt);
             return bits;
         }
         cnt[1]++;
@@ -904,7 +964,7 @@ void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mas
 {
     ew_args e = {.out = y, .x = x, .dy = z, .m = mean, .k = scale, .a = shift, .mask = mask, .C = sh.C};
     const float *fc = fast_coef(&e, 0, sh, scratch);
-    ew_fast_args(&e, fc, sh.C, 0x1p-22f);
+    ew_fast_args(&e, fc, sh.C, 0x1p-21f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (z ? EW_ADD : 0) | (relu ? EW_RELU : 0) |
                   (relu && mask ? EW_MASK : 0);
