@@ -633,10 +633,8 @@ SBN_INLINE unsigned ew_exact16v(int v, int lanes, const ew_args *e, int64_t f, i
             bits |= sbn_relu8(&r[h]) << 8 * h;
     }
     /* bfloat16 values as floats (low 16 bits zero): their upper halves */
-    const sbn_v16u u = {((sbn_v8w)r[0])[0], ((sbn_v8w)r[0])[1], ((sbn_v8w)r[0])[2], ((sbn_v8w)r[0])[3],
-                        ((sbn_v8w)r[0])[4], ((sbn_v8w)r[0])[5], ((sbn_v8w)r[0])[6], ((sbn_v8w)r[0])[7],
-                        ((sbn_v8w)r[1])[0], ((sbn_v8w)r[1])[1], ((sbn_v8w)r[1])[2], ((sbn_v8w)r[1])[3],
-                        ((sbn_v8w)r[1])[4], ((sbn_v8w)r[1])[5], ((sbn_v8w)r[1])[6], ((sbn_v8w)r[1])[7]};
+    const sbn_v16u u = __builtin_shufflevector((sbn_v8w)r[0], (sbn_v8w)r[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                               12, 13, 14, 15);
     *o = (sbn_v8w)__builtin_convertvector(u >> 16, sbn_v16h);
     return bits;
 }
