@@ -236,7 +236,9 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * largest bfloat16 and 2^128), Y lies strictly inside the same rounding interval as
  * y, so RNE16(y) = RNE16(Y): the float result is stored. Otherwise the vector is
  * recomputed on the exact path. The bits are those of the exact path whatever the
- * decision, so the decision may differ between builds (it does not, in practice).
+ * decision, so the decision may differ between builds (it does, rarely: where rho
+ * below rounds half away from zero instead of to even, a handful more vectors in a
+ * million fall back).
  *
  * Notation: u = 2^-24 (float's unit roundoff), ud = 2^-53 (double's). fl(.) is one
  * IEEE float operation to nearest: fl(a op b) = (a op b)(1 + h), |h| <= u, plus for
@@ -297,18 +299,21 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * (a) lo < Y < hi. The bounds above give |y - Y| <= B with B <= 3.001u|y0| + E
  *     (normalize), 3.001u|y0| + 1.001u|y| + 1.0001 E (with z), 5.001u(|r| + |t3|) + E
  *     (gradient). fl(y + err) >= y + err - u(|y| + err), so hi > y + B >= Y when
- *     err (1 - u) > B + u|y|; likewise lo. err >= (8u s + 1.01 E + 2^-100)(1 - u)^3
- *     (s's own rounding included), and 8u (1 - u)^3 >= 4.001u, 1.01 (1 - u)^3 > 1.0001:
- *     the 8u s term covers B's u-terms plus u|y| in all three cases, 1.01 E covers E,
- *     and 2^-100 makes it strict.
+ *     err (1 - u) > B + u|y|; likewise lo. err (1 - u) >= (8u s + 1.01 E + 2^-100)
+ *     (1 - u)^4 (the roundings of s and err included), with 8u (1 - u)^4 >= 7.99u and
+ *     1.01 (1 - u)^4 > 1.0001; and B + u|y| is at most 4.001u s + E (normalize, s =
+ *     |y|), 4.001u s + 1.0001 E (with z, s = |y0| + |y|) and 6.001u s + E (gradient,
+ *     s = |r| + |t3| >= |y|): 7.99u s covers the u-terms in all three cases, 1.01 E
+ *     covers E, and 2^-100 makes it strict.
  * (b) rho(lo) = rho(hi) = b puts lo and hi in one of rho's intervals, whose ends
  *     (in magnitude) are bfloat16 midpoints or the overflow threshold, one end
  *     included; so the open interval (lo, hi), which holds Y, holds no midpoint and
  *     no threshold, and RNE16(Y) = b, both for RNE16 and for round-half-away.
- * (c) Subnormals and zero: err >= 2^-100 (about), so a y with |y| < 2^-100 gives lo
- *     and hi of opposite signs, whose roundings differ; and lo, hi are never both
- *     subnormal (one of them is >= 2^-100 in magnitude), so the flush of
- *     vcvtneps2bf16 can only make them differ: rejected, never wrongly accepted.
+ * (c) Subnormals and zero: err >= 2^-100 (e >= 2^-100, R s >= 0), so a y with
+ *     |y| < 2^-100 gives lo and hi of opposite signs, whose roundings differ; and
+ *     lo, hi are never both subnormal (one of them is >= 2^-100 in magnitude), so
+ *     the flush of vcvtneps2bf16 can only make them differ: rejected, never wrongly
+ *     accepted.
  *     The underflow terms of the bounds (2^-148 and below) are covered by 2^-100.
  * (d) NaN and Inf: NaN in y is rejected by name (rho of two NaNs could agree). An
  *     infinite y, or a channel with err = +Inf (a coefficient that is not a normal
@@ -618,7 +623,11 @@ SBN_INLINE unsigned ew_exact16(int v, int lanes, const ew_args *e, int64_t f, in
  * ReLU mask bits. So that a vector which falls back still goes out in its whole
  * 64-byte line: two 32-byte or four 16-byte streaming stores into one line cost a
  * partial write each time the line leaves the write-combining buffer before it is
- * full (on a 1.7 % fallback rate, the bfloat16 normalize took twice as long). */
+ * full (on a 1.7 % fallback rate, the bfloat16 normalize took twice as long).
+ * dz's bits can differ from the exact path's only for a signalling NaN in dy, which
+ * passing through double quiets on some builds and not on others; the layer never
+ * writes such a dz: a NaN or Inf in an unmasked dy makes the gradient sums
+ * non-finite, and the call fails before dz is written. */
 SBN_INLINE unsigned ew_exact16v(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, sbn_v8w *o)
 {
     sbn_v8f r[2];
