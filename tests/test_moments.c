@@ -456,7 +456,7 @@ START_TEST(sums_s1_exact_adversarial)
         }
     sbn_s1_counts(&checked1, &missed1);
     ck_assert_msg(missed1 > missed0 && checked1 - checked0 > missed1 - missed0,
-                  "the checked pass: %llu chunks, %llu missed (both kinds wanted)",
+                  "the checked pass: %llu lane sums, %llu missed (both kinds wanted)",
                   (unsigned long long)(checked1 - checked0), (unsigned long long)(missed1 - missed0));
 }
 END_TEST
