@@ -52,10 +52,6 @@ SBN_INLINE sbn_v8d sv_g8(int v, const sv_in *in, int64_t i)
 {
     return sbn_ldg8(SV_DT(v), (v & SV_RELU) != 0, in->dy, in->mask, i);
 }
-SBN_INLINE sbn_v8d sv_x8_first(int v, const sv_in *in, int64_t i, int64_t k)
-{
-    return sbn_ld8_first(SV_DT(v), in->x, i, k);
-}
 SBN_INLINE double sv_x1(int v, const sv_in *in, int64_t i) { return sbn_ld1(SV_DT(v), in->x, i); }
 SBN_INLINE double sv_g1(int v, const sv_in *in, int64_t i)
 {
@@ -259,13 +255,6 @@ static inline int64_t scaled_int(double t, int32_t e2)
     int32_t sh = (int32_t)eb - 1075 - e2;
     m = sh >= 0 ? m << sh : m >> -sh; /* |t/2^e2| < 2^53: no bit is lost either way */
     return b >> 63 ? -m : m;
-}
-
-static inline double dbl_of_bits(uint64_t b)
-{
-    double d;
-    memcpy(&d, &b, sizeof d);
-    return d;
 }
 
 /* Where a block's partials come from. XS_BUF: doubles p[k*ld + j]. With S == 1 the
