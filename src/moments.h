@@ -93,10 +93,9 @@ int64_t sbn_apply_scratch_floats(int64_t C);
  * benchmarks, not part of the API: sbn_bf16_counts reads the vectors tried in float
  * and those that fell back, since the process started (all threads); and
  * sbn_test_bf16_path(mode) selects 0: the real test (the default), 1: the exact path
- * only, 2 and 3: a margin of zero, which trusts float wherever it is finite (the two
- * differed under an earlier form of the test). Modes 2 and 3 break the bitwise
- * contract on purpose, so that tests can show they tell the paths apart. Not
- * thread-safe. */
+ * only, 2: a margin of zero, which trusts float wherever it is finite. Mode 2 breaks
+ * the bitwise contract on purpose, so that tests can show they tell the paths apart.
+ * Not thread-safe. */
 SYNCBN_EXTERN void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks);
 SYNCBN_EXTERN void sbn_test_bf16_path(int mode);
 
