@@ -326,38 +326,68 @@ typedef struct {
     int ok[32];
 } xplan;
 
-/* The plan of 8 lanes (vector code: the same integer steps for every lane). el, lol
- * (may be NULL): each lane's e (every |v| < 2^e) and lo (every v a multiple of 2^lo),
- * for checking a plan against other data (s1_verify). A lane counts as needing one
- * level only if lo - margin >= e0: margin > 0 leaves room for values not yet seen. */
+/* Whether any lane of v is nonzero (one test, not eight extractions). */
+SBN_INLINE int sbn_any8l(sbn_v8l v)
+{
+#if defined(__AVX512F__)
+    return _mm512_test_epi64_mask((__m512i)v, (__m512i)v) != 0;
+#elif defined(__AVX2__)
+    __m256i lo, hi;
+    memcpy(&lo, &v, sizeof lo), memcpy(&hi, (const int64_t *)&v + 4, sizeof hi);
+    return !_mm256_testz_si256(_mm256_or_si256(lo, hi), _mm256_or_si256(lo, hi));
+#else
+    int64_t a = 0;
+    for (int l = 0; l < 8; l++)
+        a |= v[l];
+    return a != 0;
+#endif
+}
+
+/* The plan of 8 lanes as vectors (the same integer steps for every lane): sig (the
+ * extraction constant sigma's bits), e0, e1, e (every |v| < 2^e), lo (every v a
+ * multiple of 2^lo), and the masks ok (lane taken) and two (taken and needing two
+ * levels). A lane counts as needing one level only if lo - margin >= e0: margin > 0
+ * leaves room for values not yet seen. */
+typedef struct {
+    sbn_v8u sig;
+    sbn_v8l e0, e1, e, lo, ok, two;
+} plan8_t;
+
+static inline __attribute__((always_inline)) plan8_t plan8v(sbn_v8u mx, sbn_v8u mn, int mbits, sbx_format f,
+                                                            int margin)
+{
+    const int B = SBN_XB_BITS;
+    const int64_t lsb = f.lsb_exp;
+    plan8_t p;
+    const sbn_v8l eb = (sbn_v8l)(mx >> 52), ebm = (sbn_v8l)((mn + 1) >> 52);
+    p.e = eb - (eb == 0) - 1022;                                             /* every |v| < 2^e */
+    const sbn_v8l none = (sbn_v8l)(mn == ~(sbn_v8u){0});                     /* all zero */
+    p.lo = ((ebm - (ebm == 0) - 1023 - mbits) & ~none) | (INT32_MAX & none);
+    sbn_v8l e1 = p.e + 2 * B - 103, big = e1 > lsb;
+    e1 = (e1 & big) | (lsb & ~big);
+    p.ok = (eb != 0x7FF) & (p.lo >= e1) & (p.e + B <= lsb + 32 * (f.ndigits - 1));
+    p.e1 = (e1 & p.ok) | (lsb & ~p.ok); /* keeps sigma finite; totals discarded */
+    p.e0 = p.e1 + 52 - B, p.two = p.ok & (p.lo - margin < p.e0);
+    p.sig = (sbn_v8u)(p.e0 + 52 + 1023) << 52 | UINT64_C(1) << 51;
+    return p;
+}
+
+/* plan8v stored: sigma, E0, E1 and ok per lane, and (el, lol not NULL) e and lo, for
+ * checking a plan against other data. Returns 1 if every taken lane needs one level. */
 static inline __attribute__((always_inline)) int plan8(sbn_v8u mx, sbn_v8u mn, int mbits, sbx_format f, int margin,
                                                        double *s0, int32_t *E0, int32_t *E1, int *ok, int32_t *el,
                                                        int32_t *lol)
 {
-    const int B = SBN_XB_BITS;
-    const int64_t lsb = f.lsb_exp;
-    const sbn_v8l eb = (sbn_v8l)(mx >> 52), ebm = (sbn_v8l)((mn + 1) >> 52);
-    const sbn_v8l e = eb - (eb == 0) - 1022;                                 /* every |v| < 2^e */
-    const sbn_v8l none = (sbn_v8l)(mn == ~(sbn_v8u){0});                     /* all zero */
-    const sbn_v8l lo = ((ebm - (ebm == 0) - 1023 - mbits) & ~none) | (INT32_MAX & none);
-    sbn_v8l e1 = e + 2 * B - 103, big = e1 > lsb;
-    e1 = (e1 & big) | (lsb & ~big);
-    const sbn_v8l okm = (eb != 0x7FF) & (lo >= e1) & (e + B <= lsb + 32 * (f.ndigits - 1));
-    e1 = (e1 & okm) | (lsb & ~okm); /* keeps sigma finite; totals discarded */
-    const sbn_v8l e0 = e1 + 52 - B, two = okm & (lo - margin < e0);
-    const sbn_v8u sig = (sbn_v8u)(e0 + 52 + 1023) << 52 | UINT64_C(1) << 51;
-    const sbn_v8i o = __builtin_convertvector(okm & 1, sbn_v8i), i0 = __builtin_convertvector(e0, sbn_v8i),
-                  i1 = __builtin_convertvector(e1, sbn_v8i);
+    const plan8_t p = plan8v(mx, mn, mbits, f, margin);
+    const sbn_v8i o = __builtin_convertvector(p.ok & 1, sbn_v8i), i0 = __builtin_convertvector(p.e0, sbn_v8i),
+                  i1 = __builtin_convertvector(p.e1, sbn_v8i);
     _Static_assert(sizeof(int) == sizeof(int32_t), "ok[] holds int32 lanes");
-    memcpy(s0, &sig, sizeof sig), memcpy(E0, &i0, sizeof i0), memcpy(E1, &i1, sizeof i1), memcpy(ok, &o, sizeof o);
+    memcpy(s0, &p.sig, sizeof p.sig), memcpy(E0, &i0, sizeof i0), memcpy(E1, &i1, sizeof i1), memcpy(ok, &o, sizeof o);
     if (el) {
-        const sbn_v8i ie = __builtin_convertvector(e, sbn_v8i), il = __builtin_convertvector(lo, sbn_v8i);
+        const sbn_v8i ie = __builtin_convertvector(p.e, sbn_v8i), il = __builtin_convertvector(p.lo, sbn_v8i);
         memcpy(el, &ie, sizeof ie), memcpy(lol, &il, sizeof il);
     }
-    int one_level = 1;
-    for (int l = 0; l < 8; l++)
-        one_level &= two[l] == 0;
-    return one_level;
+    return !sbn_any8l(p.two);
 }
 
 static inline __attribute__((always_inline)) int plan_lanes_to(int nv, const sbn_v8u *mx, const sbn_v8u *mn,
@@ -1016,6 +1046,19 @@ static int s1_plan(int kind, int64_t nc, s1_work *w, int h, int hq, int margin)
  * does not take (NaN, Inf, a range too wide) deposits its terms one by one. Counts
  * (sbn_s1_counts) the lanes' sums that the true plan takes into cnt[0], those not
  * certified into cnt[1]. */
+/* How many lanes of a mask (0 or all bits set per lane) are set. */
+SBN_INLINE int s1_lanes(sbn_v8i m)
+{
+#ifdef __AVX__
+    return __builtin_popcount((unsigned)_mm256_movemask_ps((__m256)m));
+#else
+    int n = 0;
+    for (int l = 0; l < 8; l++)
+        n += m[l] & 1;
+    return n;
+#endif
+}
+
 static void s1_verify(int kind, int64_t nc, s1_work *w, int oneb, uint32_t redo[2], uint64_t cnt[2])
 {
     redo[0] = redo[1] = 0, cnt[0] = cnt[1] = 0;
@@ -1023,25 +1066,32 @@ static void s1_verify(int kind, int64_t nc, s1_work *w, int oneb, uint32_t redo[
         sbn_v8u mx[2], mn[2];
         s1_extremes(kind, w, j, 0, 0, &mx[0], &mn[0], &mx[1], &mn[1]);
         for (int q = 0; q < 2; q++) {
-            double s0[8];
-            int32_t E0[8], E1[8], e[8], lo[8];
-            int ok[8], holds[8], bad = 0;
-            plan_lanes_to(1, &mx[q], &mn[q], xs_mbits(q ? (kind ? XS_DYXM : XS_XX) : (kind ? XS_DY : XS_X)),
-                          q ? SBX_QUADRATIC : SBX_LINEAR, 0, s0, E0, E1, ok, e, lo);
+            const plan8_t p = plan8v(mx[q], mn[q], xs_mbits(q ? (kind ? XS_DYXM : XS_XX) : (kind ? XS_DY : XS_X)),
+                                     q ? SBX_QUADRATIC : SBX_LINEAR, 0);
+            const sbn_v8i ok = __builtin_convertvector(p.ok, sbn_v8i), e = __builtin_convertvector(p.e, sbn_v8i),
+                          lo = __builtin_convertvector(p.lo, sbn_v8i), E0 = __builtin_convertvector(p.e0, sbn_v8i),
+                          E1 = __builtin_convertvector(p.e1, sbn_v8i);
             int *gok = (q ? w->okb : w->oka) + j;
-            const int32_t *ge = w->gb + j, *grid = (oneb ? w->eb0 : w->eb1) + j;
-            for (int l = 0; l < 8; l++) {
-                holds[l] = q ? gok[l] && e[l] <= ge[l] && lo[l] >= grid[l] : ok[l] && lo[l] >= E0[l];
-                bad |= ok[l] && !holds[l];
-                cnt[0] += ok[l] != 0, cnt[1] += ok[l] && !holds[l];
+            sbn_v8i holds; /* lanes certified (all bits set) */
+            if (q) {
+                sbn_v8i go, ge, grid;
+                memcpy(&go, gok, sizeof go), memcpy(&ge, w->gb + j, sizeof ge);
+                memcpy(&grid, (oneb ? w->eb0 : w->eb1) + j, sizeof grid);
+                holds = (go != 0) & (e <= ge) & (lo >= grid);
+            } else {
+                holds = ok & (lo >= E0);
             }
-            if (q && !bad) {
-                memcpy(gok, holds, sizeof holds);
+            const int nbad = s1_lanes(ok & ~holds);
+            cnt[0] += (uint64_t)s1_lanes(ok), cnt[1] += (uint64_t)nbad;
+            if (q && !nbad) {
+                const sbn_v8i h1 = holds & 1;
+                memcpy(gok, &h1, sizeof h1);
                 continue;
             }
-            memcpy(gok, ok, sizeof ok), memcpy((q ? w->sb : w->sa) + j, s0, sizeof s0);
-            memcpy((q ? w->eb0 : w->ea0) + j, E0, sizeof E0), memcpy((q ? w->eb1 : w->ea1) + j, E1, sizeof E1);
-            redo[q] |= (uint32_t)bad << (j / 8);
+            const sbn_v8i o1 = ok & 1;
+            memcpy(gok, &o1, sizeof o1), memcpy((q ? w->sb : w->sa) + j, &p.sig, sizeof p.sig);
+            memcpy((q ? w->eb0 : w->ea0) + j, &E0, sizeof E0), memcpy((q ? w->eb1 : w->ea1) + j, &E1, sizeof E1);
+            redo[q] |= (uint32_t)(nbad != 0) << (j / 8);
         }
     }
 }
@@ -1285,12 +1335,23 @@ SBN_INLINE void s1_deposit(int v, const sv_in *in, int64_t C, int64_t i0, int64_
                            const s1_work *w, int64_t *acc1, int64_t *acc2, double *r1, double *r2)
 {
     const int64_t W1 = sbx_words(SBX_LINEAR), W2 = sbx_words(SBX_QUADRATIC);
-    for (int64_t j = 0; j < nc; j++) {
-        s1_deposit_sum(v, in, C, i0, K, c0 + j, 0, w->oka[j], w->ta0[j], w->ta1[j], w->ea0[j], w->ea1[j],
-                       acc1 + j * W1, r1 ? r1 + j : NULL);
-        s1_deposit_sum(v, in, C, i0, K, c0 + j, 1, w->okb[j], w->tb0[j], w->tb1[j], w->eb0[j], w->eb1[j],
-                       acc2 + j * W2, r2 ? r2 + j : NULL);
-    }
+    for (int64_t j0 = 0; j0 < nc; j0 += 8) /* nc: a multiple of 8 */
+        for (int q = 0; q < 2; q++) {
+            const int *ok = (q ? w->okb : w->oka) + j0;
+            const double *t0 = (q ? w->tb0 : w->ta0) + j0, *t1 = (q ? w->tb1 : w->ta1) + j0;
+            double *r = q ? r2 : r1;
+            sbn_v8i o;
+            memcpy(&o, ok, sizeof o);
+            if (r && s1_lanes(o != 0) == 8) { /* rounded, 8 lanes taken: T0 + T1 lane by lane */
+                const sbn_v8d t = sbn_loadd8(t0) + sbn_loadd8(t1);
+                memcpy(r + j0, &t, sizeof t);
+                continue;
+            }
+            for (int64_t j = j0; j < j0 + 8; j++)
+                s1_deposit_sum(v, in, C, i0, K, c0 + j, q, ok[j - j0], t0[j - j0], t1[j - j0],
+                               (q ? w->eb0 : w->ea0)[j], (q ? w->eb1 : w->ea1)[j],
+                               q ? acc2 + j * W2 : acc1 + j * W1, r ? r + j : NULL);
+        }
 }
 
 static uint64_t s1_checked, s1_missed; /* sbn_s1_counts */
