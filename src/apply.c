@@ -379,8 +379,8 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
         float ef = (float)(1.01 * E + 0x1p-100);
         if (!ok || !isfinite(kf) || !isfinite(bf) || !isfinite((float)cd) || !isfinite(E))
             ef = INFINITY; /* NaN in E would compare false too; +Inf says so */
-        if (bf16_path >= 2)
-            ef = 0; /* mutations for tests: no margin (with R = 0): float trusted */
+        if (bf16_path == 2)
+            ef = 0; /* the test switch: no margin (with R = 0), float trusted */
         f[j] = kf, f[W + j] = (float)cd, f[2 * W + j] = bf, f[3 * W + j] = ef;
     }
     for (int64_t j = C; j < C + EW_FPAD; j++)
@@ -390,11 +390,7 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
 }
 
 /* Whether the gradient's ReLU mask may be applied to kf g (ew_fast). */
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define EW_MASKED_MUL 1
-#else
-#define EW_MASKED_MUL 0
-#endif
+#define EW_MASKED_MUL SBN_AVX512
 
 /* The float path works on 16 lanes (one 512-bit vector on AVX-512; GNU vectors, so
  * other builds split it): 16 bfloat16 are one 32-byte load, and the rounded results
@@ -505,7 +501,7 @@ SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
 /* The lanes where y is not NaN and the bfloat16 bits lo and hi are equal, as 16 bits. */
 SBN_INLINE unsigned ew_same16(sbn_v16f y, sbn_v8w lo, sbn_v8w hi)
 {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if SBN_AVX512
     const __mmask16 ord = _mm512_cmp_ps_mask((__m512)y, (__m512)y, _CMP_ORD_Q);
     return _mm256_mask_cmpeq_epi16_mask(ord, (__m256i)lo, (__m256i)hi);
 #else
@@ -594,7 +590,7 @@ static void ew_fast_args(ew_args *e, const float *f, int64_t C, float R)
 {
     const int64_t W = fast_stride(C);
     e->fk = f, e->fc = f ? f + W : NULL, e->fb = f ? f + 2 * W : NULL, e->fe = f ? f + 3 * W : NULL;
-    e->R = bf16_path >= 2 ? 0.0f : R; /* the test switch's modes 2 and 3: no margin */
+    e->R = bf16_path == 2 ? 0.0f : R; /* the test switch's mode 2: no margin */
 }
 
 /* The channel k elements after channel c (NHWC; a division only when C < k). */
@@ -705,7 +701,7 @@ SBN_INLINE unsigned ew_step16(int v, int lanes, const ew_args *e, int64_t f, int
  * and clamp) runs once per 16 lanes and its 16 mask bits come from one compare, and
  * the outputs go out as one 64-byte store (a whole line when streaming). The values
  * are ew_vec's. AVX-512 builds only; the others step by 8. */
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#if SBN_AVX512
 #define EW_F32_W 16
 
 /* The ReLU as a vfixupimmps table: one 4-bit response per class of input (QNaN, SNaN,

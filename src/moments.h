@@ -25,7 +25,9 @@
 #ifndef SYNCBN_MOMENTS_H
 #define SYNCBN_MOMENTS_H
 
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "exactsum.h"
 #include "syncbn.h"
@@ -64,8 +66,41 @@ void sbn_backward_sums(const void *x, const void *dy, const uint8_t *mask, const
  * wraps past C - 1. sbn_coef_wrap(a, C) fills them in. */
 #define SBN_COEF_PAD 8
 
-/* Below this many elements a kernel stays on one thread. */
-#define SBN_OMP_MIN_WORK (1 << 15)
+/* Below SBN_OMP_MIN_WORK elements a kernel stays on one thread. A parallel region
+ * costs the wake-up of the team's other threads: next to nothing while they still
+ * spin after the previous region (OpenMP's default for a while), a futex wake-up
+ * through the kernel when they sleep, which OMP_WAIT_POLICY=passive makes them do at
+ * once. That costs about what a second thread saves on a pass over a few hundred
+ * thousand elements, so under "passive" the kernels split only from 2^20 elements
+ * on, otherwise from 2^15. The variable is read once per file, as the OpenMP
+ * runtimes read it (case and surrounding blanks ignored). Nothing but the time
+ * depends on the thread count. */
+#define SBN_OMP_MIN_WORK sbn_omp_min_work()
+static inline int sbn_passive_wait(void)
+{
+    const char *s = getenv("OMP_WAIT_POLICY");
+    static const char word[] = "passive";
+    if (!s)
+        return 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    for (size_t i = 0; i < sizeof word - 1; i++, s++)
+        if ((*s | 0x20) != word[i])
+            return 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    return *s == '\0';
+}
+static inline int64_t sbn_omp_min_work(void)
+{
+    static int64_t min_work; /* 0: not read yet; every thread computes the same value */
+    int64_t w = __atomic_load_n(&min_work, __ATOMIC_RELAXED);
+    if (!w) {
+        w = sbn_passive_wait() ? (int64_t)1 << 20 : (int64_t)1 << 15;
+        __atomic_store_n(&min_work, w, __ATOMIC_RELAXED);
+    }
+    return w;
+}
 void sbn_coef_wrap(double *a, int64_t C);
 
 /* y = act((x - mean[c]) * scale[c] + shift[c] [+ z]), in double, rounded once to the
@@ -93,10 +128,9 @@ int64_t sbn_apply_scratch_floats(int64_t C);
  * benchmarks, not part of the API: sbn_bf16_counts reads the vectors tried in float
  * and those that fell back, since the process started (all threads); and
  * sbn_test_bf16_path(mode) selects 0: the real test (the default), 1: the exact path
- * only, 2 and 3: a margin of zero, which trusts float wherever it is finite (the two
- * differed under an earlier form of the test). Modes 2 and 3 break the bitwise
- * contract on purpose, so that tests can show they tell the paths apart. Not
- * thread-safe. */
+ * only, 2: a margin of zero, which trusts float wherever it is finite. Mode 2 breaks
+ * the bitwise contract on purpose, so that tests can show they tell the paths apart.
+ * Not thread-safe. */
 SYNCBN_EXTERN void sbn_bf16_counts(uint64_t *vectors, uint64_t *fallbacks);
 SYNCBN_EXTERN void sbn_test_bf16_path(int mode);
 

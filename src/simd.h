@@ -70,6 +70,14 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the ReLU mask assumes
 #endif
 #define SBN_HAVE_MASKED(dt) ((dt) == SYNCBN_F32 ? SBN_HAVE_MASKED_F32 : SBN_HAVE_MASKED_BF16)
 
+/* The AVX-512 subsets that every AVX-512 CPU since Skylake-X has together (F, DQ, BW,
+ * VL): code that needs more than one of them asks for them all. */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SBN_AVX512 1
+#else
+#define SBN_AVX512 0
+#endif
+
 /* Streaming stores (non-temporal): only with AVX-512 builds, where they were measured. */
 #ifdef __AVX512F__
 #define SBN_HAVE_NT 1
@@ -464,7 +472,7 @@ SBN_INLINE uint64_t sbn_mask64(const uint8_t *m, int64_t i)
  * set to +0. */
 SBN_INLINE sbn_v8w sbn_keep16_at(sbn_v8w w, const uint8_t *m, int64_t i)
 {
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if SBN_AVX512
     return (sbn_v8w)_mm256_maskz_mov_epi16(sbn_kmask16(m, i), (__m256i)w);
 #else
     return sbn_keep16(w, sbn_mask16(m, i));

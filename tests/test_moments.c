@@ -10,6 +10,7 @@
  * holding each channel's exact sum. Every case runs at 1 and 2 OpenMP threads, whose results must be the
  * same bits.
  */
+#define _POSIX_C_SOURCE 200809L /* setenv, unsetenv, strdup */
 #include "exactref.h"
 #include "exactsum.h"
 #include "moments.h"
@@ -657,6 +658,37 @@ START_TEST(bf16_rounding_exact)
 }
 END_TEST
 
+/* OMP_WAIT_POLICY is read as the OpenMP runtimes read it: "passive" in any case,
+ * blanks around it ignored; anything else (or nothing) is not passive. The kernels
+ * then split from 2^20 elements instead of 2^15 (moments.h). */
+START_TEST(omp_wait_policy_parsed)
+{
+    static const struct {
+        const char *value;
+        int passive;
+    } cases[] = {{"passive", 1}, {"PASSIVE", 1}, {" Passive\t", 1}, {"\tpassive  ", 1}, {"active", 0},
+                 {"passiv", 0},  {"passives", 0}, {"passive x", 0},  {"", 0},           {"  ", 0}};
+    const char *saved = getenv("OMP_WAIT_POLICY");
+    char *keep = saved ? strdup(saved) : NULL;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        setenv("OMP_WAIT_POLICY", cases[k].value, 1);
+        ck_assert_msg(sbn_passive_wait() == cases[k].passive, "OMP_WAIT_POLICY=\"%s\": passive %d, expected %d",
+                      cases[k].value, sbn_passive_wait(), cases[k].passive);
+    }
+    unsetenv("OMP_WAIT_POLICY");
+    ck_assert_int_eq(sbn_passive_wait(), 0);
+    /* The threshold is read once: in this file's first call, with the variable unset. */
+    ck_assert_int_eq(sbn_omp_min_work(), (int64_t)1 << 15);
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    ck_assert_int_eq(sbn_omp_min_work(), (int64_t)1 << 15);
+    if (keep)
+        setenv("OMP_WAIT_POLICY", keep, 1);
+    else
+        unsetenv("OMP_WAIT_POLICY");
+    free(keep);
+}
+END_TEST
+
 static Suite *moments_suite(void)
 {
     Suite *s = suite_create("moments");
@@ -671,6 +703,7 @@ static Suite *moments_suite(void)
     suite_add_tcase(s, tc);
     TCase *tr = tcase_create("rounding");
     tcase_add_test(tr, bf16_rounding_exact);
+    tcase_add_test(tr, omp_wait_policy_parsed);
     suite_add_tcase(s, tr);
     return s;
 }
