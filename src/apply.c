@@ -467,31 +467,60 @@ SBN_INLINE sbn_v8w ew_round16(sbn_v16f y)
 #endif
 }
 
-/* 16 bfloat16 bits at element i (w0), or 32 (w0, w1) when two; streaming when nt
- * (the address is then 32-byte aligned, or 64 when two: whole output lines). By value,
- * so that they stay in registers (an array here was built on the stack, and its two
- * 32-byte halves read back as one 64-byte load, which cannot be forwarded). */
-SBN_INLINE void ew_sth(void *p, int64_t i, int two, sbn_v8w w0, sbn_v8w w1, int nt)
+/* 32 bfloat16 as one vector (16 words of 32 bits: element 2j in the low half of word
+ * j), and its two halves of 16. By value, so that they stay in registers (an array
+ * here was built on the stack, and its two 32-byte halves read back as one 64-byte
+ * load, which cannot be forwarded). */
+SBN_INLINE sbn_v16u ew_join32(sbn_v8w lo, sbn_v8w hi)
+{
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+SBN_INLINE sbn_v8w ew_half32(sbn_v16u w, int h)
+{
+    return h ? __builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15)
+             : __builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+/* 32 bfloat16 bits at element i; streaming when nt (the address is then 64-byte
+ * aligned: a whole output line). */
+SBN_INLINE void ew_st32h(void *p, int64_t i, sbn_v16u w, int nt)
 {
     uint16_t *d = (uint16_t *)p + i;
 #ifdef __AVX512F__
-    if (two) {
-        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)w0), (__m256i)w1, 1);
-        if (nt)
-            _mm512_stream_si512((void *)d, w);
-        else
-            _mm512_storeu_si512((void *)d, w);
-        return;
-    }
     if (nt) {
-        _mm256_stream_si256((__m256i *)d, (__m256i)w0);
+        _mm512_stream_si512((void *)d, (__m512i)w);
         return;
     }
 #endif
-    memcpy(d, &w0, sizeof w0);
-    if (two)
-        memcpy(d + 16, &w1, sizeof w1);
+    memcpy(d, &w, sizeof w);
     (void)nt;
+}
+
+/* 16 bfloat16 bits at element i; streaming when nt (the address is then 32-byte
+ * aligned). */
+SBN_INLINE void ew_st16h(void *p, int64_t i, sbn_v8w w, int nt)
+{
+    uint16_t *d = (uint16_t *)p + i;
+#ifdef __AVX512F__
+    if (nt) {
+        _mm256_stream_si256((__m256i *)d, (__m256i)w);
+        return;
+    }
+#endif
+    memcpy(d, &w, sizeof w);
+    (void)nt;
+}
+
+/* rho of 32 floats (lo: the first 16) as 32 bfloat16 bits in one vector: one
+ * instruction for both where the CPU has it. */
+SBN_INLINE sbn_v16u ew_round32(sbn_v16f lo, sbn_v16f hi)
+{
+#if defined(__AVX512BF16__)
+    return (sbn_v16u)(__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+#else
+    return ew_join32(ew_round16(lo), ew_round16(hi));
+#endif
 }
 
 /* The lanes where a > b (false for NaN), as 16 bits. */
@@ -509,19 +538,62 @@ SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
 #endif
 }
 
-/* Whether a lane is rejected: y NaN or infinite, or the bfloat16 bits lo and hi
- * differ. Zero: every lane accepted. */
-SBN_INLINE int ew_rejects16(sbn_v16f y, sbn_v8w lo, sbn_v8w hi)
+/* The lanes where y is NaN or infinite, as 16 bits. */
+SBN_INLINE unsigned ew_nonfinite16(sbn_v16f y)
 {
 #if SBN_AVX512
-    const __mmask16 bad = _mm512_fpclass_ps_mask((__m512)y, 0x99); /* QNaN, +Inf, -Inf, SNaN */
-    return (bad | _mm256_cmpneq_epi16_mask((__m256i)lo, (__m256i)hi)) != 0;
+    return _mm512_fpclass_ps_mask((__m512)y, 0x99); /* QNaN, +Inf, -Inf, SNaN */
 #else
-    const sbn_v16h l = (sbn_v16h)lo, h = (sbn_v16h)hi;
-    int r = 0;
+    unsigned r = 0;
     for (int j = 0; j < 16; j++)
-        r |= l[j] != h[j] || !(y[j] - y[j] == 0); /* y - y: NaN for NaN and +-Inf */
+        r |= (unsigned)!(y[j] - y[j] == 0) << j; /* y - y: NaN for NaN and +-Inf */
     return r;
+#endif
+}
+
+/* The lanes where the bfloat16 bits of a and b differ, as bits: 16 lanes, or 32. */
+SBN_INLINE unsigned ew_neq16(sbn_v8w a, sbn_v8w b)
+{
+#if SBN_AVX512
+    return _mm256_cmpneq_epi16_mask((__m256i)a, (__m256i)b);
+#else
+    const sbn_v16h x = (sbn_v16h)a, y = (sbn_v16h)b;
+    unsigned r = 0;
+    for (int j = 0; j < 16; j++)
+        r |= (unsigned)(x[j] != y[j]) << j;
+    return r;
+#endif
+}
+
+SBN_INLINE uint32_t ew_neq32(sbn_v16u a, sbn_v16u b)
+{
+#if SBN_AVX512
+    return _mm512_cmpneq_epi16_mask((__m512i)a, (__m512i)b);
+#else
+    return ew_neq16(ew_half32(a, 0), ew_half32(b, 0)) | (uint32_t)ew_neq16(ew_half32(a, 1), ew_half32(b, 1)) << 16;
+#endif
+}
+
+/* The ReLU of 32 bfloat16 outputs that the test accepted (nonzero, with y's sign):
+ * negative ones set to +0. Returns the mask bits (the positive ones). */
+SBN_INLINE uint32_t ew_relu32(sbn_v16u *o)
+{
+#if SBN_AVX512
+    const __m512i z = _mm512_setzero_si512();
+    const uint32_t pos = _mm512_cmpgt_epi16_mask((__m512i)*o, z);
+    *o = (sbn_v16u)_mm512_max_epi16((__m512i)*o, z);
+    return pos;
+#else
+    uint16_t h[32];
+    memcpy(h, o, sizeof h);
+    uint32_t pos = 0;
+    for (int j = 0; j < 32; j++) {
+        const int p = h[j] && !(h[j] & 0x8000u);
+        pos |= (uint32_t)p << j;
+        h[j] = p ? h[j] : 0;
+    }
+    memcpy(o, h, sizeof h);
+    return pos;
 #endif
 }
 
@@ -554,12 +626,11 @@ SBN_INLINE void ew_ends16(const ew_args *e, sbn_v16f y, sbn_v16f d, sbn_v16f *fa
     *near = ew_fm16(y, ew_bcastf(e->R1m), -sd);
 }
 
-/* 16 outputs at f in float. Returns 1 when the test above accepts them, with their
- * bfloat16 bits in *o (normalize and dx), the ReLU mask bits in *bits (normalize),
- * and g's bits in *gh (dx: the masked dy, which is dz); else 0, and the exact path
- * must do them. Nothing is stored. */
-SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sbn_v8w *o, sbn_v8w *gh,
-                       unsigned *bits)
+/* 16 outputs at f in float, up to the test above: y, its ends *F and *N, and g's bits
+ * in *gh (dx: the masked dy, which is dz; with EW_NOOUT nothing else). Nothing is
+ * stored. */
+SBN_INLINE void ew_fast_ends(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sbn_v16f *yo, sbn_v16f *F,
+                             sbn_v16f *N, sbn_v8w *gh)
 {
     sbn_v16f y, d; /* the result, and d of the test */
     const sbn_v16f R = ew_bcastf(e->R);
@@ -569,7 +640,7 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
             *gh = sbn_keep16_at(*gh, e->mask, f);
     }
     if (v & EW_NOOUT) /* dz only: a copy */
-        return 1;
+        return;
     const sbn_v16f x = ew_widen16(ew_ldh16(e->x, f));
     if (!(v & EW_DX)) {
         y = ew_fm16(q->k, x, q->c);
@@ -596,26 +667,37 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
         y = ew_fm16(-q->b, x, w);
         d = ew_fm16(ew_absf(w), R, q->e);
     }
-    sbn_v16f far, near;
-    ew_ends16(e, y, d, &far, &near);
-    const sbn_v8w hi = ew_round16(far), lo = ew_round16(near);
+    *yo = y;
+    ew_ends16(e, y, d, F, N);
+}
+
+/* 16 outputs at f in float. Returns 1 when the test above accepts them, with their
+ * bfloat16 bits in *o (normalize and dx), the ReLU mask bits in *bits (normalize),
+ * and g's bits in *gh (dx); else 0, and the exact path must do them. Nothing is
+ * stored. */
+SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sbn_v8w *o, sbn_v8w *gh,
+                       unsigned *bits)
+{
+    sbn_v16f y, F, N;
+    ew_fast_ends(v, e, f, q, &y, &F, &N, gh);
+    if (v & EW_NOOUT)
+        return 1;
+    const sbn_v8w hi = ew_round16(F);
     *o = hi;
     if (!(v & EW_DX) && (v & EW_RELU)) { /* accepted: y's rounding is nonzero with its sign */
         *bits = ew_gt16(y, (sbn_v16f){0});
         *o = sbn_keep16(hi, *bits);
     }
-    return !ew_rejects16(y, lo, hi);
+    return !(ew_nonfinite16(y) | ew_neq16(hi, ew_round16(N)));
 }
 
-/* Stores what ew_fast accepted: 16 outputs at f (lo) and, when two, 16 more at f + 16
- * (hi): one 64-byte store each, a whole output line when nt. */
-SBN_INLINE void ew_fast_store(int v, const ew_args *e, int64_t f, int two, sbn_v8w o0, sbn_v8w o1, sbn_v8w g0,
-                              sbn_v8w g1, int nt)
+/* Stores what ew_fast accepted: 16 outputs at f. */
+SBN_INLINE void ew_fast_store(int v, const ew_args *e, int64_t f, sbn_v8w o, sbn_v8w g, int nt)
 {
     if (!(v & EW_NOOUT))
-        ew_sth(e->out, f, two, o0, o1, nt);
+        ew_st16h(e->out, f, o, nt);
     if (v & EW_DZ)
-        ew_sth(e->out2, f, two, g0, g1, v & EW_NOOUT ? nt : nt && e->nt2);
+        ew_st16h(e->out2, f, g, v & EW_NOOUT ? nt : nt && e->nt2);
 }
 
 /* Points e's float coefficients into the block of fast_coef (NULL: none). */
@@ -678,10 +760,28 @@ SBN_INLINE unsigned ew_exact16v(int v, int lanes, const ew_args *e, int64_t f, i
     return bits;
 }
 
-/* 32 bfloat16 outputs at f (channel c at f when lanes): in float, 16 at a time, where
- * ew_fast accepts them, else as exact vectors of 8 (ew_exact16v); stored as one
- * 64-byte store either way (a whole line when streaming). cnt[0] counts the vectors of 16 tried in float,
- * cnt[1] the fallbacks. Returns the 32 ReLU mask bits. */
+/* The halves of 32 bfloat16 outputs at f (in *o, with their ReLU mask bits, returned)
+ * where the test rejected a lane (rej: a bit per lane), recomputed on the exact path
+ * (ew_exact16v). Returns the mask bits, and counts the halves in *fallbacks. */
+SBN_INLINE uint32_t ew_redo32(int v, int lanes, const ew_args *e, int64_t f, int64_t c, int64_t c1, ew_coef *q,
+                              uint32_t rej, sbn_v16u *o, uint32_t bits, int64_t *fallbacks)
+{
+    sbn_v8w h[2] = {ew_half32(*o, 0), ew_half32(*o, 1)};
+    for (int j = 0; j < 2; j++)
+        if (rej >> 16 * j & 0xFFFFu) {
+            ++*fallbacks;
+            const uint32_t b = ew_exact16v(v, lanes, e, f + 16 * j, j ? c1 : c, q, &h[j]);
+            bits = (bits & ~(UINT32_C(0xFFFF) << 16 * j)) | b << 16 * j;
+        }
+    *o = ew_join32(h[0], h[1]);
+    return bits;
+}
+
+/* 32 bfloat16 outputs at f (channel c at f when lanes): in float, two vectors of 16,
+ * tested together (one rounding of 32 ends, one compare, one branch); a half with a
+ * rejected lane is redone on the exact path (ew_redo32). Stored as one 64-byte store
+ * either way (a whole line when streaming). cnt[1] counts the fallbacks (halves).
+ * Returns the 32 ReLU mask bits. */
 SBN_INLINE unsigned ew_step32(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q,
                               const ew_fcoef *fq, int nt, int64_t *cnt)
 {
@@ -691,22 +791,24 @@ SBN_INLINE unsigned ew_step32(int v, int lanes, const ew_args *e, int64_t f, int
     ew_fcoef l0, l1;
     if (lanes)
         ew_fcoef_lanes(v, e, c, &l0), ew_fcoef_lanes(v, e, c1, &l1);
-    sbn_v8w o0 = {0}, o1 = {0}, g0 = {0}, g1 = {0};
-    unsigned b0 = 0, b1 = 0;
-    const int a0 = ew_fast(v, e, f, lanes ? &l0 : fq, &o0, &g0, &b0);
-    const int a1 = ew_fast(v, e, f + 16, lanes ? &l1 : fq, &o1, &g1, &b1);
-    cnt[0] += 2;
-    if (__builtin_expect(a0 & a1, 1)) { /* one branch for both */
-        ew_fast_store(v, e, f, 1, o0, o1, g0, g1, nt);
-        return b0 | b1 << 16;
+    sbn_v16f y0, y1, F0, F1, N0, N1;
+    sbn_v8w g0 = {0}, g1 = {0};
+    ew_fast_ends(v, e, f, lanes ? &l0 : fq, &y0, &F0, &N0, &g0);
+    ew_fast_ends(v, e, f + 16, lanes ? &l1 : fq, &y1, &F1, &N1, &g1);
+    uint32_t bits = 0;
+    if (!(v & EW_NOOUT)) {
+        sbn_v16u o = ew_round32(F0, F1);
+        const uint32_t rej =
+            (ew_nonfinite16(y0) | ew_nonfinite16(y1) << 16) | ew_neq32(o, ew_round32(N0, N1));
+        if (!(v & EW_DX) && (v & EW_RELU))
+            bits = ew_relu32(&o);
+        if (__builtin_expect(rej != 0, 0))
+            bits = ew_redo32(v, lanes, e, f, c, c1, q, rej, &o, bits, &cnt[1]);
+        ew_st32h(e->out, f, o, nt);
     }
-    cnt[1] += !a0 + !a1;
-    if (!a0)
-        b0 = ew_exact16v(v, lanes, e, f, c, q, &o0);
-    if (!a1)
-        b1 = ew_exact16v(v, lanes, e, f + 16, c1, q, &o1);
-    ew_fast_store(v, e, f, 1, o0, o1, g0, g1, nt);
-    return b0 | b1 << 16;
+    if (v & EW_DZ)
+        ew_st32h(e->out2, f, ew_join32(g0, g1), v & EW_NOOUT ? nt : nt && e->nt2);
+    return bits;
 }
 
 /* 16 bfloat16 outputs at f, as one half of ew_step32. */
@@ -719,9 +821,8 @@ SBN_INLINE unsigned ew_step16(int v, int lanes, const ew_args *e, int64_t f, int
             ew_fcoef_lanes(v, e, c, &l);
         sbn_v8w o = {0}, gh = {0};
         unsigned bits = 0;
-        cnt[0]++;
         if (ew_fast(v, e, f, lanes ? &l : fq, &o, &gh, &bits)) {
-            ew_fast_store(v, e, f, 0, o, o, gh, gh, nt);
+            ew_fast_store(v, e, f, o, gh, nt);
             return bits;
         }
         cnt[1]++;
@@ -864,7 +965,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     const int W = v & EW_BF16 ? 32 : EW_F32_W; /* outputs per step */
     ew_coef q;
     ew_fcoef fq = {.k = {0}};
-    int64_t cnt[2] = {count[0], count[1]}; /* in registers: see bitw */
+    int64_t cnt[2] = {count[0], count[1]}; /* vectors of 16 tried in float, fallbacks */
     if (!lanes)
         ew_coef_row(v, e, c, &q);
     if (!lanes && (v & EW_BF16) && e->fk)
@@ -880,7 +981,7 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
     }
     int64_t f = f0;
     for (int part = 0; part < 3; part++) {
-        const int64_t end = part == 0 ? h : part == 1 ? g : f1;
+        const int64_t end = part == 0 ? h : part == 1 ? g : f1, fs = f;
         const int stream = part == 1;
 #if EW_F32_W == 16
         if ((v & EW_MASK) && !(v & EW_BF16))
@@ -916,6 +1017,8 @@ SBN_INLINE int64_t ew_span(int v, int lanes, const ew_args *args, int64_t f0, in
                 c = next_c(c, 16, C);
             f += 16;
         }
+        if ((v & EW_BF16) && e->fk) /* every vector of 16 so far went through ew_fast_ends */
+            cnt[0] += (f - fs) / 16;
         if (W >= 16 && f + 8 <= end) {
             const unsigned bits = ew_step8(v, lanes, e, f, c, &q, stream);
             if (v & EW_MASK)
