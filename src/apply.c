@@ -65,7 +65,7 @@ typedef struct {
     const void *x, *dy;   /* dy: the gradient, or z for normalize */
     const double *m, *k, *a, *b; /* [C + SBN_COEF_PAD] each (b unused when normalizing) */
     const float *fk, *fc, *fb, *fe; /* bfloat16 in float: [C + SBN_COEF_PAD] each, or fk NULL */
-    float R;                        /* the bound's factor of |result| (see "bfloat16 in float") */
+    float R, R1p, R1m; /* the test's factor R ("bfloat16 in float"), 1 + R and 1 - R */
     uint8_t *mask;
     int64_t C;
     int nt2; /* out2 may stream too: its cache lines fall where out's do */
@@ -229,102 +229,113 @@ SBN_INLINE unsigned ew_scalar(int v, const ew_args *e, int64_t f, int64_t c)
  * The contract: a bfloat16 output is RNE16(Y), Y the double result of the exact path
  * above (ew_vec), RNE16 rounding to nearest-even at bfloat16's 8 bits. Double has 8
  * lanes per 512-bit vector; float has 16, and a rounding that is one instruction.
- * So each vector of 16 outputs is first computed in float, as y, together with a
- * PROVEN bound err > |y - Y| per lane; where every lane's interval [y - err, y +
- * err] holds no bfloat16 rounding boundary (the midpoints between neighbouring
+ * So each vector of 16 outputs is first computed in float, as y, together with two
+ * floats lo < hi per lane that PROVABLY hold Y strictly between them; where no lane's
+ * [lo, hi] holds a bfloat16 rounding boundary (the midpoints between neighbouring
  * bfloat16 values, and the overflow threshold, which is the midpoint between the
  * largest bfloat16 and 2^128), Y lies strictly inside the same rounding interval as
- * y, so RNE16(y) = RNE16(Y): the float result is stored. Otherwise the vector is
- * recomputed on the exact path. The bits are those of the exact path whatever the
- * decision, so the decision may differ between builds (it does, rarely: where rho
- * below rounds half away from zero instead of to even, a handful more vectors in a
- * million fall back).
+ * lo and hi, and their common rounding is RNE16(Y): it is stored. Otherwise the
+ * vector is recomputed on the exact path. The bits are those of the exact path
+ * whatever the decision, so the decision may differ between builds (it does, rarely:
+ * where rho below rounds half away from zero instead of to even, a handful more
+ * vectors in a million fall back).
  *
  * Notation: u = 2^-24 (float's unit roundoff), ud = 2^-53 (double's). fl(.) is one
- * IEEE float operation to nearest: fl(a op b) = (a op b)(1 + h), |h| <= u, plus for
- * a product an absolute underflow term |z| <= 2^-150 (a sum whose result is
- * subnormal is exact). Double operations likewise with ud and 2^-1075. x, z, g are
- * bfloat16 values, exact in float. The coefficients are doubles (k, m, a, b: the
- * per-channel arrays); their float versions are rounded, and that rounding is
- * included below. Build flags: -ffp-contract=off, so each line below is the
- * operations it shows (no fused multiply-add), and no -ffast-math (CMakeLists.txt).
+ * IEEE float operation to nearest: |fl(v) - v| <= u |fl(v)| + 2^-150 (the second term
+ * only where the result is subnormal; a sum whose result is subnormal is exact); double
+ * operations likewise with ud and 2^-1075. fm(a, b, c) is a b + c rounded once to
+ * float (a fused multiply-add: ew_fm16); builds without one form it in double, where
+ * a b is exact, and round that to float, two roundings: |fm - v| <= u1 |fm| + 2^-149
+ * and <= u1 |v| + 2^-149, v = a b + c, with u1 = (1 + 2^-28) u, cover every build. x, z, g are bfloat16 values, exact in
+ * float. The coefficients are doubles (k, m, a, b: the per-channel arrays); their
+ * float versions are rounded, and that rounding is included below. Build flags:
+ * -ffp-contract=off, so each line below is the operations it shows (fm where it
+ * says so, and no other fused multiply-add), and no -ffast-math (CMakeLists.txt).
  *
  * Normalize. Target T = k(x - m) + a, exactly (real numbers); Y0 = fl64(fl64(fl64(x -
  * m) k) + a) (the exact path's order). Float path, with coefficients computed once
  * per call in double: kf = fl32(k), c = fl64(a - fl64(k m)), cf = fl32(c); and
- *     p = fl(kf x),   y0 = fl(p + cf).
+ *     y0 = fm(kf, x, cf).
  * (1) kf = k(1 + r), |r| <= u, when kf is 0 (only for k = 0) or a normal float;
- *     channels where it is not get err = +Inf (below): always the exact path.
+ *     channels where it is not get e = +Inf (below): always the exact path.
  * (2) ec := |(a - k m) - cf| <= |c - cf| + 2^-52 (|k m| + |c|): the first term is
  *     computed exactly in double (Sterbenz), the second bounds c's two roundings.
- * (3) |p - k x| <= (2u + u^2)|k x| + 2^-150.
- * (4) y0 - T = (p - k x) + (cf - (a - k m)) + h (p + cf), |p + cf| <= |y0|/(1 - u);
- *     and |k x| <= |T| + |a - k m| <= |y0| + D + |cf| + ec, with D = |y0 - T|. So
- *     D (1 - 2u - u^2) <= (3u + 3u^2)|y0| + (2u + u^2)|cf| + (1 + 2u + u^2) ec + 2^-150,
- *     D <= 3.0001u |y0| + 2.0001u |cf| + 1.0001 ec + 2^-149.
+ * (3) y0 = kf x + cf + h, |h| <= u1 |y0| + 2^-149.
+ * (4) y0 - T = r k x + (cf - (a - k m)) + h, and |k x| <= |T| + |a - k m| <= |y0| + D
+ *     + |cf| + ec, with D = |y0 - T|. So D (1 - u) <= (u + u1)|y0| + u |cf| + (1 + u)
+ *     ec + 2^-149: D <= 2.0001u |y0| + 1.0001u |cf| + 1.0001 ec + 2^-148.
  * (5) The exact path's own error: |Y0 - T| <= 3.0001ud |k (x - m)| + ud |a| + 2^-1074
  *     <= 3.0001ud (|y0| + D) + 4.0001ud |a| + 2^-1074.
- * (6) |y0 - Y0| <= D + |Y0 - T| <= 3.001u |y0| + E, E := 2.01u |cf| + 1.01 ec +
- *     2^-50 |a| + 2^-148 (ud terms against u terms: factor 2^-29).
+ * (6) |y0 - Y0| <= D + |Y0 - T| <= 2.001u |y0| + E, E := 1.01u |cf| + 1.01 ec +
+ *     2^-50 |a| + 2^-147 (ud terms against u terms: factor 2^-29).
  * With z (residual addition): y = fl(y0 + z), Y = fl64(Y0 + z). Then |y - Y| <=
- * |y0 - Y0| + u |y0 + z| + ud |Y0 + z| <= 3.001u |y0| + 1.001u |y| + E (1 + 2^-50).
+ * |y0 - Y0| + u |y| + ud |Y| <= 2.002u |y0| + 1.001u |y| + 1.0001 E.
  *
  * Gradient. Target T = k (g - a - (x - m) b). Coefficients: kf = fl32(k), bf =
  * fl32(fl64(k b)), c = fl64(k fl64(fl64(b m) - a)), cf = fl32(c); kf and bf must be 0
- * (where k b = 0 exactly) or normal, else err = +Inf as in (1). Float path:
- *     t1 = fl(kf g),  t2 = fl(t1 + cf),  t3 = fl(bf x),  r = fl(t2 - t3).
+ * (where k b = 0 exactly) or normal, else e = +Inf as in (1). Float path:
+ *     w = fm(kf, g, cf),  r = fm(-bf, x, w).
  * (1') kf = k(1 + r1), bf = k b (1 + r2), |r1| <= u, |r2| <= u + 2ud.
  * (2') ec := |k (b m - a) - cf| <= |c - cf| + 2^-50 (|k b m| + |k a| + |c|).
- * (3') |t1 - k g| <= 2.0001u |t1| + 2^-150, |t3 - k b x| <= 2.0001u |t3| + 2^-150.
- * (4') r - T = h4 (t2 - t3) + h2 (t1 + cf) + (t1 - k g) + (cf - k (b m - a))
- *     - (t3 - k b x), so |r - T| <= 1.0001u (|r| + |t2|) + 2.0001u (|t1| + |t3|)
- *     + ec + 2^-148; with |t2| <= |t3| + 1.0001 |r| and |t1| <= 1.0001 |t2| + |cf|:
- *     |r - T| <= 4.001u |r| + 5.001u |t3| + 2.001u |cf| + ec + 2^-148.
- * (5') The exact path: |Y - T| <= 2^-51 (|k g| + |k a| + |k b x| + |k b m| + |Y|)
- *     <= 2^-50 (|r| + |t3| + |cf| + |k a| + |k b m|) + 2^-1073.
- * (6') |r - Y| <= 5.001u (|r| + |t3|) + E, E := 2.01u |cf| + 1.01 ec + 2^-49 (|k a| +
- *     |k b m|) + 2^-148.
+ * (3') w = kf g + cf + h1, r = w - bf x + h2, |h1| <= u1 |w| + 2^-149, |h2| <= u1 |r|
+ *     + 2^-149; so |kf g| <= (1 + u1)|w| + |cf| + 2^-149 and |bf x| <= |w| + (1 +
+ *     u1)|r| + 2^-149.
+ * (4') r - T = r1 k g - r2 k b x + (cf - k (b m - a)) + h1 + h2, with |r1 k g| <=
+ *     1.0001u |kf g| and |r2 k b x| <= 1.0001u |bf x|; so
+ *     |r - T| <= 3.001u |w| + 2.001u |r| + 1.0001u |cf| + ec + 2^-147.
+ * (5') The exact path: |Y - T| <= 2^-51 (|k g| + |k a| + |k b x| + |k b m| + |Y|) +
+ *     2^-1073 <= 2^-50 (1.0001 |w| + 1.0001 |r| + |cf| + |k a| + |k b m|) + 2^-51
+ *     |r - Y| + 2^-190 (by (3'), and |Y| <= |r| + |r - Y|).
+ * (6') |r - Y| <= 3.002u |w| + 2.002u |r| + E, E := 1.01u |cf| + 1.01 ec + 2^-49
+ *     (|k a| + |k b m|) + 2^-146.
  *
  * The test, per lane, on y (normalize; with z the final sum) or r (gradient), all
- * called y below:
- *     err = fl(R s + e) (one rounding with AVX-512's fused multiply-add, two
- *           elsewhere), R = 2^-21 = 8u,
- *           s = |y0| (+ |y| with z) or fl(|r| + |t3|),  e = fl32(1.01 E + 2^-100);
- *     lo = fl(y - err),  hi = fl(y + err).
- * Accept when y is not NaN and rho(lo) = rho(hi), rho the build's rounding of a
- * float to bfloat16: RNE16 (vcvtneps2bf16, AVX512_BF16; subnormals flushed to zero)
- * or round half away from zero (y's bits + 0x8000 cut to the upper 16, elsewhere).
- * Both are monotone, so rho is then constant on [lo, hi], and the output is that
- * value, rho(hi). Why it is RNE16(Y):
- * (a) lo < Y < hi. The bounds above give |y - Y| <= B with B <= 3.001u|y0| + E
- *     (normalize), 3.001u|y0| + 1.001u|y| + 1.0001 E (with z), 5.001u(|r| + |t3|) + E
- *     (gradient). fl(y + err) >= y + err - u(|y| + err), so hi > y + B >= Y when
- *     err (1 - u) > B + u|y|; likewise lo. err (1 - u) >= (8u s + 1.01 E + 2^-100)
- *     (1 - u)^4 (the roundings of s and err included), with 8u (1 - u)^4 >= 7.99u and
- *     1.01 (1 - u)^4 > 1.0001; and B + u|y| is at most 4.001u s + E (normalize, s =
- *     |y|), 4.001u s + 1.0001 E (with z, s = |y0| + |y|) and 6.001u s + E (gradient,
- *     s = |r| + |t3| >= |y|): 7.99u s covers the u-terms in all three cases, 1.01 E
- *     covers E, and 2^-100 makes it strict.
- * (b) rho(lo) = rho(hi) = b puts lo and hi in one of rho's intervals, whose ends
- *     (in magnitude) are bfloat16 midpoints or the overflow threshold, one end
- *     included; so the open interval (lo, hi), which holds Y, holds no midpoint and
- *     no threshold, and RNE16(Y) = b, both for RNE16 and for round-half-away.
- * (c) Subnormals and zero: err >= 2^-100 (e >= 2^-100, R s >= 0), so a y with
- *     |y| < 2^-100 gives lo and hi of opposite signs, whose roundings differ; and
- *     lo, hi are never both subnormal (one of them is >= 2^-100 in magnitude), so
- *     the flush of vcvtneps2bf16 can only make them differ: rejected, never wrongly
- *     accepted.
- *     The underflow terms of the bounds (2^-148 and below) are covered by 2^-100.
- * (d) NaN and Inf: NaN in y is rejected by name (rho of two NaNs could agree). An
- *     infinite y, or a channel with err = +Inf (a coefficient that is not a normal
- *     float, E not finite: e = +Inf), gives lo or hi NaN and the other infinite, or
- *     lo = -Inf and hi = +Inf: their roundings differ.
- * ReLU: an accepted rounding is nonzero with y's sign (by (c), lo and hi have it),
- * so its mask bit is y > 0, and the ReLU of the stored bits is +0 where it is clear
- * (the exact path's ReLU of a negative result). dz = g is copied as ever, as bits.
- * (Before, the test measured y's distance to the two nearest midpoints against err
- * with a lower R; this one needs fewer operations and no special case at a power of
- * two.)
+ * called y below, and d >= 0:
+ *     e = fl32(1.01 E + 2^-100), per channel, in double;
+ *     d = e (normalize), fm(|y0|, R, e) (with z), fm(|w|, R, e) (gradient);
+ *     F = fm(y, 1 + R, sd),  N = fm(y, 1 - R, -sd),  sd = d with y's sign bit;
+ *     R = 2^-22 = 4u (1 + R and 1 - R are floats).
+ * F and N are the two ends, F the one away from zero. Accept when y is neither NaN
+ * nor infinite and rho(F) = rho(N), rho the build's rounding of a float to bfloat16:
+ * RNE16 (vcvtneps2bf16, AVX512_BF16; subnormals flushed to zero, keeping the sign) or
+ * round half away from zero (y's bits + 0x8000 cut to the upper 16, elsewhere). Both
+ * are monotone, so rho is then constant between N and F, and the output is that
+ * value, rho(F). Why it is RNE16(Y), for y >= +0 (y <= -0 is the mirror image: fm
+ * rounds symmetrically, and sd, F, N change sign with y):
+ * (a) N < Y < F. Let B >= |y - Y| be the bound above: 2.001u y + E (normalize),
+ *     2.002u |y0| + 1.001u y + 1.0001 E (with z), 3.002u |w| + 2.002u y + E
+ *     (gradient). F >= (y (1 + R) + d)(1 - u1) - 2^-149 (or F = +Inf), so F > y + B
+ *     >= Y when (R - u1 (1 + R)) y + (1 - u1) d - 2^-149 > B; N <= y (1 - R) - d +
+ *     u1 (y (1 - R) + d) + 2^-149, so N < y - B <= Y under the same condition (with
+ *     1 - R for 1 + R: weaker). R - u1 (1 + R) >= 2.9999u covers the u-terms of y in
+ *     every B. e >= (1.01 E + 2^-100)(1 - u) (E itself is computed in double: its few
+ *     roundings are within the 1.01); so (1 - u1) d >= (1 - u1)^2 (R |y0| + e) - 2^-149
+ *     (with z; |w| for the gradient; R |y0| absent without z) gives 3.9999u |y0| (or
+ *     |w|), which covers 2.002u |y0| and 3.002u |w|, and more than 1.0098 E +
+ *     2^-101, which covers 1.0001 E and, strictly, the 2^-149.
+ * (b) rho(N) = rho(F) = b puts N and F in one of rho's intervals, whose ends (in
+ *     magnitude) are bfloat16 midpoints or the overflow threshold, one end included;
+ *     so the open interval (N, F), which holds Y, holds no midpoint and no threshold,
+ *     and RNE16(Y) = b, both for RNE16 and for round-half-away.
+ * (c) Subnormals and zero: d >= e (1 - u1) - 2^-149 > 2^-101, so F > 2^-102, and
+ *     rho(F) is positive, at least 2^-103. If y (1 - R) < d, N rounds a negative
+ *     number: -0 or negative, whose rounding has the sign bit set: rejected. Else N
+ *     rounds y (1 - R) - d >= 0; where that is below 2^-126, rho(N) <= 2^-126 <
+ *     rho(F): rejected. So an accepted lane has y (1 - R) - d >= 2^-126: y and both
+ *     ends are normal, and the rounding is nonzero with y's sign. The underflow terms
+ *     of the bounds (2^-146 and below) are covered by 2^-100.
+ * (d) NaN and Inf: an infinite y gives F = N = y, so y is tested by class (NaN and
+ *     +-Inf rejected). A finite y whose F overflows is covered by (a) (F = +Inf > Y).
+ *     A channel with e = +Inf (a coefficient that is not a normal float, E not finite)
+ *     has d = +Inf, so F = +Inf and N = -Inf: their roundings differ. d is NaN only
+ *     where y is.
+ * ReLU: an accepted rounding is nonzero with y's sign (c), so its mask bit is y > 0,
+ * and the ReLU of the stored bits is +0 where it is clear (the exact path's ReLU of a
+ * negative result). dz = g is copied as ever, as bits.
+ * (Before, y was formed with separate multiplies and adds, and the ends as y -+ err,
+ * err = fl(R s + e), R = 2^-21: one rounding more in y, and three dependent operations
+ * from y to each end where there are now two (the sign into d, one fm). Earlier still,
+ * the test measured y's distance to the two nearest midpoints against err.)
  *
  * All of the above is per lane: a vector of 16 is accepted only when every lane is,
  * else it is recomputed on the exact path (two vectors of 8) and stored with the
@@ -366,7 +377,7 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
             c = a - km;
             cd = (float)c;
             ec = fabs(c - cd) + 0x1p-52 * (fabs(km) + fabs(c));
-            E = 2.01 * u * fabs(cd) + 1.01 * ec + 0x1p-50 * fabs(a);
+            E = 1.01 * u * fabs(cd) + 1.01 * ec + 0x1p-50 * fabs(a);
         } else { /* (1'), (2'), (6') */
             const double kb = k * b, kbm = kb * m, ka = k * a;
             bf = (float)kb;
@@ -374,7 +385,7 @@ static float *fast_coef(const ew_args *e, int dx, sbn_shape sh, float *f)
             c = k * (b * m - a);
             cd = (float)c;
             ec = fabs(c - cd) + 0x1p-50 * (fabs(kbm) + fabs(ka) + fabs(c));
-            E = 2.01 * u * fabs(cd) + 1.01 * ec + 0x1p-49 * (fabs(ka) + fabs(kbm));
+            E = 1.01 * u * fabs(cd) + 1.01 * ec + 0x1p-49 * (fabs(ka) + fabs(kbm));
         }
         float ef = (float)(1.01 * E + 0x1p-100);
         if (!ok || !isfinite(kf) || !isfinite(bf) || !isfinite((float)cd) || !isfinite(E))
@@ -439,10 +450,10 @@ SBN_INLINE sbn_v16f ew_widen16(sbn_v8w w)
 #endif
 }
 
-/* RNE16 of 16 floats that are no ties, normal or overflowing (what the test below
- * accepts), as 16 bfloat16 bits: y's bits + 0x8000 cut to the upper 16, or the one
- * instruction that rounds to nearest-even where the CPU has it (the same bits: y is
- * no tie, and not subnormal, which that instruction would flush). */
+/* rho of "bfloat16 in float" on 16 floats, as 16 bfloat16 bits: the one instruction
+ * that rounds to nearest-even where the CPU has it (subnormals flushed to zero), else
+ * the bits + 0x8000 cut to the upper 16 (ties away from zero). The test uses the same
+ * rho for both ends and for the output, so either is exact where it accepts. */
 SBN_INLINE sbn_v8w ew_round16(sbn_v16f y)
 {
 #if defined(__AVX512BF16__)
@@ -498,30 +509,49 @@ SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
 #endif
 }
 
-/* The lanes where y is not NaN and the bfloat16 bits lo and hi are equal, as 16 bits. */
-SBN_INLINE unsigned ew_same16(sbn_v16f y, sbn_v8w lo, sbn_v8w hi)
+/* Whether a lane is rejected: y NaN or infinite, or the bfloat16 bits lo and hi
+ * differ. Zero: every lane accepted. */
+SBN_INLINE int ew_rejects16(sbn_v16f y, sbn_v8w lo, sbn_v8w hi)
 {
 #if SBN_AVX512
-    const __mmask16 ord = _mm512_cmp_ps_mask((__m512)y, (__m512)y, _CMP_ORD_Q);
-    return _mm256_mask_cmpeq_epi16_mask(ord, (__m256i)lo, (__m256i)hi);
+    const __mmask16 bad = _mm512_fpclass_ps_mask((__m512)y, 0x99); /* QNaN, +Inf, -Inf, SNaN */
+    return (bad | _mm256_cmpneq_epi16_mask((__m256i)lo, (__m256i)hi)) != 0;
 #else
     const sbn_v16h l = (sbn_v16h)lo, h = (sbn_v16h)hi;
-    unsigned r = 0;
+    int r = 0;
     for (int j = 0; j < 16; j++)
-        r |= (unsigned)(l[j] == h[j] && y[j] == y[j]) << j;
+        r |= l[j] != h[j] || !(y[j] - y[j] == 0); /* y - y: NaN for NaN and +-Inf */
     return r;
 #endif
 }
 
-/* s r + e, rounded once (AVX-512: one fused multiply-add) or twice (other builds):
- * the analysis allows either. */
-SBN_INLINE sbn_v16f ew_fmaf(sbn_v16f s, float r, sbn_v16f e)
+/* fm(a, b, c) of "bfloat16 in float" on 16 lanes: a b + c rounded once (a fused
+ * multiply-add), or, without one, in double (a b exact) and rounded to float. */
+SBN_INLINE sbn_v16f ew_fm16(sbn_v16f a, sbn_v16f b, sbn_v16f c)
 {
-#ifdef __AVX512F__
-    return (sbn_v16f)_mm512_fmadd_ps((__m512)s, _mm512_set1_ps(r), (__m512)e);
+#if defined(__AVX512F__)
+    return (sbn_v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    __m256 h[3][2];
+    memcpy(h[0], &a, sizeof a), memcpy(h[1], &b, sizeof b), memcpy(h[2], &c, sizeof c);
+    const __m256 r[2] = {_mm256_fmadd_ps(h[0][0], h[1][0], h[2][0]), _mm256_fmadd_ps(h[0][1], h[1][1], h[2][1])};
+    sbn_v16f o;
+    memcpy(&o, r, sizeof o);
+    return o;
 #else
-    return s * r + e;
+    typedef double v16d __attribute__((vector_size(128)));
+    const v16d p = __builtin_convertvector(a, v16d) * __builtin_convertvector(b, v16d);
+    return __builtin_convertvector(p + __builtin_convertvector(c, v16d), sbn_v16f);
 #endif
+}
+
+/* y's two ends for the test: fm(y, 1 + R, sd) in *far and fm(y, 1 - R, -sd) in *near,
+ * sd = d >= 0 with y's sign bit. */
+SBN_INLINE void ew_ends16(const ew_args *e, sbn_v16f y, sbn_v16f d, sbn_v16f *far, sbn_v16f *near)
+{
+    const sbn_v16f sd = (sbn_v16f)(((sbn_v16u)y & 0x80000000u) | (sbn_v16u)d);
+    *far = ew_fm16(y, ew_bcastf(e->R1p), sd);
+    *near = ew_fm16(y, ew_bcastf(e->R1m), -sd);
 }
 
 /* 16 outputs at f in float. Returns 1 when the test above accepts them, with their
@@ -531,7 +561,8 @@ SBN_INLINE sbn_v16f ew_fmaf(sbn_v16f s, float r, sbn_v16f e)
 SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sbn_v8w *o, sbn_v8w *gh,
                        unsigned *bits)
 {
-    sbn_v16f y, s;
+    sbn_v16f y, d; /* the result, and d of the test */
+    const sbn_v16f R = ew_bcastf(e->R);
     if (v & EW_DX) {
         *gh = ew_ldh16(e->dy, f);
         if ((v & EW_RELU) && ((v & EW_DZ) || !EW_MASKED_MUL))
@@ -541,37 +572,39 @@ SBN_INLINE int ew_fast(int v, const ew_args *e, int64_t f, const ew_fcoef *q, sb
         return 1;
     const sbn_v16f x = ew_widen16(ew_ldh16(e->x, f));
     if (!(v & EW_DX)) {
-        const sbn_v16f p = q->k * x;
-        y = p + q->c;
-        s = ew_absf(y);
+        y = ew_fm16(q->k, x, q->c);
+        d = q->e;
         if (v & EW_ADD) {
+            d = ew_fm16(ew_absf(y), R, q->e);
             y += ew_widen16(ew_ldh16(e->dy, f));
-            s += ew_absf(y);
         }
     } else {
         const sbn_v16f g = ew_widen16(*gh);
-        sbn_v16f t1 = q->k * g;
+        sbn_v16f w;
 #if EW_MASKED_MUL
-        /* With the ReLU and no dz, the mask zeroes kf g instead of g: the mask's load
-         * is then off the path from dy's load to the result, and no operation is
-         * added. kf g is +0 there where the masked g gave kf (+0) = +-0; the sign of
-         * a zero term can only change the sign of a zero result, which the test
-         * rejects (c), so every accepted value is the same. */
+        /* With the ReLU and no dz, where the mask is clear w is cf itself (a masked
+         * fused multiply-add keeps its addend) instead of fm(kf, +0, cf): the mask's
+         * load is then off the path from dy's load to the result, and no operation is
+         * added. The two differ only in the sign of a zero w, which can change only
+         * the sign of a zero r, which the test rejects (c): every accepted value is
+         * the same. */
         if ((v & EW_RELU) && !(v & EW_DZ))
-            t1 = (sbn_v16f)_mm512_maskz_mul_ps(sbn_kmask16(e->mask, f), (__m512)q->k, (__m512)g);
+            w = (sbn_v16f)_mm512_mask3_fmadd_ps((__m512)q->k, (__m512)g, (__m512)q->c, sbn_kmask16(e->mask, f));
+        else
 #endif
-        const sbn_v16f t2 = t1 + q->c, t3 = q->b * x;
-        y = t2 - t3;
-        s = ew_absf(y) + ew_absf(t3);
+            w = ew_fm16(q->k, g, q->c);
+        y = ew_fm16(-q->b, x, w);
+        d = ew_fm16(ew_absf(w), R, q->e);
     }
-    const sbn_v16f err = ew_fmaf(s, e->R, q->e);
-    const sbn_v8w hi = ew_round16(y + err), lo = ew_round16(y - err);
+    sbn_v16f far, near;
+    ew_ends16(e, y, d, &far, &near);
+    const sbn_v8w hi = ew_round16(far), lo = ew_round16(near);
     *o = hi;
     if (!(v & EW_DX) && (v & EW_RELU)) { /* accepted: y's rounding is nonzero with its sign */
         *bits = ew_gt16(y, (sbn_v16f){0});
         *o = sbn_keep16(hi, *bits);
     }
-    return ew_same16(y, lo, hi) == 0xFFFFu;
+    return !ew_rejects16(y, lo, hi);
 }
 
 /* Stores what ew_fast accepted: 16 outputs at f (lo) and, when two, 16 more at f + 16
@@ -591,6 +624,7 @@ static void ew_fast_args(ew_args *e, const float *f, int64_t C, float R)
     const int64_t W = fast_stride(C);
     e->fk = f, e->fc = f ? f + W : NULL, e->fb = f ? f + 2 * W : NULL, e->fe = f ? f + 3 * W : NULL;
     e->R = bf16_path == 2 ? 0.0f : R; /* the test switch's mode 2: no margin */
+    e->R1p = 1 + e->R, e->R1m = 1 - e->R; /* exact */
 }
 
 /* The channel k elements after channel c (NHWC; a division only when C < k). */
@@ -967,7 +1001,7 @@ void sbn_normalize(void *y, const void *x, const void *z, int relu, uint8_t *mas
 {
     ew_args e = {.out = y, .x = x, .dy = z, .m = mean, .k = scale, .a = shift, .mask = mask, .C = sh.C};
     const float *fc = fast_coef(&e, 0, sh, scratch);
-    ew_fast_args(&e, fc, sh.C, 0x1p-21f);
+    ew_fast_args(&e, fc, sh.C, 0x1p-22f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (z ? EW_ADD : 0) | (relu ? EW_RELU : 0) |
                   (relu && mask ? EW_MASK : 0);
@@ -991,7 +1025,7 @@ void sbn_backward_dx(void *dx, void *dz, const void *x, const void *dy, const ui
                        .mask = (uint8_t *)mask, .C = sh.C,
                        .nt2 = dx && dz && (((uintptr_t)dx ^ (uintptr_t)dz) & 63) == 0};
     const float *fc = fast_coef(&e, 1, sh, scratch);
-    ew_fast_args(&e, fc, sh.C, 0x1p-21f);
+    ew_fast_args(&e, fc, sh.C, 0x1p-22f);
     const int nt = ew_streams(sh), big = sh.n * sh.C * sh.S >= SBN_OMP_MIN_WORK;
     const int v = EW_DX | (sh.dt == SYNCBN_BF16 ? EW_BF16 : 0) | (mask ? EW_RELU : 0) | (dz ? EW_DZ : 0) |
                   (dx ? 0 : EW_NOOUT);
