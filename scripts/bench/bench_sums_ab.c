@@ -2,12 +2,16 @@
  * bench_sums_ab.c - per-pass A/B of two versions of src/sums.c: the forward sums, the
  * backward sums and the backward sums with the ReLU mask, FAST and REPRODUCIBLE, f32
  * and bf16, on the four standard shapes in both layouts (buffers from malloc).
+ * REPRODUCIBLE twice: accumulated (`repro`, what each of several ranks does) and
+ * rounded by the kernels (`repro-r`, sums and accumulators both given: what one rank
+ * does, moments.h).
  * For each case the two versions take turns (A B, then B A, ...) and it prints the
  * median over rounds of the per-round time ratio new/base, the new version's input
  * throughput in GB/s (bytes of x, and dy, read once), and the bf16/f32 time ratio of
- * each version (0.5 = bf16 at the byte rate of f32). FAST results of the two versions
- * must be the same bits ("BITS DIFFER" otherwise). At 1 thread times are the
- * thread's CPU time (less sensitive to a shared machine), else wall time.
+ * each version (0.5 = bf16 at the byte rate of f32). FAST and rounded REPRODUCIBLE
+ * results of the two versions must be the same bits ("BITS DIFFER" otherwise). At 1
+ * thread times are the thread's CPU time (less sensitive to a shared machine), else
+ * wall time.
  * Build and run (BASE: the old sums.c, e.g. from `git show main~1:src/sums.c`):
  *   F="-O3 -DNDEBUG -march=native -ffp-contract=off -fopenmp -Isrc -Iinclude"
  *   mpicc $F -Dsbn_forward_sums=base_forward_sums -Dsbn_backward_sums=base_backward_sums \
@@ -71,7 +75,7 @@ int main(int argc, char **argv) {
            "bf16/f32 time\n");
     for (int sh = 0; sh < 4; sh++)
         for (int lay = 0; lay < 2; lay++)
-            for (int repro = 0; repro < 2; repro++)
+            for (int repro = 0; repro < 3; repro++) /* fast, repro, repro-r */
                 for (int kind = 0; kind < 3; kind++) {
                     sbn_shape s = {.n = shapes[sh][0],
                                    .C = shapes[sh][1],
@@ -92,26 +96,27 @@ int main(int argc, char **argv) {
                                     memset(a2, 0, s.C * W2 * 8);
                                 }
                                 double *o1 = which ? s1 : t1, *o2 = which ? s2 : t2;
+                                const int sums = repro != 1; /* rounded sums wanted */
                                 double t0 = now();
                                 if (kind == 0) {
                                     if (which)
-                                        sbn_forward_sums(X, s, repro ? NULL : o1, repro ? NULL : o2,
+                                        sbn_forward_sums(X, s, sums ? o1 : NULL, sums ? o2 : NULL,
                                                          repro ? a1 : NULL, repro ? a2 : NULL);
                                     else
-                                        base_forward_sums(X, s, repro ? NULL : o1, repro ? NULL : o2,
+                                        base_forward_sums(X, s, sums ? o1 : NULL, sums ? o2 : NULL,
                                                           repro ? a1 : NULL, repro ? a2 : NULL);
                                 } else {
                                     if (which)
                                         sbn_backward_sums(X, DY, kind == 2 ? mask : NULL, mean, s,
-                                                          repro ? NULL : o1, repro ? NULL : o2,
+                                                          sums ? o1 : NULL, sums ? o2 : NULL,
                                                           repro ? a1 : NULL, repro ? a2 : NULL);
                                     else
                                         base_backward_sums(X, DY, kind == 2 ? mask : NULL, mean, s,
-                                                           repro ? NULL : o1, repro ? NULL : o2,
+                                                           sums ? o1 : NULL, sums ? o2 : NULL,
                                                            repro ? a1 : NULL, repro ? a2 : NULL);
                                 }
                                 t[bf][which][r] = now() - t0;
-                                if (!repro && w0 == 1 && (memcmp(s1, t1, s.C * 8) || memcmp(s2, t2, s.C * 8)))
+                                if (sums && w0 == 1 && (memcmp(s1, t1, s.C * 8) || memcmp(s2, t2, s.C * 8)))
                                     bad = 1;
                             }
                     double rn[2], rb[2][64], rr[64];
@@ -137,8 +142,8 @@ int main(int argc, char **argv) {
                     printf("%d %ld,%ld,%ld,%ld %s %s %-8s | %.2f %.2f | %5.1f %5.1f | %.2f | %.2f %s\n",
                            omp_get_max_threads(), (long)shapes[sh][0], (long)shapes[sh][1],
                            (long)shapes[sh][2], (long)shapes[sh][3], lay ? "nhwc" : "nchw",
-                           repro ? "repro" : "fast", vn[kind], rn[0], rn[1], bytes / mt[0][1] / 1e9,
-                           bytes / 2 / mt[1][1] / 1e9, rnew, rbase, bad ? "BITS DIFFER" : "");
+                           repro == 2 ? "repro-r" : repro ? "repro" : "fast", vn[kind], rn[0], rn[1],
+                           bytes / mt[0][1] / 1e9, bytes / 2 / mt[1][1] / 1e9, rnew, rbase, bad ? "BITS DIFFER" : "");
                     fflush(stdout);
                 }
 }
