@@ -12,6 +12,7 @@
  *   mpicc $F scripts/bench/bench_passes.c src/sums.c src/apply.c src/exactsum.c -o /tmp/passes -lm
  *   OMP_NUM_THREADS=1 /tmp/passes 7 [N,C,H,W]     # rounds, optional shape
  */
+#include "bench_util.h"
 #include "moments.h"
 #include <math.h>
 #include <omp.h>
@@ -19,34 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(omp_get_max_threads() == 1 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
-static int cmpd(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double med(const double *v, int n)
-{
-    double c[64];
-    memcpy(c, v, (size_t)n * sizeof *c);
-    qsort(c, (size_t)n, sizeof *c, cmpd);
-    return n % 2 ? c[n / 2] : (c[n / 2 - 1] + c[n / 2]) / 2;
-}
-
-static uint16_t to_bf16(float f) /* to nearest-even (finite f) */
-{
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
 
 enum { P_FSUM, P_NORM, P_BSUM, P_DX, NPASS };
 static const char *pass_name[NPASS] = {"fwd sums", "normalize", "bwd sums", "dx"};
