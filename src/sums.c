@@ -1034,18 +1034,6 @@ static int s1_plan(int kind, int64_t nc, s1_work *w, int h, int hq, int margin)
     return onea | oneb << 1;
 }
 
-/* After a checked pass: each lane's sums checked against its tracked extremes, which
- * give the true plan (margin 0). The linear sum was summed plainly (one level from
- * +0, no plan): it is exact where the true plan allows one level (below), and the
- * true plan is installed for its deposit. The quadratic sum was summed under the
- * guessed plan: exact where the guess's hypotheses hold for the data (every |v| < 2^e
- * of the guess, every v a multiple of its grid: 2^e0 with one level, 2^e1 with two).
- * A lane that the true plan takes and whose sum is not so certified puts its group of
- * 8 lanes in redo[0] (linear) or redo[1] (quadratic), bit j / 8, with the true plan
- * installed for the whole group, to be summed again (s1_redo). A lane the true plan
- * does not take (NaN, Inf, a range too wide) deposits its terms one by one. Counts
- * (sbn_s1_counts) the lanes' sums that the true plan takes into cnt[0], those not
- * certified into cnt[1]. */
 /* How many lanes of a mask (0 or all bits set per lane) are set. */
 SBN_INLINE int s1_lanes(sbn_v8i m)
 {
@@ -1058,6 +1046,19 @@ SBN_INLINE int s1_lanes(sbn_v8i m)
     return n;
 #endif
 }
+
+/* After a checked pass: each lane's sums checked against its tracked extremes, which
+ * give the true plan (margin 0). The linear sum was summed plainly (one level from
+ * +0, no plan): it is exact where the true plan allows one level (below), and the
+ * true plan is installed for its deposit. The quadratic sum was summed under the
+ * guessed plan: exact where the guess's hypotheses hold for the data (every |v| < 2^e
+ * of the guess, every v a multiple of its grid: 2^e0 with one level, 2^e1 with two).
+ * A lane that the true plan takes and whose sum is not so certified puts its group of
+ * 8 lanes in redo[0] (linear) or redo[1] (quadratic), bit j / 8, with the true plan
+ * installed for the whole group, to be summed again (s1_redo). A lane the true plan
+ * does not take (NaN, Inf, a range too wide) deposits its terms one by one. Counts
+ * (sbn_s1_counts) the lanes' sums that the true plan takes into cnt[0], those not
+ * certified into cnt[1]. */
 
 static void s1_verify(int kind, int64_t nc, s1_work *w, int oneb, uint32_t redo[2], uint64_t cnt[2])
 {
@@ -1146,11 +1147,12 @@ SBN_INLINE void s1_acc_sq(sbn_v8d x, int one_level, sbn_v8d *A, sbn_v8d *T1)
     }
 }
 
-/* The checked forward pass over R rows from row i, 16 channels a step: the tracking
- * of x's float bits on 16 lanes an instruction (as s1_track16), each sum on two
- * vectors of 8 with the operations of s1_sweep2 (the linear sum plain, the quadratic
- * one on `oneb` levels). Returns the channels done (the rest, fewer than 16, go to
- * s1_sweep2's 8-lane loop). */
+/* The checked forward pass over R rows from row i, 16 channels a step, float input
+ * only: the tracking of x's float bits on 16 lanes an instruction (as s1_track16),
+ * each sum on two vectors of 8 with the operations of s1_sweep2 (the linear sum plain,
+ * i.e. one level from +0, which is what the checked pass always does with it; the
+ * quadratic one on `oneb` levels). Returns the channels done (the rest, fewer than
+ * 16, go to s1_sweep2's 8-lane loop). */
 SBN_INLINE int64_t s1_sweep2_x16(int v, int R, int oneb, const sv_in *in, int64_t C, int64_t i, int64_t c0,
                                  int64_t nc, s1_work *w)
 {
@@ -1166,14 +1168,8 @@ SBN_INLINE int64_t s1_sweep2_x16(int v, int R, int oneb, const sv_in *in, int64_
             const int64_t e = (i + r) * C + c0 + j;
             const sbn_v16u bits = s1_bits16(v, in, e);
             s1_track16b(bits, &mx, &mn);
-            sbn_v8d x0, x1;
-            if (v & SV_BF16) { /* widened once, for both */
-                sbn_v8f f0, f1;
-                memcpy(&f0, &bits, sizeof f0), memcpy(&f1, (const uint32_t *)&bits + 8, sizeof f1);
-                x0 = sbn_f8_to_d8(f0), x1 = sbn_f8_to_d8(f1);
-            } else { /* the conversions read memory: no extraction */
-                x0 = sbn_ld8(SYNCBN_F32, in->x, e), x1 = sbn_ld8(SYNCBN_F32, in->x, e + 8);
-            }
+            /* the conversions read memory: no extraction */
+            const sbn_v8d x0 = sbn_ld8(SYNCBN_F32, in->x, e), x1 = sbn_ld8(SYNCBN_F32, in->x, e + 8);
             a0 += x0, a1 += x1;
             s1_acc_sq(x0, oneb, &b0, &u0);
             s1_acc_sq(x1, oneb, &b1, &u1);
@@ -1192,7 +1188,7 @@ SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, int trk, const sv_in
                           int64_t c0, int64_t nc, s1_work *w)
 {
     int64_t j0 = 0;
-    if (trk && !(v & (SV_KIND | SV_BF16))) /* bfloat16: measured slower (widening twice the work) */
+    if (trk && onea && !(v & (SV_KIND | SV_BF16))) /* bfloat16: measured slower (widening twice the work) */
         j0 = s1_sweep2_x16(v, R, oneb, in, C, i, c0, nc, w);
     for (int64_t j = j0; j < nc; j += 8) {
         sbn_v8d ta0, ta1, tb0, tb1, m = {0};
