@@ -203,11 +203,16 @@ static int target_of(const problem *p, int64_t c)
 /* Adversarial data. Every element of channel c has the same x (and z, dy), and a
  * targeted channel's coefficients put its normalize output (with and without z), or
  * its gradient, at M + tau: M a bfloat16 midpoint, 0 < |tau| < one float ulp of M.
- * The coefficients are large against the output (cancellation), so float's error,
- * from rounding the coefficients and the products, is several float ulps: float
- * often lands on M or on the wrong side of it. target_of selects what is targeted;
- * the other outputs, and channels without a target, are ordinary. */
-static void adversarial(problem *p)
+ * With cancel, the coefficients are large against the output (cancellation), so
+ * float's error, from rounding the coefficients and the products, is several float
+ * ulps: float often lands on M or on the wrong side of it; this tries the test's
+ * term in e. Without, nothing cancels (m = a = b = 0, the output is one product k x,
+ * k g with the gradient, plus z), |tau| is up to 2 float ulps, and float's error is
+ * the rounding of k to float and of the product, about an ulp of the output: this
+ * tries the test's term in R |y|, which a margin of half the proven one fails.
+ * target_of selects what is targeted; the other outputs, and channels without a
+ * target, are ordinary. */
+static void adversarial(problem *p, int cancel)
 {
     const int64_t C = p->sh.C;
     uint16_t *vals = malloc((size_t)(3 * C) * sizeof *vals); /* x, z, dy of each channel */
@@ -221,9 +226,17 @@ static void adversarial(problem *p)
             continue;
         }
         const int e = (int)floor(uni() * 12) - 6;
-        const double M = midpoint(e), tau = (uni() < 0.5 ? -1 : 1) * (0.05 + 0.9 * uni()) * ldexp(1, e - 23);
+        const double M = midpoint(e),
+                     tau = (uni() < 0.5 ? -1 : 1) * (0.05 + (cancel ? 0.9 : 2) * uni()) * ldexp(1, e - 23);
         const double x = tu_bf16_value(tu_bf16_round((uni() + 0.5) * ldexp(1, (int)floor(uni() * 6) - 2)));
         const double z = tu_bf16_value(tu_bf16_round(uni() - 0.5)), g = tu_bf16_value(tu_bf16_round(uni() * 2 - 1));
+        if (!cancel) { /* y = k x (+ z), dx = k g: only k's rounding and the product's */
+            const double gn = g != 0 ? g : 0.5, target = M + tau;
+            p->m[c] = 0, p->a[c] = 0, p->b[c] = 0;
+            p->k[c] = tg == 2 ? target / gn : (target - (tg == 1 ? z : 0)) / x;
+            vals[3 * c] = tu_bf16_round(x), vals[3 * c + 1] = tu_bf16_round(z), vals[3 * c + 2] = tu_bf16_round(gn);
+            continue;
+        }
         const double big = ldexp(1, 3 + (int)floor(uni() * 5)) * fabs(M); /* the cancelling terms' size */
         double k = (1 + uni()) * big / fabs(x), m = x * (1 + (uni() - 0.5) * 0.01);
         double b = (uni() - 0.5) * 2 * big / fabs(k * x);
@@ -246,10 +259,10 @@ static void adversarial(problem *p)
     memset(p->mask, 0xFF, (size_t)(p->N / 64 + 2) * 8); /* the masked gradient sees g too */
 }
 
-/* How many of the adversarial targets really lie within one float ulp of a midpoint
- * in the library's double formula (the construction above is in double too, so a
- * few may miss by its own rounding); reported, and most must. */
-static int64_t near_midpoints(const problem *p, int64_t *targets)
+/* How many of the adversarial targets really lie within `ulps` float ulps of a
+ * midpoint in the library's double formula (the construction above is in double too,
+ * so a few may miss by its own rounding); reported, and most must. */
+static int64_t near_midpoints(const problem *p, int64_t *targets, int ulps)
 {
     int64_t near = 0;
     *targets = 0;
@@ -270,7 +283,7 @@ static int64_t near_midpoints(const problem *p, int64_t *targets)
         const uint32_t mb = (fb & 0xFFFF0000u) | 0x8000u;
         float mid;
         memcpy(&mid, &mb, sizeof mid);
-        near += fabs(fabs(r) - mid) <= ldexp(1, ilogb(mid) - 23);
+        near += fabs(fabs(r) - mid) <= ulps * ldexp(1, ilogb(mid) - 23);
     }
     return near;
 }
@@ -300,19 +313,22 @@ END_TEST
 START_TEST(bf16_fast_path_adversarial)
 {
     /* Layouts 0, 1; 2: NHWC large enough to be written with streaming stores (whole
-     * 64-byte lines of 32 outputs, two float vectors, one of which may fall back). */
-    for (int l = 0; l < 3; l++) {
-        problem p = l < 2 ? alloc_problem(3, 192, 24, l ? SYNCBN_NHWC : SYNCBN_NCHW)
-                          : alloc_problem(4, 192, 5462, SYNCBN_NHWC);
-        adversarial(&p);
+     * 64-byte lines of 32 outputs, two float vectors, one of which may fall back);
+     * each with cancelling coefficients (cancel 1) and without (cancel 0). */
+    for (int t = 0; t < 6; t++) {
+        const int l = t % 3, cancel = t < 3;
+        const int64_t C = cancel ? 192 : 1536; /* more targets: fewer outputs cross without cancelling */
+        problem p = l < 2 ? alloc_problem(3, C, 24, l ? SYNCBN_NHWC : SYNCBN_NCHW)
+                          : alloc_problem(4, C, cancel ? 5462 : 683, SYNCBN_NHWC);
+        adversarial(&p, cancel);
         int64_t targets;
-        const int64_t near = near_midpoints(&p, &targets);
+        const int64_t near = near_midpoints(&p, &targets, cancel ? 1 : 3);
         ck_assert_msg(targets > 0 && near * 10 >= targets * 9, "only %lld of %lld targets near a midpoint",
                       (long long)near, (long long)targets);
         const verdict real = check_problem(&p, 0), trust = check_problem(&p, 2);
-        printf("adversarial layout %d: %lld of %lld targets within a float ulp of a midpoint; fallbacks %llu of "
-               "%llu vectors; wrong outputs: real %lld, float trusted (zero margin) %lld\n",
-               l, (long long)near, (long long)targets, (unsigned long long)real.fallbacks,
+        printf("adversarial layout %d, %s: %lld of %lld targets within %d float ulps of a midpoint; fallbacks "
+               "%llu of %llu vectors; wrong outputs: real %lld, float trusted (zero margin) %lld\n",
+               l, cancel ? "cancelling" : "not cancelling", (long long)near, (long long)targets, cancel ? 1 : 3, (unsigned long long)real.fallbacks,
                (unsigned long long)real.vectors, (long long)real.wrong, (long long)trust.wrong);
         ck_assert_msg(real.wrong == 0, "real code: %lld wrong outputs", (long long)real.wrong);
         ck_assert_msg(real.fallbacks > 0, "no fallback on adversarial data");
