@@ -32,7 +32,7 @@ run_suite() { # <build dir> <extra cmake args...>
 echo "== Release build =="
 run_suite build
 
-echo "== reproducible mode across builds: native, AVX2-only, portable, portable under -ffast-math =="
+echo "== reproducible mode across builds: native, AVX2-only, AVX+FMA without AVX2, portable, portable under -ffast-math =="
 # Only the library, tests/repro_dump and tests/test_moments are built in the extra
 # directories.
 levels=(build)
@@ -49,6 +49,9 @@ extra_build() { # <dir> <extra cmake args...>
   (cd "$dir" && OMP_NUM_THREADS=2 mpirun -np 1 --oversubscribe tests/test_apply)
 }
 grep -qw avx2 /proc/cpuinfo && extra_build build-avx2 -DCMAKE_C_FLAGS=-march=x86-64-v3
+# AVX and FMA without AVX2 (Sandy Bridge with FMA, AMD Piledriver): the kernels' 256-bit
+# and FMA-only branches, which no other build here compiles.
+grep -qw avx /proc/cpuinfo && grep -qw fma /proc/cpuinfo && extra_build build-avx-fma -DCMAKE_C_FLAGS="-mavx -mfma"
 extra_build build-portable
 # A user's -ffast-math must not reach the kernels (CMakeLists.txt undoes it).
 extra_build build-fastmath -DCMAKE_C_FLAGS=-ffast-math

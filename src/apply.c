@@ -551,7 +551,7 @@ SBN_INLINE unsigned ew_nonfinite16(sbn_v16f y)
 #endif
 }
 
-/* The lanes where the bfloat16 bits of a and b differ, as bits: 16 lanes, or 32. */
+/* The lanes where the bfloat16 bits of a and b differ, as 16 bits. */
 SBN_INLINE unsigned ew_neq16(sbn_v8w a, sbn_v8w b)
 {
 #if SBN_AVX512
@@ -731,7 +731,7 @@ SBN_INLINE unsigned ew_exact16(int v, int lanes, const ew_args *e, int64_t f, in
 }
 
 /* 16 bfloat16 outputs at f on the exact path, as ew_exact16 gives them, but not
- * stored: their bits in *o (dz, which is g's bits, ew_fast has already). Returns the
+ * stored: their bits in *o (dz, which is g's bits, ew_fast or ew_fast_ends has already). Returns the
  * ReLU mask bits. So that a vector which falls back still goes out in its whole
  * 64-byte line: two 32-byte or four 16-byte streaming stores into one line cost a
  * partial write each time the line leaves the write-combining buffer before it is

@@ -25,6 +25,7 @@
 #ifndef SYNCBN_MOMENTS_H
 #define SYNCBN_MOMENTS_H
 
+#include <ctype.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -72,8 +73,9 @@ void sbn_backward_sums(const void *x, const void *dy, const uint8_t *mask, const
  * through the kernel when they sleep, which OMP_WAIT_POLICY=passive makes them do at
  * once. That costs about what a second thread saves on a pass over a few hundred
  * thousand elements, so under "passive" the kernels split only from 2^20 elements
- * on, otherwise from 2^15. The variable is read once per file, as the OpenMP
- * runtimes read it (case and surrounding blanks ignored). Nothing but the time
+ * on, otherwise from 2^15. The variable is read once per source file (each has its
+ * own cache), as the OpenMP runtimes read it (case and surrounding white space
+ * ignored). Nothing but the time
  * depends on the thread count. */
 #define SBN_OMP_MIN_WORK sbn_omp_min_work()
 static inline int sbn_passive_wait(void)
@@ -82,12 +84,12 @@ static inline int sbn_passive_wait(void)
     static const char word[] = "passive";
     if (!s)
         return 0;
-    while (*s == ' ' || *s == '\t')
+    while (isspace((unsigned char)*s))
         s++;
     for (size_t i = 0; i < sizeof word - 1; i++, s++)
         if ((*s | 0x20) != word[i])
             return 0;
-    while (*s == ' ' || *s == '\t')
+    while (isspace((unsigned char)*s))
         s++;
     return *s == '\0';
 }

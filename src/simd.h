@@ -23,8 +23,8 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AVX__) || defined(__FMA__)
+#include <immintrin.h> /* also for the kernels' AVX-only and FMA-only branches */
 #endif
 
 #include "syncbn.h"

@@ -1059,7 +1059,6 @@ SBN_INLINE int s1_lanes(sbn_v8i m)
  * does not take (NaN, Inf, a range too wide) deposits its terms one by one. Counts
  * (sbn_s1_counts) the lanes' sums that the true plan takes into cnt[0], those not
  * certified into cnt[1]. */
-
 static void s1_verify(int kind, int64_t nc, s1_work *w, int oneb, uint32_t redo[2], uint64_t cnt[2])
 {
     redo[0] = redo[1] = 0, cnt[0] = cnt[1] = 0;

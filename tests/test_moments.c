@@ -666,26 +666,35 @@ START_TEST(omp_wait_policy_parsed)
     static const struct {
         const char *value;
         int passive;
-    } cases[] = {{"passive", 1}, {"PASSIVE", 1}, {" Passive\t", 1}, {"\tpassive  ", 1}, {"active", 0},
-                 {"passiv", 0},  {"passives", 0}, {"passive x", 0},  {"", 0},           {"  ", 0}};
+    } cases[] = {{"passive", 1}, {"PASSIVE", 1}, {" Passive\t", 1}, {"\tpassive \n", 1}, {"active", 0},
+                 {"passiv", 0},  {"passives", 0}, {"passive x", 0},  {"", 0},              {"  ", 0}};
+    const size_t ncases = sizeof cases / sizeof cases[0];
     const char *saved = getenv("OMP_WAIT_POLICY");
     char *keep = saved ? strdup(saved) : NULL;
-    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    size_t bad = ncases; /* the first case parsed wrongly, if any */
+    int got = 0;
+    for (size_t k = 0; k < ncases && bad == ncases; k++) {
         setenv("OMP_WAIT_POLICY", cases[k].value, 1);
-        ck_assert_msg(sbn_passive_wait() == cases[k].passive, "OMP_WAIT_POLICY=\"%s\": passive %d, expected %d",
-                      cases[k].value, sbn_passive_wait(), cases[k].passive);
+        if ((got = sbn_passive_wait()) != cases[k].passive)
+            bad = k;
     }
     unsetenv("OMP_WAIT_POLICY");
-    ck_assert_int_eq(sbn_passive_wait(), 0);
-    /* The threshold is read once: in this file's first call, with the variable unset. */
-    ck_assert_int_eq(sbn_omp_min_work(), (int64_t)1 << 15);
+    const int unset = sbn_passive_wait();
+    /* The threshold is read once per source file (this file has its own cache): in
+     * its first call, here with the variable unset. */
+    const int64_t first = sbn_omp_min_work();
     setenv("OMP_WAIT_POLICY", "passive", 1);
-    ck_assert_int_eq(sbn_omp_min_work(), (int64_t)1 << 15);
-    if (keep)
+    const int64_t later = sbn_omp_min_work();
+    if (keep) /* restored before any assertion can end the test */
         setenv("OMP_WAIT_POLICY", keep, 1);
     else
         unsetenv("OMP_WAIT_POLICY");
     free(keep);
+    ck_assert_msg(bad == ncases, "OMP_WAIT_POLICY=\"%s\": passive %d, expected %d", bad < ncases ? cases[bad].value : "",
+                  got, bad < ncases ? cases[bad].passive : 0);
+    ck_assert_int_eq(unset, 0);
+    ck_assert_int_eq(first, (int64_t)1 << 15);
+    ck_assert_int_eq(later, (int64_t)1 << 15);
 }
 END_TEST
 

@@ -116,6 +116,6 @@ int main(int argc, char **argv)
                med(nf, rounds), med(ms, rounds));
     }
     if (differ)
-        printf("BITS DIFFER in %lld outputs of the first round\n", (long long)differ);
+        printf("BITS DIFFER in %lld cases of the first round\n", (long long)differ);
     return differ != 0;
 }
