@@ -450,6 +450,33 @@ SBN_INLINE sbn_v16f ew_widen16(sbn_v8w w)
 #endif
 }
 
+/* 32 bfloat16 as one vector (16 words of 32 bits: element 2j in the low half of word
+ * j), and its two halves of 16. By value, so that they stay in registers (an array
+ * here was built on the stack, and its two 32-byte halves read back as one 64-byte
+ * load, which cannot be forwarded). */
+SBN_INLINE sbn_v16u ew_join32(sbn_v8w lo, sbn_v8w hi)
+{
+#ifdef __AVX512F__
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else /* two registers already: GCC 12 builds the shuffle above element by element */
+    sbn_v16u w;
+    memcpy(&w, &lo, sizeof lo), memcpy((char *)&w + sizeof lo, &hi, sizeof hi);
+    return w;
+#endif
+}
+
+SBN_INLINE sbn_v8w ew_half32(sbn_v16u w, int h)
+{
+#ifdef __AVX512F__
+    return h ? __builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15)
+             : __builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+    sbn_v8w r;
+    memcpy(&r, (const char *)&w + h * sizeof r, sizeof r);
+    return r;
+#endif
+}
+
 /* rho of "bfloat16 in float" on 16 floats, as 16 bfloat16 bits: the one instruction
  * that rounds to nearest-even where the CPU has it (subnormals flushed to zero), else
  * the bits + 0x8000 cut to the upper 16 (ties away from zero). The test uses the same
@@ -462,24 +489,15 @@ SBN_INLINE sbn_v8w ew_round16(sbn_v16f y)
     const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
                                          27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     return (sbn_v8w)_mm512_castsi512_si256(_mm512_permutexvar_epi16(odd, (__m512i)((sbn_v16u)y + 0x8000u)));
+#elif defined(__AVX2__)
+    /* The upper halves (at most 0xFFFF) packed with unsigned saturation, which keeps
+     * them, lane by lane; the permute puts the four 64-bit pieces back in order. */
+    const sbn_v16u t = ((sbn_v16u)y + 0x8000u) >> 16;
+    const __m256i p = _mm256_packus_epi32((__m256i)ew_half32(t, 0), (__m256i)ew_half32(t, 1));
+    return (sbn_v8w)_mm256_permute4x64_epi64(p, 0xD8);
 #else
     return (sbn_v8w)__builtin_convertvector(((sbn_v16u)y + 0x8000u) >> 16, sbn_v16h);
 #endif
-}
-
-/* 32 bfloat16 as one vector (16 words of 32 bits: element 2j in the low half of word
- * j), and its two halves of 16. By value, so that they stay in registers (an array
- * here was built on the stack, and its two 32-byte halves read back as one 64-byte
- * load, which cannot be forwarded). */
-SBN_INLINE sbn_v16u ew_join32(sbn_v8w lo, sbn_v8w hi)
-{
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-
-SBN_INLINE sbn_v8w ew_half32(sbn_v16u w, int h)
-{
-    return h ? __builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15)
-             : __builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 
 /* 32 bfloat16 bits at element i; streaming when nt (the address is then 64-byte
@@ -492,6 +510,12 @@ SBN_INLINE void ew_st32h(void *p, int64_t i, sbn_v16u w, int nt)
         _mm512_stream_si512((void *)d, (__m512i)w);
         return;
     }
+#elif defined(__AVX__)
+    if (nt) { /* both halves, so the line still goes out whole */
+        _mm256_stream_si256((__m256i *)d, (__m256i)ew_half32(w, 0));
+        _mm256_stream_si256((__m256i *)d + 1, (__m256i)ew_half32(w, 1));
+        return;
+    }
 #endif
     memcpy(d, &w, sizeof w);
     (void)nt;
@@ -502,7 +526,7 @@ SBN_INLINE void ew_st32h(void *p, int64_t i, sbn_v16u w, int nt)
 SBN_INLINE void ew_st16h(void *p, int64_t i, sbn_v8w w, int nt)
 {
     uint16_t *d = (uint16_t *)p + i;
-#ifdef __AVX512F__
+#ifdef __AVX__
     if (nt) {
         _mm256_stream_si256((__m256i *)d, (__m256i)w);
         return;
@@ -523,11 +547,34 @@ SBN_INLINE sbn_v16u ew_round32(sbn_v16f lo, sbn_v16f hi)
 #endif
 }
 
+#if !defined(__AVX512F__) && defined(__AVX__)
+/* Half h of 16 floats as one AVX register. */
+SBN_INLINE __m256 ew_halff(sbn_v16f v, int h)
+{
+    __m256 r;
+    memcpy(&r, (const char *)&v + h * sizeof r, sizeof r);
+    return r;
+}
+#endif
+
+#if !SBN_AVX512 && defined(__AVX2__)
+/* The lanes of 16 16-bit words that are all ones, as 16 bits (the signed saturating
+ * pack keeps -1 and 0, in order). */
+SBN_INLINE unsigned ew_bits16(__m256i ones)
+{
+    const __m128i p = _mm_packs_epi16(_mm256_castsi256_si128(ones), _mm256_extracti128_si256(ones, 1));
+    return (unsigned)_mm_movemask_epi8(p);
+}
+#endif
+
 /* The lanes where a > b (false for NaN), as 16 bits. */
 SBN_INLINE unsigned ew_gt16(sbn_v16f a, sbn_v16f b)
 {
 #ifdef __AVX512F__
     return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ);
+#elif defined(__AVX__)
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(ew_halff(a, 0), ew_halff(b, 0), _CMP_GT_OQ)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(ew_halff(a, 1), ew_halff(b, 1), _CMP_GT_OQ)) << 8;
 #else
     const sbn_v16u gt = (sbn_v16u)(a > b) & (sbn_v16u){1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
                                                        8192, 16384, 32768};
@@ -543,6 +590,13 @@ SBN_INLINE unsigned ew_nonfinite16(sbn_v16f y)
 {
 #if SBN_AVX512
     return _mm512_fpclass_ps_mask((__m512)y, 0x99); /* QNaN, +Inf, -Inf, SNaN */
+#elif defined(__AVX__)
+    unsigned r = 0; /* y - y: NaN for NaN and +-Inf, else +0 */
+    for (int h = 0; h < 2; h++) {
+        const __m256 d = _mm256_sub_ps(ew_halff(y, h), ew_halff(y, h));
+        r |= (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)) << 8 * h;
+    }
+    return r;
 #else
     unsigned r = 0;
     for (int j = 0; j < 16; j++)
@@ -556,6 +610,8 @@ SBN_INLINE unsigned ew_neq16(sbn_v8w a, sbn_v8w b)
 {
 #if SBN_AVX512
     return _mm256_cmpneq_epi16_mask((__m256i)a, (__m256i)b);
+#elif defined(__AVX2__)
+    return ~ew_bits16(_mm256_cmpeq_epi16((__m256i)a, (__m256i)b)) & 0xFFFFu;
 #else
     const sbn_v16h x = (sbn_v16h)a, y = (sbn_v16h)b;
     unsigned r = 0;
@@ -583,6 +639,12 @@ SBN_INLINE uint32_t ew_relu32(sbn_v16u *o)
     const uint32_t pos = _mm512_cmpgt_epi16_mask((__m512i)*o, z);
     *o = (sbn_v16u)_mm512_max_epi16((__m512i)*o, z);
     return pos;
+#elif defined(__AVX2__)
+    /* Signed 16-bit: the positive words are the nonzero ones without the sign bit,
+     * and max(w, 0) keeps them and turns the others (-0 included) into +0. */
+    const __m256i z = _mm256_setzero_si256(), w0 = (__m256i)ew_half32(*o, 0), w1 = (__m256i)ew_half32(*o, 1);
+    *o = ew_join32((sbn_v8w)_mm256_max_epi16(w0, z), (sbn_v8w)_mm256_max_epi16(w1, z));
+    return ew_bits16(_mm256_cmpgt_epi16(w0, z)) | (uint32_t)ew_bits16(_mm256_cmpgt_epi16(w1, z)) << 16;
 #else
     uint16_t h[32];
     memcpy(h, o, sizeof h);

@@ -155,9 +155,10 @@ static inline sbn_v8d load8(const float *p) { return sbn_ld8(SYNCBN_F32, p, 0); 
  * well, so that a non-finite mean cannot make it NaN); the lanes are then summed as
  * the fixed tree of sbn_lanes16. Every operation is a vector one, so a short row
  * (S = 196: 12 full steps, one 4-wide step, a tree of 5 additions) costs little
- * beyond its loads. nr = 4 runs four independent chains, which hides the latency of
- * the additions of long rows; each row still gets exactly its own operations. v and
- * nr (1 or 4) are compile-time constants at every call. */
+ * beyond its loads. nr = SBN_NCHW_NR (4, or 2 without AVX-512) runs that many
+ * independent chains, which hides the latency of the additions of long rows; each row
+ * still gets exactly its own operations. v and nr (1 or SBN_NCHW_NR) are compile-time
+ * constants at every call. */
 SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, const double *m, int64_t S,
                               double *p1, double *p2)
 {
@@ -649,7 +650,14 @@ static void nhwc_partials(int v, const sv_in *in, int64_t base, int64_t S, int64
  * as one partial at a time) or as exact blocks (REPRODUCIBLE: the same accumulated
  * integer). Owning channels, a thread never waits for another. */
 #define SBN_NCHW_CW 64                      /* channels per block */
-#define SBN_NCHW_MULTI_S 1024               /* rows this long: four at once */
+#define SBN_NCHW_MULTI_S 1024               /* rows this long: SBN_NCHW_NR at once */
+/* Four rows' 16 vectors of 8 doubles fit AVX-512's 32 registers; with 16 registers
+ * they spill, and two rows at once is the most that fits. */
+#ifdef __AVX512F__
+#define SBN_NCHW_NR 4
+#else
+#define SBN_NCHW_NR 2
+#endif
 #define SBN_NCHW_K (SBN_XBUF / SBN_NCHW_CW) /* samples per block */
 _Static_assert(SBN_NCHW_K <= SBN_XB, "an NCHW block is one exact deposit");
 
@@ -659,13 +667,13 @@ SBN_INLINE void nchw_sample_v(int v, const sv_in *in, int64_t row0, int64_t c0, 
                               double *o1, double *o2)
 {
     for (int64_t j = 0; j < nc;) {
-        const int nr = S >= SBN_NCHW_MULTI_S && nc - j >= 4 ? 4 : 1;
+        const int nr = S >= SBN_NCHW_MULTI_S && nc - j >= SBN_NCHW_NR ? SBN_NCHW_NR : 1;
         int64_t o[4];
         for (int r = 0; r < nr; r++)
             o[r] = row0 + (j + r) * S;
         const double *m = v & SV_KIND ? in->mean + c0 + j : NULL;
-        if (nr == 4)
-            rows_partials(v, 4, in, o, m, S, o1 + j, o2 + j);
+        if (nr > 1)
+            rows_partials(v, SBN_NCHW_NR, in, o, m, S, o1 + j, o2 + j);
         else
             rows_partials(v, 1, in, o, m, S, o1 + j, o2 + j);
         j += nr;
