@@ -927,11 +927,12 @@ SBN_INLINE uint64_t ew_step64k(int v, int lanes, const ew_args *e, int64_t f, in
     return _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(b[3], b[2]), _mm512_kunpackw(b[1], b[0])));
 }
 
-/* 64 gradient outputs at f with the ReLU mask: its 64 bits read as one word (two
- * where they do not start on a byte), not a byte per 8 outputs. */
+/* 64 gradient outputs at f with the ReLU mask. Where bit f starts a byte, the bits of
+ * each 8 outputs are one byte, loaded as such (no shifts); else its 64 bits are read
+ * as one word (two) and cut into bytes. */
 SBN_INLINE void ew_step64g(int v, int lanes, const ew_args *e, int64_t f, int64_t *c, ew_coef *q, int nt)
 {
-    if (!(f & 7)) { /* the bits of 8 outputs are one byte, which kmovb reads from memory */
+    if (!(f & 7)) {
         const uint8_t *mb = e->mask + f / 8;
         for (int j = 0; j < 4; j++) {
             ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, mb[2 * j], mb[2 * j + 1]);

@@ -726,8 +726,8 @@ SBN_INLINE void add_rows8(int v, int R, int bytes, const sv_in *in, int64_t base
             const sbn_v8d u = sv_x8(v, in, i);
             a += u, b += u * u;
         } else {
-            const sbn_v8d g = bytes ? sbn_ldg8_bits(SV_DT(v), in->dy, i, in->mask[(base >> 3) + r * (C >> 3) + (c >> 3)])
-                                    : sv_g8(v, in, i);
+            const unsigned gb = bytes ? in->mask[(base >> 3) + r * (C >> 3) + (c >> 3)] : 0;
+            const sbn_v8d g = bytes ? sbn_ldg8_bits(SV_DT(v), in->dy, i, gb) : sv_g8(v, in, i);
             a += g, b += g * (sv_x8(v, in, i) - m);
         }
     }
