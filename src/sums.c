@@ -712,28 +712,42 @@ static void nchw_sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *
  * +0, and a sum of nonzero values that cancels is +0 when rounding to nearest). So
  * the +0 is not added (one double addition per term less). v and R (1 or 4) are
  * compile-time constants at every call. */
+SBN_INLINE void add_rows8(int v, int R, int bytes, const sv_in *in, int64_t base, int64_t C, int64_t c,
+                          double *s1, double *s2)
+{
+    const int kind = v & SV_KIND;
+    sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = {0};
+    if (kind)
+        m = sbn_loadd8(in->mean + c);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const int64_t i = base + r * C + c;
+        if (!kind) {
+            const sbn_v8d u = sv_x8(v, in, i);
+            a += u, b += u * u;
+        } else {
+            const unsigned gb = bytes ? in->mask[(base >> 3) + r * (C >> 3) + (c >> 3)] : 0;
+            const sbn_v8d g = bytes ? sbn_ldg8_bits(SV_DT(v), in->dy, i, gb) : sv_g8(v, in, i);
+            a += g, b += g * (sv_x8(v, in, i) - m);
+        }
+    }
+    memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
+}
+
 SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C, int64_t t0, int64_t t1,
                          double *s1, double *s2)
 {
     const int kind = v & SV_KIND;
     int64_t c = t0;
-    for (; c + 8 <= t1; c += 8) { /* 8 channels a vector: the scalar loop's operations, lane by lane */
-        sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = {0};
-        if (kind)
-            m = sbn_loadd8(in->mean + c);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const int64_t i = base + r * C + c;
-            if (!kind) {
-                const sbn_v8d u = sv_x8(v, in, i);
-                a += u, b += u * u;
-            } else {
-                const sbn_v8d g = sv_g8(v, in, i);
-                a += g, b += g * (sv_x8(v, in, i) - m);
-            }
-        }
-        memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
-    }
+    /* 8 channels a vector: the scalar loop's operations, lane by lane. With the ReLU,
+     * where every row starts on a byte of the mask (C, base and t0 multiples of 8), a
+     * vector's 8 bits are one byte, read by its index: the general reader works out a
+     * byte and a bit offset per vector (about 5 integer operations per 8 elements). */
+    if ((v & SV_RELU) && kind && C % 8 == 0 && base % 8 == 0 && t0 % 8 == 0)
+        for (; c + 8 <= t1; c += 8)
+            add_rows8(v, R, 1, in, base, C, c, s1, s2);
+    for (; c + 8 <= t1; c += 8)
+        add_rows8(v, R, 0, in, base, C, c, s1, s2);
     for (; c < t1; c++) {
         double a = s1[c], b = s2[c];
 #pragma GCC unroll 4
