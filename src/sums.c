@@ -300,21 +300,41 @@ static inline int xs_mbits(int src)
     return src == XS_X || src == XS_DY ? 23 : src == XS_XX ? 47 : 52;
 }
 
+/* Lane-wise maximum and minimum of unsigned 64-bit lanes. */
+SBN_INLINE sbn_v8u u64max8(sbn_v8u a, sbn_v8u b)
+{
+#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
+    return (sbn_v8u)_mm512_max_epu64((__m512i)a, (__m512i)b);
+#else
+    const sbn_v8u gt = (sbn_v8u)(a > b);
+    return (a & gt) | (b & ~gt);
+#endif
+}
+
+SBN_INLINE sbn_v8u u64min8(sbn_v8u a, sbn_v8u b)
+{
+#ifdef __AVX512F__
+    return (sbn_v8u)_mm512_min_epu64((__m512i)a, (__m512i)b);
+#else
+    const sbn_v8u lt = (sbn_v8u)(a < b);
+    return (a & lt) | (b & ~lt);
+#endif
+}
+
+/* |v| of 8 doubles as bit patterns (NaN > Inf > finite; a NaN's sign cleared). */
+SBN_INLINE sbn_v8u abs_bits8(sbn_v8d v)
+{
+    const uint64_t big = INT64_MAX;
+    return (sbn_v8u)v & (sbn_v8u){big, big, big, big, big, big, big, big};
+}
+
 /* Pass 1 step: the largest magnitude and the smallest nonzero magnitude (minus one, so
  * that a zero wraps to the top) of each lane, on the bit patterns (NaN > Inf > finite). */
 static inline __attribute__((always_inline)) void track(sbn_v8d v, sbn_v8u *mx, sbn_v8u *mn)
 {
-    const uint64_t big = INT64_MAX;
-    const sbn_v8u absmask = {big, big, big, big, big, big, big, big}, one = absmask & 1;
-    sbn_v8u b = (sbn_v8u)v & absmask, bm = b - one;
-#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
-    *mx = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)*mx);
-    *mn = (sbn_v8u)_mm512_min_epu64((__m512i)bm, (__m512i)*mn);
-#else
-    sbn_v8u gt = (sbn_v8u)(b > *mx), lt = (sbn_v8u)(bm < *mn);
-    *mx = (b & gt) | (*mx & ~gt);
-    *mn = (bm & lt) | (*mn & ~lt);
-#endif
+    const sbn_v8u b = abs_bits8(v);
+    *mx = u64max8(b, *mx);
+    *mn = u64min8(b - 1, *mn);
 }
 
 /* Per-lane plan of one sum from pass 1 (see above): e0 = log2 u0, e1 = log2 u1, the
@@ -918,16 +938,8 @@ SBN_INLINE void s1_track(int v, sbn_v8f lin, sbn_v8d d, sbn_v8w *mx, sbn_v8w *mn
     const sbn_v8w fb = (sbn_v8w)lin & 0x7FFFFFFFu;
     *mx = s1_max32(fb, *mx), *mn = s1_min32(fb - 1u, *mn);
     if (v & SV_KIND) {
-        const uint64_t big = INT64_MAX;
-        const sbn_v8u b = (sbn_v8u)d & (sbn_v8u){big, big, big, big, big, big, big, big};
-#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
-        *dx = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)*dx);
-        *dn = (sbn_v8u)_mm512_min_epu64((__m512i)b, (__m512i)*dn);
-#else
-        const sbn_v8u gt = (sbn_v8u)(b > *dx), lt = (sbn_v8u)(b < *dn);
-        *dx = (b & gt) | (*dx & ~gt);
-        *dn = (b & lt) | (*dn & ~lt);
-#endif
+        const sbn_v8u b = abs_bits8(d);
+        *dx = u64max8(b, *dx), *dn = u64min8(b, *dn);
     }
 }
 
@@ -1055,13 +1067,11 @@ static void s1_extremes(int kind, const s1_work *w, int64_t j, int h, int hq, sb
     sbn_v8d dh = sbn_f8_to_d8((sbn_v8f)fx) * (double)(1 << h), dl = sbn_f8_to_d8((sbn_v8f)(fn + 1u));
     *mxa = (sbn_v8u)dh, *mna = (sbn_v8u)dl - 1;
     if (kind) {
-        const uint64_t big = INT64_MAX;
-        const sbn_v8u mag = {big, big, big, big, big, big, big, big};
         sbn_v8d D, d0;
         memcpy(&D, w->dmx + j, sizeof D), memcpy(&d0, w->dmn + j, sizeof d0);
         const sbn_v8d G = sbn_f8_to_d8((sbn_v8f)fx);
-        *mxb = (sbn_v8u)(G * D * (double)(1 << hq)) & mag; /* (a NaN's sign cleared) */
-        const sbn_v8u lb = (sbn_v8u)(dl * d0) & mag;      /* dl = g0, or +0 with no nonzero g */
+        *mxb = abs_bits8(G * D * (double)(1 << hq));
+        const sbn_v8u lb = abs_bits8(dl * d0); /* dl = g0, or +0 with no nonzero g */
         const sbn_v8u none = (sbn_v8u)(*mna == ~(sbn_v8u){0});
         *mnb = none | (lb - 1 - (sbn_v8u)(lb == 0)); /* min - 1; a bound of 0 (true: -1): min 2^-1074 */
     } else { /* squaring is exact and monotonic in |x| */
