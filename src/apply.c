@@ -933,23 +933,24 @@ SBN_INLINE sbn_v8f ew_dx_merge(const ew_args *e, int64_t f, const ew_coef *q, un
     return sbn_round8(SYNCBN_F32, &r);
 }
 
-/* Returns the 16 ReLU mask bits (normalize with EW_RELU) in a mask register. gb: the
- * mask bits of the 16 outputs (gradient with EW_RELU). */
+/* Returns the 16 ReLU mask bits (normalize with EW_RELU) in a mask register. gb0, gb1:
+ * the mask bits of outputs f .. f+7 and f+8 .. f+15 (gradient with EW_RELU): two
+ * bytes, so that each can go to its mask register straight from memory. */
 SBN_INLINE __mmask16 ew_step16k(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt,
-                                unsigned gb)
+                                unsigned gb0, unsigned gb1)
 {
     sbn_v8d g0, g1;
     if ((v & EW_DX) && (v & EW_RELU) && !(v & EW_DZ) && !lanes) { /* one row: see ew_dx_merge */
-        const sbn_v8f lo = ew_dx_merge(e, f, q, gb & 0xFFu), hi = ew_dx_merge(e, f + 8, q, gb >> 8 & 0xFFu);
+        const sbn_v8f lo = ew_dx_merge(e, f, q, gb0), hi = ew_dx_merge(e, f + 8, q, gb1);
         ew_st16f(e->out, f, ew_join16(lo, hi), nt);
         return 0;
     }
     if (lanes)
         ew_coef_lanes(v, e, c, q);
-    const sbn_v8f o0 = ew_val(v, e, f, q, 8, gb & 0xFFu, &g0);
+    const sbn_v8f o0 = ew_val(v, e, f, q, 8, gb0, &g0);
     if (lanes)
         ew_coef_lanes(v, e, next_c(c, 8, e->C), q);
-    const sbn_v8f o1 = ew_val(v, e, f + 8, q, 8, gb >> 8 & 0xFFu, &g1);
+    const sbn_v8f o1 = ew_val(v, e, f + 8, q, 8, gb1, &g1);
     __mmask16 bits = 0;
     if (!(v & EW_NOOUT)) {
         __m512 o = ew_join16(o0, o1);
@@ -970,7 +971,8 @@ SBN_INLINE __mmask16 ew_step16k(int v, int lanes, const ew_args *e, int64_t f, i
 
 SBN_INLINE unsigned ew_step16f(int v, int lanes, const ew_args *e, int64_t f, int64_t c, ew_coef *q, int nt)
 {
-    return ew_step16k(v, lanes, e, f, c, q, nt, (v & EW_DX) && (v & EW_RELU) ? sbn_mask16(e->mask, f) : 0);
+    const unsigned gb = (v & EW_DX) && (v & EW_RELU) ? sbn_mask16(e->mask, f) : 0;
+    return ew_step16k(v, lanes, e, f, c, q, nt, gb & 0xFFu, gb >> 8);
 }
 
 /* 64 outputs at f (4 steps of 16, channel c at f when lanes; *c advanced), and their
@@ -980,20 +982,31 @@ SBN_INLINE uint64_t ew_step64k(int v, int lanes, const ew_args *e, int64_t f, in
 {
     __mmask16 b[4];
     for (int j = 0; j < 4; j++) {
-        b[j] = ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, 0);
+        b[j] = ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, 0, 0);
         if (lanes)
             *c = next_c(*c, 16, e->C);
     }
     return _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(b[3], b[2]), _mm512_kunpackw(b[1], b[0])));
 }
 
-/* 64 gradient outputs at f with the ReLU mask: its 64 bits read as one word (two
- * where they do not start on a byte), not a byte per 8 outputs. */
+/* 64 gradient outputs at f with the ReLU mask. Where bit f starts a byte, the bits of
+ * each 8 outputs are one byte, loaded as such (no shifts); else its 64 bits are read
+ * as one word (two) and cut into bytes. */
 SBN_INLINE void ew_step64g(int v, int lanes, const ew_args *e, int64_t f, int64_t *c, ew_coef *q, int nt)
 {
+    if (!(f & 7)) {
+        const uint8_t *mb = e->mask + f / 8;
+        for (int j = 0; j < 4; j++) {
+            ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, mb[2 * j], mb[2 * j + 1]);
+            if (lanes)
+                *c = next_c(*c, 16, e->C);
+        }
+        return;
+    }
     const uint64_t gb = sbn_mask64(e->mask, f);
     for (int j = 0; j < 4; j++) {
-        ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, (unsigned)(gb >> 16 * j) & 0xFFFFu);
+        ew_step16k(v, lanes, e, f + 16 * j, *c, q, nt, (unsigned)(gb >> 16 * j) & 0xFFu,
+                   (unsigned)(gb >> (16 * j + 8)) & 0xFFu);
         if (lanes)
             *c = next_c(*c, 16, e->C);
     }

@@ -391,16 +391,22 @@ SBN_INLINE sbn_v8f sbn_keep_bits_f(sbn_v8f v, unsigned bits)
 #endif
 }
 
-/* Mask bits i .. i+15 as the low 16 bits. Up to two bytes past the byte of the last
- * element (i + k - 1, k >= 1) may be read: the mask must have that slack, which the
- * layer's (layer.c, mask_reserve: a whole spare 64-bit word) always has. */
+/* Mask bits i .. i+15 as the low 16 bits. The four bytes from bit i's are read (one
+ * load and a shift where bit i is not the first of its byte, as in NCHW rows of an
+ * odd multiple of 4 elements), up to three past the byte of the last element used
+ * (i + k - 1, k >= 1): the mask must have that slack, which the layer's (layer.c,
+ * mask_reserve: a whole spare 64-bit word) always has. */
 SBN_INLINE unsigned sbn_mask16(const uint8_t *m, int64_t i)
 {
     const uint8_t *b = m + (i >> 3);
-    const unsigned w = b[0] | (unsigned)b[1] << 8;
-    if (!(i & 7))
+    if (!(i & 7)) {
+        uint16_t w;
+        memcpy(&w, b, sizeof w);
         return w;
-    return ((w | (unsigned)b[2] << 16) >> (i & 7)) & 0xFFFFu;
+    }
+    uint32_t w;
+    memcpy(&w, b, sizeof w);
+    return (w >> (i & 7)) & 0xFFFFu;
 }
 
 /* 16 bfloat16 (as 8 words), elements whose bit is clear set to +0 (bits 0x0000). */

@@ -301,21 +301,41 @@ static inline int xs_mbits(int src)
     return src == XS_X || src == XS_DY ? 23 : src == XS_XX ? 47 : 52;
 }
 
+/* Lane-wise maximum and minimum of unsigned 64-bit lanes. */
+SBN_INLINE sbn_v8u u64max8(sbn_v8u a, sbn_v8u b)
+{
+#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
+    return (sbn_v8u)_mm512_max_epu64((__m512i)a, (__m512i)b);
+#else
+    const sbn_v8u gt = (sbn_v8u)(a > b);
+    return (a & gt) | (b & ~gt);
+#endif
+}
+
+SBN_INLINE sbn_v8u u64min8(sbn_v8u a, sbn_v8u b)
+{
+#ifdef __AVX512F__
+    return (sbn_v8u)_mm512_min_epu64((__m512i)a, (__m512i)b);
+#else
+    const sbn_v8u lt = (sbn_v8u)(a < b);
+    return (a & lt) | (b & ~lt);
+#endif
+}
+
+/* |v| of 8 doubles as bit patterns (NaN > Inf > finite; a NaN's sign cleared). */
+SBN_INLINE sbn_v8u abs_bits8(sbn_v8d v)
+{
+    const uint64_t big = INT64_MAX;
+    return (sbn_v8u)v & (sbn_v8u){big, big, big, big, big, big, big, big};
+}
+
 /* Pass 1 step: the largest magnitude and the smallest nonzero magnitude (minus one, so
  * that a zero wraps to the top) of each lane, on the bit patterns (NaN > Inf > finite). */
 static inline __attribute__((always_inline)) void track(sbn_v8d v, sbn_v8u *mx, sbn_v8u *mn)
 {
-    const uint64_t big = INT64_MAX;
-    const sbn_v8u absmask = {big, big, big, big, big, big, big, big}, one = absmask & 1;
-    sbn_v8u b = (sbn_v8u)v & absmask, bm = b - one;
-#ifdef __AVX512F__ /* GCC 12 emits compare + blend for the generic form */
-    *mx = (sbn_v8u)_mm512_max_epu64((__m512i)b, (__m512i)*mx);
-    *mn = (sbn_v8u)_mm512_min_epu64((__m512i)bm, (__m512i)*mn);
-#else
-    sbn_v8u gt = (sbn_v8u)(b > *mx), lt = (sbn_v8u)(bm < *mn);
-    *mx = (b & gt) | (*mx & ~gt);
-    *mn = (bm & lt) | (*mn & ~lt);
-#endif
+    const sbn_v8u b = abs_bits8(v);
+    *mx = u64max8(b, *mx);
+    *mn = u64min8(b - 1, *mn);
 }
 
 /* Per-lane plan of one sum from pass 1 (see above): e0 = log2 u0, e1 = log2 u1, the
@@ -720,28 +740,42 @@ static void nchw_sums(int v, const sv_in *in, sbn_shape sh, double *s1, double *
  * +0, and a sum of nonzero values that cancels is +0 when rounding to nearest). So
  * the +0 is not added (one double addition per term less). v and R (1 or 4) are
  * compile-time constants at every call. */
+SBN_INLINE void add_rows8(int v, int R, int bytes, const sv_in *in, int64_t base, int64_t C, int64_t c,
+                          double *s1, double *s2)
+{
+    const int kind = v & SV_KIND;
+    sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = {0};
+    if (kind)
+        m = sbn_loadd8(in->mean + c);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const int64_t i = base + r * C + c;
+        if (!kind) {
+            const sbn_v8d u = sv_x8(v, in, i);
+            a += u, b += u * u;
+        } else {
+            const unsigned gb = bytes ? in->mask[(base >> 3) + r * (C >> 3) + (c >> 3)] : 0;
+            const sbn_v8d g = bytes ? sbn_ldg8_bits(SV_DT(v), in->dy, i, gb) : sv_g8(v, in, i);
+            a += g, b += g * (sv_x8(v, in, i) - m);
+        }
+    }
+    memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
+}
+
 SBN_INLINE void add_rows(int v, int R, const sv_in *in, int64_t base, int64_t C, int64_t t0, int64_t t1,
                          double *s1, double *s2)
 {
     const int kind = v & SV_KIND;
     int64_t c = t0;
-    for (; c + 8 <= t1; c += 8) { /* 8 channels a vector: the scalar loop's operations, lane by lane */
-        sbn_v8d a = sbn_loadd8(s1 + c), b = sbn_loadd8(s2 + c), m = {0};
-        if (kind)
-            m = sbn_loadd8(in->mean + c);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const int64_t i = base + r * C + c;
-            if (!kind) {
-                const sbn_v8d u = sv_x8(v, in, i);
-                a += u, b += u * u;
-            } else {
-                const sbn_v8d g = sv_g8(v, in, i);
-                a += g, b += g * (sv_x8(v, in, i) - m);
-            }
-        }
-        memcpy(s1 + c, &a, sizeof a), memcpy(s2 + c, &b, sizeof b);
-    }
+    /* 8 channels a vector: the scalar loop's operations, lane by lane. With the ReLU,
+     * where every row starts on a byte of the mask (C, base and t0 multiples of 8), a
+     * vector's 8 bits are one byte, read by its index: the general reader works out a
+     * byte and a bit offset per vector (about 5 integer operations per 8 elements). */
+    if ((v & SV_RELU) && kind && C % 8 == 0 && base % 8 == 0 && t0 % 8 == 0)
+        for (; c + 8 <= t1; c += 8)
+            add_rows8(v, R, 1, in, base, C, c, s1, s2);
+    for (; c + 8 <= t1; c += 8)
+        add_rows8(v, R, 0, in, base, C, c, s1, s2);
     for (; c < t1; c++) {
         double a = s1[c], b = s2[c];
 #pragma GCC unroll 4
@@ -790,8 +824,11 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
  * chosen only if the smallest would pass SBN_S1_MARGIN binades lower); the linear sum
  * gets no plan: it is summed plainly, one double accumulator from +0 (one addition a
  * term instead of Fast2Sum's four). A single pass over all K rows forms both sums and
- * tracks every term's extremes (what pass 1 tracks). Afterwards each lane is checked
- * against the true plan of its tracked extremes (s1_verify):
+ * tracks every term's extremes (what pass 1 tracks; for the backward's quadratic term
+ * g (x - m), bounds of them from the extremes of |g| and |x - m|, s1_extremes). Afterwards
+ * each lane is checked against the true plan of its tracked extremes (s1_verify;
+ * "true plan" and "tracked extremes" below include those bounds, which the
+ * exactness argument accepts as they are, being conservative):
  *  - the linear sum is exact where the true plan allows one level, lo >= e0 (every
  *    term a multiple of 2^lo, |v| < 2^e, e0 >= e + B - 51): then every partial sum
  *    is a multiple of 2^lo below K 2^e <= 2^(e+B) <= 2^(51+lo), an integer multiple
@@ -837,7 +874,7 @@ SBN_INLINE void pack_rows_v(int v, const sv_in *in, int64_t C, int64_t i0, int64
 
 typedef struct {
     uint32_t fmx[SBN_S1_CW], fmn[SBN_S1_CW]; /* tracked, linear term: |float| bits, max and min - 1 */
-    uint64_t qmx[SBN_S1_CW], qmn[SBN_S1_CW]; /* tracked, backward quadratic term: |double| bits */
+    uint64_t dmx[SBN_S1_CW], dmn[SBN_S1_CW]; /* tracked, backward: max and min |x - m| (double bits) */
     double sa[SBN_S1_CW], sb[SBN_S1_CW];     /* plans: extraction constants, */
     int32_t ea0[SBN_S1_CW], ea1[SBN_S1_CW], eb0[SBN_S1_CW], eb1[SBN_S1_CW]; /* grids, */
     int32_t ga[SBN_S1_CW], gb[SBN_S1_CW];                                   /* e (|v| < 2^e), */
@@ -847,8 +884,10 @@ typedef struct {
 
 /* The linear term (x, or g) and the quadratic one (x^2, or g (x - m)) of 8 channels
  * of one row, from element i: the same operations as xs_load's on packed rows (a
- * bfloat16 widens exactly, a masked g is +0). */
-SBN_INLINE void s1_terms8(int v, const sv_in *in, int64_t i, sbn_v8d m, sbn_v8f *lin, sbn_v8d *a, sbn_v8d *b)
+ * bfloat16 widens exactly, a masked g is +0); backward, also d = x - m, for the
+ * tracking (s1_track). */
+SBN_INLINE void s1_terms8(int v, const sv_in *in, int64_t i, sbn_v8d m, sbn_v8f *lin, sbn_v8d *d, sbn_v8d *a,
+                          sbn_v8d *b)
 {
     const sbn_v8f u = sbn_ldf8(SV_DT(v), in->x, i);
     if (!(v & SV_KIND)) {
@@ -862,7 +901,8 @@ SBN_INLINE void s1_terms8(int v, const sv_in *in, int64_t i, sbn_v8d m, sbn_v8f 
         g = sbn_keep_bits_f(g, sbn_mask8(in->mask, i));
     *lin = g;
     *a = sbn_f8_to_d8(g);
-    *b = *a * (sbn_f8_to_d8(u) - m);
+    *d = sbn_f8_to_d8(u) - m;
+    *b = *a * *d;
 }
 
 /* The same terms of one element, for a lane not taken. */
@@ -896,14 +936,19 @@ SBN_INLINE sbn_v8w s1_min32(sbn_v8w a, sbn_v8w b)
 #endif
 }
 
-/* Tracking of one row's 8 lanes: the linear term's float bits, and (backward) the
- * quadratic term's double bits. */
-SBN_INLINE void s1_track(int v, sbn_v8f lin, sbn_v8d b, sbn_v8w *mx, sbn_v8w *mn, sbn_v8u *qx, sbn_v8u *qn)
+/* Tracking of one row's 8 lanes: the linear term's float bits (max, and min - 1 so
+ * that a zero wraps to the top); backward, instead of the quadratic term itself, the
+ * largest and the smallest |d| = |x - m|, zeros included (the bit patterns: NaN >
+ * Inf > finite), from which s1_extremes bounds it: three operations (no minus 1)
+ * where the product's own extremes took four. */
+SBN_INLINE void s1_track(int v, sbn_v8f lin, sbn_v8d d, sbn_v8w *mx, sbn_v8w *mn, sbn_v8u *dx, sbn_v8u *dn)
 {
     const sbn_v8w fb = (sbn_v8w)lin & 0x7FFFFFFFu;
     *mx = s1_max32(fb, *mx), *mn = s1_min32(fb - 1u, *mn);
-    if (v & SV_KIND)
-        track(b, qx, qn);
+    if (v & SV_KIND) {
+        const sbn_v8u b = abs_bits8(d);
+        *dx = u64max8(b, *dx), *dn = u64min8(b, *dn);
+    }
 }
 
 /* Starts the tracking of channels [0, nc) of the chunk. */
@@ -911,7 +956,7 @@ static void s1_track_init(int kind, int64_t nc, s1_work *w)
 {
     memset(w->fmx, 0, (size_t)nc * sizeof *w->fmx), memset(w->fmn, 0xFF, (size_t)nc * sizeof *w->fmn);
     if (kind)
-        memset(w->qmx, 0, (size_t)nc * sizeof *w->qmx), memset(w->qmn, 0xFF, (size_t)nc * sizeof *w->qmn);
+        memset(w->dmx, 0, (size_t)nc * sizeof *w->dmx), memset(w->dmn, 0xFF, (size_t)nc * sizeof *w->dmn);
 }
 
 /* The float bits of x at elements e .. e+15 (a bfloat16's are its 16 bits << 16). */
@@ -967,27 +1012,27 @@ SBN_INLINE void s1_sweep1(int v, int R, const sv_in *in, int64_t C, int64_t i, i
         }
     for (int64_t j = j0; j < nc; j += 8) {
         sbn_v8w mx, mn;
-        sbn_v8u qx = {0}, qn = {0};
+        sbn_v8u dx = {0}, dn = {0};
         sbn_v8d m = {0};
         memcpy(&mx, w->fmx + j, sizeof mx), memcpy(&mn, w->fmn + j, sizeof mn);
         if (v & SV_KIND) {
-            memcpy(&qx, w->qmx + j, sizeof qx), memcpy(&qn, w->qmn + j, sizeof qn);
+            memcpy(&dx, w->dmx + j, sizeof dx), memcpy(&dn, w->dmn + j, sizeof dn);
             m = sbn_loadd8(in->mean + c0 + j);
         }
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const int64_t e = (i + r) * C + c0 + j;
             sbn_v8f lin;
-            sbn_v8d a = {0}, b = {0};
+            sbn_v8d a = {0}, b = {0}, d = {0};
             if (!(v & SV_KIND))
                 lin = sbn_ldf8(SV_DT(v), in->x, e); /* x^2's extremes follow from x's */
             else
-                s1_terms8(v, in, e, m, &lin, &a, &b);
-            s1_track(v, lin, b, &mx, &mn, &qx, &qn);
+                s1_terms8(v, in, e, m, &lin, &d, &a, &b);
+            s1_track(v, lin, d, &mx, &mn, &dx, &dn);
         }
         memcpy(w->fmx + j, &mx, sizeof mx), memcpy(w->fmn + j, &mn, sizeof mn);
         if (v & SV_KIND)
-            memcpy(w->qmx + j, &qx, sizeof qx), memcpy(w->qmn + j, &qn, sizeof qn);
+            memcpy(w->dmx + j, &dx, sizeof dx), memcpy(w->dmn + j, &dn, sizeof dn);
     }
 }
 
@@ -1003,8 +1048,23 @@ SBN_INLINE void s1_pass1(int v, const sv_in *in, int64_t C, int64_t i0, int64_t 
 }
 
 /* The tracked extremes of both terms of lanes j .. j+7 as double bit patterns (the
- * largest magnitude, the smallest nonzero one minus 1), the largest times 2^h (that of
- * a backward quadratic term times 2^hq). */
+ * largest magnitude, the smallest nonzero one minus 1; a bound of each, for the
+ * backward quadratic term), the largest times 2^h (that of a backward quadratic term
+ * times 2^hq).
+ *
+ * The backward quadratic term v = fl(g d), d = fl(x - m), is bounded, not tracked:
+ * with G = max |g| and D = max |d|, |v| = fl(|g| |d|) <= fl(G D), since rounding to
+ * nearest is monotonic. A nonzero v has g != 0 and d != 0, so |g| >= g0 (the smallest
+ * nonzero |g|) and |d| >= d0 (the smallest |d|, zeros included), and |v| >= fl(g0 d0)
+ * by the same monotonicity; a bound of 0 (d0 = 0, or g0 d0 below the subnormals)
+ * becomes the smallest positive double, which no plan takes (conservative). With no
+ * nonzero g, every v is +-0 (or NaN: below), as the tracked extremes of v said
+ * before. A NaN or Inf term has a NaN or Inf g or d, which makes G or D, hence
+ * fl(G D), NaN or Inf (0 Inf = NaN; NaN bit patterns are the largest), or two finite
+ * factors whose product overflows, and then so does fl(G D) >= |g d|: either way the
+ * lane is not taken. The plan (plan8v) and the exactness argument need only
+ * |v| < 2^e and every v a multiple of 2^lo (from the smallest magnitude's binade),
+ * and bounds give both. */
 static void s1_extremes(int kind, const s1_work *w, int64_t j, int h, int hq, sbn_v8u *mxa, sbn_v8u *mna,
                         sbn_v8u *mxb, sbn_v8u *mnb)
 {
@@ -1015,9 +1075,13 @@ static void s1_extremes(int kind, const s1_work *w, int64_t j, int h, int hq, sb
     sbn_v8d dh = sbn_f8_to_d8((sbn_v8f)fx) * (double)(1 << h), dl = sbn_f8_to_d8((sbn_v8f)(fn + 1u));
     *mxa = (sbn_v8u)dh, *mna = (sbn_v8u)dl - 1;
     if (kind) {
-        sbn_v8d q;
-        memcpy(&q, w->qmx + j, sizeof q), memcpy(mnb, w->qmn + j, sizeof *mnb);
-        *mxb = (sbn_v8u)(q * (double)(1 << hq));
+        sbn_v8d D, d0;
+        memcpy(&D, w->dmx + j, sizeof D), memcpy(&d0, w->dmn + j, sizeof d0);
+        const sbn_v8d G = sbn_f8_to_d8((sbn_v8f)fx);
+        *mxb = abs_bits8(G * D * (double)(1 << hq));
+        const sbn_v8u lb = abs_bits8(dl * d0); /* dl = g0, or +0 with no nonzero g */
+        const sbn_v8u none = (sbn_v8u)(*mna == ~(sbn_v8u){0});
+        *mnb = none | (lb - 1 - (sbn_v8u)(lb == 0)); /* min - 1; a bound of 0 (true: -1): min 2^-1074 */
     } else { /* squaring is exact and monotonic in |x| */
         *mxb = (sbn_v8u)(dh * dh), *mnb = (sbn_v8u)(dl * dl) - 1;
     }
@@ -1200,23 +1264,23 @@ SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, int trk, const sv_in
     for (int64_t j = j0; j < nc; j += 8) {
         sbn_v8d ta0, ta1, tb0, tb1, m = {0};
         sbn_v8w mx = {0}, mn = {0};
-        sbn_v8u qx = {0}, qn = {0};
+        sbn_v8u dx = {0}, dn = {0};
         memcpy(&ta0, w->ta0 + j, sizeof ta0), memcpy(&ta1, w->ta1 + j, sizeof ta1);
         memcpy(&tb0, w->tb0 + j, sizeof tb0), memcpy(&tb1, w->tb1 + j, sizeof tb1);
         if (trk) {
             memcpy(&mx, w->fmx + j, sizeof mx), memcpy(&mn, w->fmn + j, sizeof mn);
             if (v & SV_KIND)
-                memcpy(&qx, w->qmx + j, sizeof qx), memcpy(&qn, w->qmn + j, sizeof qn);
+                memcpy(&dx, w->dmx + j, sizeof dx), memcpy(&dn, w->dmn + j, sizeof dn);
         }
         if (v & SV_KIND)
             m = sbn_loadd8(in->mean + c0 + j);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             sbn_v8f lin;
-            sbn_v8d a, b;
-            s1_terms8(v, in, (i + r) * C + c0 + j, m, &lin, &a, &b);
+            sbn_v8d a, b, d = {0};
+            s1_terms8(v, in, (i + r) * C + c0 + j, m, &lin, &d, &a, &b);
             if (trk)
-                s1_track(v, lin, b, &mx, &mn, &qx, &qn);
+                s1_track(v, lin, d, &mx, &mn, &dx, &dn);
             s1_acc(a, onea, &ta0, &ta1);
             if (v & SV_KIND)
                 s1_acc(b, oneb, &tb0, &tb1);
@@ -1228,7 +1292,7 @@ SBN_INLINE void s1_sweep2(int v, int R, int onea, int oneb, int trk, const sv_in
         if (trk) {
             memcpy(w->fmx + j, &mx, sizeof mx), memcpy(w->fmn + j, &mn, sizeof mn);
             if (v & SV_KIND)
-                memcpy(w->qmx + j, &qx, sizeof qx), memcpy(w->qmn + j, &qn, sizeof qn);
+                memcpy(w->dmx + j, &dx, sizeof dx), memcpy(w->dmn + j, &dn, sizeof dn);
         }
     }
 }
@@ -1246,8 +1310,8 @@ SBN_INLINE void s1_redo(int v, const sv_in *in, int64_t C, int64_t i0, int64_t K
     sbn_v8d A = sa, T1 = {0}, B = sb, U1 = {0};
     for (int64_t k = 0; k < K; k++) {
         sbn_v8f f;
-        sbn_v8d a, b;
-        s1_terms8(v, in, (i0 + k) * C + c0 + j, m, &f, &a, &b);
+        sbn_v8d a, b, d;
+        s1_terms8(v, in, (i0 + k) * C + c0 + j, m, &f, &d, &a, &b);
         if (lin)
             s1_acc(a, 0, &A, &T1);
         if (quad)
