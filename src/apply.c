@@ -547,8 +547,9 @@ SBN_INLINE sbn_v16u ew_round32(sbn_v16f lo, sbn_v16f hi)
 #endif
 }
 
-#if !defined(__AVX512F__) && defined(__AVX__)
-/* Half h of 16 floats as one AVX register. */
+#ifdef __AVX__
+/* Half h of 16 floats as one AVX register (also for AVX-512F builds without
+ * SBN_AVX512's DQ, BW and VL, whose ew_nonfinite16 takes the AVX form). */
 SBN_INLINE __m256 ew_halff(sbn_v16f v, int h)
 {
     __m256 r;

@@ -431,7 +431,7 @@ SBN_INLINE sbn_v8d sbn_keep_first(const sbn_v8d *v, int64_t k)
  * (f > 0) of the 8 lanes. */
 SBN_INLINE unsigned sbn_relu8(sbn_v8f *f)
 {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512VL__) /* a 256-bit compare into a mask */
     const __mmask8 pos = _mm256_cmp_ps_mask((__m256)*f, _mm256_setzero_ps(), _CMP_GT_OQ);
     /* max(+0, f + 0): f + 0 turns -0 into +0 (exactly; other values unchanged), and
      * maxps returns its second operand when either is NaN, so NaN stays. */

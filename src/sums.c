@@ -1227,8 +1227,8 @@ SBN_INLINE sbn_v8d s1_sqadd(sbn_v8d x, sbn_v8d A)
 }
 
 /* s1_acc of the term x^2 (forward), x a widened float: the same steps with the
- * products fused (s1_sqadd): a = fl(A + x^2), and x^2 - (a - A) = fl(-(a - A) + x x);
- * same values, same bits, one multiply fewer per term. */
+ * products through s1_sqadd: a = fl(A + x^2), and x^2 - (a - A) = fl(-(a - A) + x x);
+ * same values, same bits, and on AVX-512 (fused) one multiply fewer per term. */
 SBN_INLINE void s1_acc_sq(sbn_v8d x, int one_level, sbn_v8d *A, sbn_v8d *T1)
 {
     if (one_level) {
