@@ -147,6 +147,119 @@ static inline sbn_v8d load8(const float *p) { return sbn_ld8(SYNCBN_F32, p, 0); 
 
 /* ---- per-sample partials of one (sample, channel) row, NCHW ---- */
 
+/* Builds with AVX2 and without AVX-512: rows_partials on 256-bit vectors. GCC 12 has
+ * no register mode for a 64-byte vector without AVX-512, so rows_partials' sbn_v8d
+ * accumulators live on the stack there, and every step stores and reloads them
+ * (measured 4.6x the AVX-512 build's time at 14x14). Here each of a row's two 8-lane
+ * accumulators is carried as two vectors of 4 doubles, q[0..1] = lanes 0-3 and 4-7 of
+ * the first, q[2..3] those of the second: every lane takes the same values in the
+ * same order as in rows_partials (the same loads, the same zeros in a short last step,
+ * the same mask), and the same sv_unpair and sbn_lanes16 tree ends it, so the bits
+ * are the same. One row at a time: its 8 vectors of accumulators and the step's
+ * temporaries fit the 16 registers. */
+#if defined(__AVX2__) && !SBN_AVX512
+#define SBN_ROWS_Q 1
+typedef int64_t sbn_v4l __attribute__((vector_size(32)));
+
+/* The mask bits of the k (1..16) positions from element i: sbn_mask16's one load for
+ * a whole step, bit by bit for a short one (nothing past them read). */
+SBN_INLINE unsigned rq_bits(const uint8_t *mask, int64_t i, int64_t k)
+{
+    if (k == 16)
+        return sbn_mask16(mask, i);
+    unsigned bits = 0;
+    for (int64_t j = 0; j < k; j++)
+        bits |= (unsigned)sbn_mask1(mask, i + j) << j;
+    return bits;
+}
+
+/* x (g = 0) or g (g = 1) at 16 positions from element i, in rows_partials' lanes (see
+ * sv_ld16), k (1..16) of them real: the rest +0, and nothing past them read; a
+ * masked g is +0, as in sbn_ldg8. */
+SBN_INLINE void rq_load(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn_v4d q[4])
+{
+    const void *p = g ? in->dy : in->x;
+    const int relu = g && (v & SV_RELU);
+    if (!(v & SV_BF16)) {
+        float t[16] = {0};
+        const float *f = (const float *)p + i;
+        if (k < 16)
+            memcpy(t, f, (size_t)k * sizeof *t), f = t;
+        const unsigned bits = relu ? rq_bits(in->mask, i, k) : 0;
+        const __m256i lane = _mm256_setr_epi64x(1, 2, 4, 8);
+        for (int h = 0; h < 4; h++) {
+            q[h] = (sbn_v4d)_mm256_cvtps_pd(_mm_loadu_ps(f + 4 * h));
+            if (relu) {
+                const __m256i b = _mm256_set1_epi64x((long long)(bits >> 4 * h & 15u));
+                const __m256i keep = _mm256_cmpeq_epi64(_mm256_and_si256(b, lane), lane);
+                q[h] = (sbn_v4d)_mm256_and_pd((__m256d)q[h], _mm256_castsi256_pd(keep));
+            }
+        }
+        return;
+    }
+    __m256i w;
+    if (k == 16) {
+        w = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    } else {
+        uint16_t t[16] = {0};
+        memcpy(t, (const uint16_t *)p + i, (size_t)k * sizeof *t);
+        w = _mm256_loadu_si256((const __m256i *)t);
+    }
+    if (relu)
+        w = (__m256i)sbn_keep16((sbn_v8w)w, rq_bits(in->mask, i, k));
+    const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
+    q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(e));
+    q[1] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    q[2] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(o));
+    q[3] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(o, 1));
+}
+
+/* One step of 16 positions from element i, k of them real, into the accumulators. */
+SBN_INLINE void rq_step(int v, const sv_in *in, int64_t i, int64_t k, sbn_v4d mv, sbn_v4d a[4], sbn_v4d b[4])
+{
+    sbn_v4d u[4], g[4];
+    rq_load(v, 0, in, i, k, u);
+    if (!(v & SV_KIND)) {
+        for (int h = 0; h < 4; h++)
+            a[h] += u[h], b[h] += u[h] * u[h];
+        return;
+    }
+    rq_load(v, 1, in, i, k, g);
+    /* lanes holding no position of a short step: x - m zeroed (see rows_partials) */
+    const int64_t n0 = sv_lo_count(v, k), n1 = sv_hi_count(v, k);
+    for (int h = 0; h < 4; h++) {
+        sbn_v4d d = u[h] - mv;
+        if (k < SBN_LANES) {
+            const sbn_v4l idx = (sbn_v4l){0, 1, 2, 3} + 4 * (h & 1);
+            d = (sbn_v4d)((sbn_v4l)d & (idx < (h < 2 ? n0 : n1)));
+        }
+        a[h] += g[h], b[h] += g[h] * d;
+    }
+}
+
+/* rows_partials of one row (element o, mean m) in the lanes above. */
+SBN_INLINE void row_partials_q(int v, const sv_in *in, int64_t o, double m, int64_t S, double *p1, double *p2)
+{
+    sbn_v4d a[4] = {{0}}, b[4] = {{0}};
+    const sbn_v4d mv = {m, m, m, m};
+    int64_t s = 0;
+    for (; s + SBN_LANES <= S; s += SBN_LANES)
+        rq_step(v, in, o + s, SBN_LANES, mv, a, b);
+    if (s < S)
+        rq_step(v, in, o + s, S - s, mv, a, b);
+    sbn_v8d A[2], B[2];
+    memcpy(&A[0], &a[0], sizeof a[0]), memcpy((char *)&A[0] + sizeof a[0], &a[1], sizeof a[1]);
+    memcpy(&A[1], &a[2], sizeof a[2]), memcpy((char *)&A[1] + sizeof a[2], &a[3], sizeof a[3]);
+    memcpy(&B[0], &b[0], sizeof b[0]), memcpy((char *)&B[0] + sizeof b[0], &b[1], sizeof b[1]);
+    memcpy(&B[1], &b[2], sizeof b[2]), memcpy((char *)&B[1] + sizeof b[2], &b[3], sizeof b[3]);
+    sv_unpair(v, &A[0], &A[1]), sv_unpair(v, &B[0], &B[1]);
+    *p1 = sbn_lanes16(A), *p2 = sbn_lanes16(B);
+}
+#else
+#define SBN_ROWS_Q 0
+#endif
+
 /* p1 = sum x, p2 = sum x^2 (forward) or p1 = sum g, p2 = sum g*(x - m) (backward)
  * over each of nr contiguous rows of S elements starting at element o[r] (m[r]: their
  * channels' means). Lane j of a row's 16 accumulators takes positions s = j (mod 16),
@@ -162,6 +275,11 @@ static inline sbn_v8d load8(const float *p) { return sbn_ld8(SYNCBN_F32, p, 0); 
 SBN_INLINE void rows_partials(int v, int nr, const sv_in *in, const int64_t *o, const double *m, int64_t S,
                               double *p1, double *p2)
 {
+#if SBN_ROWS_Q
+    for (int r = 0; r < nr; r++)
+        row_partials_q(v, in, o[r], v & SV_KIND ? m[r] : 0.0, S, p1 + r, p2 + r);
+    return;
+#endif
     const int kind = v & SV_KIND;
     sbn_v8d a[4][2], b[4][2], mv[4];
 #pragma GCC unroll 4
