@@ -173,10 +173,12 @@ SBN_INLINE unsigned rq_bits(const uint8_t *mask, int64_t i, int64_t k)
     return bits;
 }
 
-/* x (g = 0) or g (g = 1) at 16 positions from element i, in rows_partials' lanes (see
- * sv_ld16), k (1..16) of them real: the rest +0, and nothing past them read; a
- * masked g is +0, as in sbn_ldg8. */
-SBN_INLINE void rq_load(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn_v4d q[4])
+/* x (g = 0) or g (g = 1) at 16 elements from element i, k (1..16) of them real: the
+ * rest +0, and nothing past them read; a masked g is +0, as in sbn_ldg8. Floats, and
+ * bfloat16 without `pairs`, in element order (q[h] holds elements 4h .. 4h+3);
+ * bfloat16 with `pairs` in rows_partials' lanes (sv_ld16: the even elements, then the
+ * odd ones). */
+SBN_INLINE void rq_load(int v, int g, int pairs, const sv_in *in, int64_t i, int64_t k, sbn_v4d q[4])
 {
     const void *p = g ? in->dy : in->x;
     const int relu = g && (v & SV_RELU);
@@ -207,6 +209,15 @@ SBN_INLINE void rq_load(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn
     }
     if (relu)
         w = (__m256i)sbn_keep16((sbn_v8w)w, rq_bits(in->mask, i, k));
+    if (!pairs) {
+        const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16));
+        const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16));
+        q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(lo));
+        q[1] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1));
+        q[2] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(hi));
+        q[3] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1));
+        return;
+    }
     const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
     const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
     q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(e));
@@ -219,13 +230,13 @@ SBN_INLINE void rq_load(int v, int g, const sv_in *in, int64_t i, int64_t k, sbn
 SBN_INLINE void rq_step(int v, const sv_in *in, int64_t i, int64_t k, sbn_v4d mv, sbn_v4d a[4], sbn_v4d b[4])
 {
     sbn_v4d u[4], g[4];
-    rq_load(v, 0, in, i, k, u);
+    rq_load(v, 0, 1, in, i, k, u);
     if (!(v & SV_KIND)) {
         for (int h = 0; h < 4; h++)
             a[h] += u[h], b[h] += u[h] * u[h];
         return;
     }
-    rq_load(v, 1, in, i, k, g);
+    rq_load(v, 1, 1, in, i, k, g);
     /* lanes holding no position of a short step: x - m zeroed (see rows_partials) */
     const int64_t n0 = sv_lo_count(v, k), n1 = sv_hi_count(v, k);
     for (int h = 0; h < 4; h++) {
@@ -759,6 +770,43 @@ SBN_INLINE void nhwc_block(int v, int nq, const sv_in *in, int64_t base, int64_t
     }
 }
 
+#if SBN_ROWS_Q
+/* nhwc_block in builds with AVX2 and without AVX-512 (see rows_partials_q), for nb
+ * groups of 16 channels (nb <= 4): vectors of 4 doubles, channel by channel in element
+ * order, each channel's partial summed over s in order, as there. 64 channels' sums
+ * need 32 vectors, twice the registers, and narrower blocks would each walk the sample
+ * with a stride of C elements (measured at a fifth of the memory rate); so the
+ * accumulators are arrays in L1, loaded, added to and stored for every position, and
+ * each position's channels are read in one contiguous run. */
+SBN_INLINE void nhwc_block_q(int v, int nb, const sv_in *in, int64_t base, int64_t S, int64_t C, int64_t c0,
+                             double *p1, double *p2)
+{
+    const int kind = v & SV_KIND;
+    sbn_v4d P1[16], P2[16];
+    for (int h = 0; h < 4 * nb; h++)
+        P1[h] = (sbn_v4d){0}, P2[h] = (sbn_v4d){0};
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t i = base + s * C + c0;
+        for (int b = 0; b < nb; b++) {
+            sbn_v4d u[4], g[4];
+            rq_load(v, 0, 0, in, i + 16 * b, 16, u);
+            if (!kind) {
+                for (int h = 0; h < 4; h++)
+                    P1[4 * b + h] += u[h], P2[4 * b + h] += u[h] * u[h];
+            } else {
+                rq_load(v, 1, 0, in, i + 16 * b, 16, g);
+                for (int h = 0; h < 4; h++) {
+                    const sbn_v4d m = (sbn_v4d)_mm256_loadu_pd(in->mean + c0 + 16 * b + 4 * h);
+                    P1[4 * b + h] += g[h], P2[4 * b + h] += g[h] * (u[h] - m);
+                }
+            }
+        }
+    }
+    for (int h = 0; h < 4 * nb; h++)
+        _mm256_storeu_pd(p1 + 4 * h, (__m256d)P1[h]), _mm256_storeu_pd(p2 + 4 * h, (__m256d)P2[h]);
+}
+#endif
+
 /* NHWC partials of channels [c0, c1) of the sample starting at element `base`: the S
  * positions are summed in order, one channel per vector lane. Blocks of 64, then 32,
  * 16, 8 channels in registers; a scalar tail for the rest. */
@@ -766,6 +814,15 @@ SBN_INLINE void nhwc_partials_v(int v, const sv_in *in, int64_t base, int64_t S,
                                 int64_t c1, double *p1, double *p2)
 {
     int64_t c = c0;
+#if SBN_ROWS_Q
+    for (; c + 64 <= c1; c += 64)
+        nhwc_block_q(v, 4, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
+    if (c + 16 <= c1) {
+        const int nb = (int)((c1 - c) / 16);
+        nhwc_block_q(v, nb, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
+        c += 16 * nb;
+    }
+#endif
     for (; c + 64 <= c1; c += 64)
         nhwc_block(v, 8, in, base, S, C, c, p1 + (c - c0), p2 + (c - c0));
     for (; c + 32 <= c1; c += 32)
