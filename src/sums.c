@@ -771,7 +771,7 @@ SBN_INLINE void nhwc_block(int v, int nq, const sv_in *in, int64_t base, int64_t
 }
 
 #if SBN_ROWS_Q
-/* nhwc_block in builds with AVX2 and without AVX-512 (see rows_partials_q), for nb
+/* nhwc_block in builds with AVX2 and without AVX-512 (see row_partials_q), for nb
  * groups of 16 channels (nb <= 4): vectors of 4 doubles, channel by channel in element
  * order, each channel's partial summed over s in order, as there. 64 channels' sums
  * need 32 vectors, twice the registers, and narrower blocks would each walk the sample
