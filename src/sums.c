@@ -173,6 +173,15 @@ SBN_INLINE unsigned rq_bits(const uint8_t *mask, int64_t i, int64_t k)
     return bits;
 }
 
+/* q[0..3] = the doubles of lo's floats 0-3, 4-7, then hi's. */
+SBN_INLINE void rq_widen(__m256 lo, __m256 hi, sbn_v4d q[4])
+{
+    q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(lo));
+    q[1] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1));
+    q[2] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(hi));
+    q[3] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1));
+}
+
 /* x (g = 0) or g (g = 1) at 16 elements from element i, k (1..16) of them real: the
  * rest +0, and nothing past them read; a masked g is +0, as in sbn_ldg8. Floats, and
  * bfloat16 without `pairs`, in element order (q[h] holds elements 4h .. 4h+3);
@@ -212,18 +221,11 @@ SBN_INLINE void rq_load(int v, int g, int pairs, const sv_in *in, int64_t i, int
     if (!pairs) {
         const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16));
         const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16));
-        q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(lo));
-        q[1] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1));
-        q[2] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(hi));
-        q[3] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1));
+        rq_widen(lo, hi, q);
         return;
     }
     const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-    const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
-    q[0] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(e));
-    q[1] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
-    q[2] = (sbn_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(o));
-    q[3] = (sbn_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(o, 1));
+    rq_widen(e, _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))), q);
 }
 
 /* One step of 16 positions from element i, k of them real, into the accumulators. */
@@ -259,11 +261,9 @@ SBN_INLINE void row_partials_q(int v, const sv_in *in, int64_t o, double m, int6
         rq_step(v, in, o + s, SBN_LANES, mv, a, b);
     if (s < S)
         rq_step(v, in, o + s, S - s, mv, a, b);
-    sbn_v8d A[2], B[2];
-    memcpy(&A[0], &a[0], sizeof a[0]), memcpy((char *)&A[0] + sizeof a[0], &a[1], sizeof a[1]);
-    memcpy(&A[1], &a[2], sizeof a[2]), memcpy((char *)&A[1] + sizeof a[2], &a[3], sizeof a[3]);
-    memcpy(&B[0], &b[0], sizeof b[0]), memcpy((char *)&B[0] + sizeof b[0], &b[1], sizeof b[1]);
-    memcpy(&B[1], &b[2], sizeof b[2]), memcpy((char *)&B[1] + sizeof b[2], &b[3], sizeof b[3]);
+    sbn_v8d A[2], B[2]; /* a[0..3] are A's lanes 0-3, 4-7, 8-11, 12-15: the same bytes */
+    _Static_assert(sizeof A == sizeof a && sizeof B == sizeof b, "two 8-lane vectors as four 4-lane ones");
+    memcpy(A, a, sizeof A), memcpy(B, b, sizeof B);
     sv_unpair(v, &A[0], &A[1]), sv_unpair(v, &B[0], &B[1]);
     *p1 = sbn_lanes16(A), *p2 = sbn_lanes16(B);
 }
